@@ -1,0 +1,168 @@
+"""convert(): find the blocks, swap in LTM blocks, solve the static schedule for the FLOPs target."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+from torch import nn
+
+from ltm_convert.block_graph import capture_block_calls
+from ltm_convert.config import LtmConfig, validate_ratio
+from ltm_convert.errors import LtmError
+from ltm_convert.flops import count_flops
+from ltm_convert.heads import install_head_adapters
+from ltm_convert.ltm_block import LtmBlock, LtmContext
+from ltm_convert.model_inputs import default_input_size, example_input, run_model
+from ltm_convert.rewriters import pick_rewriter
+from ltm_convert.schedule import apply_fraction, solve
+from ltm_convert.tracer import ConversionPlan
+from ltm_convert.tracer import find_blocks as _trace_blocks
+
+
+def find_blocks(model: nn.Module, *, input_size: tuple[int, int] | int | None = None,
+                exclude: Iterable[str] | None = None) -> ConversionPlan:
+    """What ``convert`` would change, without changing anything. Print it, or read ``.blocks``."""
+    if is_converted(model):
+        raise LtmError("this model is already converted; inspect it with ltm_convert.api.describe(model)")
+    return _trace_blocks(model, _hw(input_size), exclude)
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(isinstance(m, LtmBlock) for m in model.modules())
+
+
+def ltm_blocks(model: nn.Module) -> list[tuple[str, LtmBlock]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LtmBlock)]
+
+
+def _hw(size: tuple[int, int] | int | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(v) for v in size)
+    if len(size) == 1:
+        return (size[0], size[0])
+    if len(size) != 2:
+        raise LtmError(f"input_size must be H, W or a single size, got {size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int] | int | None = None,
+            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = 4,
+            config: LtmConfig | None = None) -> nn.Module:
+    """Return the model (same class, same state-dict keys plus ``ltm_*``) with LTM blocks.
+
+    ratio is the fraction of the original FLOPs the converted model may use at ``input_size``
+    (default: the model's own resolution); 1.0 reproduces the original outputs exactly.
+    """
+    if config is None:
+        validate_ratio(ratio)
+        config = LtmConfig(ratio=float(ratio), input_size=_hw(input_size), exclude=list(exclude or []), topk=topk)
+    if not isinstance(model, nn.Module):
+        raise LtmError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
+    if is_converted(model):
+        raise LtmError("this model is already converted; convert the original model instead")
+    if not inplace:
+        source = getattr(model, "ltm_source", None)
+        model = copy.deepcopy(model)
+        if source is not None:
+            model.ltm_source = source
+    size = config.input_size or default_input_size(model)
+    config.input_size = tuple(size)  # type: ignore[assignment]
+    was_training = model.training
+    model.eval()
+
+    plan = _trace_blocks(model, size, config.exclude)
+    base_flops = count_flops(model, size)
+    images = example_input(model, size)
+    calls = capture_block_calls(model, plan.block_names, lambda: run_model(model, images))
+    modules = dict(model.named_modules())
+    ctx = LtmContext()
+    new_blocks: list[LtmBlock] = []
+    for i, match in enumerate(plan.blocks):
+        block = modules[match.name]
+        rewriter = pick_rewriter(block, match)
+        new = rewriter.rewrite(block, match, calls[match.name], context=ctx, prefix=plan.prefix_tokens,
+                               first=(i == 0), topk=config.topk)
+        _set_module(model, match.name, new)
+        new_blocks.append(new)
+    model.__dict__["_ltm_context"] = ctx
+    adapters = install_head_adapters(model, plan, ctx)
+
+    if config.keep:
+        _apply_keep(new_blocks, plan, config.keep)
+    else:
+        solve(new_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens,
+              measure=lambda: count_flops(model, size), base_flops=base_flops)
+        config.keep = {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)}
+    model.ltm_config = config
+    model.ltm_plan = plan
+    model.ltm_base_flops = base_flops
+    model.ltm_head_adapters = adapters
+    model.train(was_training)
+    return model
+
+
+def _apply_keep(blocks: list[LtmBlock], plan: ConversionPlan, keep: dict[str, int]) -> None:
+    """Replay a saved schedule exactly (used by io.load)."""
+    missing = [n for n in plan.block_names if n not in keep]
+    if missing:
+        raise LtmError(f"the saved schedule does not cover blocks {missing[:3]}; the file belongs to another model")
+    apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
+    m = plan.num_tokens - plan.prefix_tokens
+    merged = False
+    for name, blk in zip(plan.block_names, blocks):
+        k = int(keep[name])
+        if not 1 <= k <= m:
+            raise LtmError(f"the saved schedule keeps {k} tokens in {name}, which receives {m}; the file is corrupt")
+        blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = plan.prefix_tokens + m, k, merged
+        merged = merged or k < m
+        m = k
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """A JSON-able summary of a converted model: schedule, FLOPs before/after, parameters added."""
+    if not is_converted(model):
+        raise LtmError("describe() needs a converted model; call convert() first")
+    config: LtmConfig = model.ltm_config
+    plan: ConversionPlan = model.ltm_plan
+    size = tuple(config.input_size)
+    converted_flops = count_flops(model, size)
+    base = getattr(model, "ltm_base_flops", None) or converted_flops
+    added = sum(p.numel() for n, p in model.named_parameters() if _is_ltm_name(n))
+    total = sum(p.numel() for p in model.parameters())
+    blocks = []
+    for name, blk in ltm_blocks(model):
+        blocks.append({"name": name, "tokens_in": blk.ltm_tokens_in, "tokens_out": blk.ltm_prefix + blk.ltm_keep})
+    source = getattr(model, "ltm_source", None)
+    return {
+        "model": type(model).__name__,
+        "source": source.to_dict() if source is not None else None,
+        "ratio": config.ratio,
+        "input_size": list(size),
+        "method": config.method,
+        "prefix_tokens": plan.prefix_tokens,
+        "head": ", ".join(plan.heads),
+        "blocks": blocks,
+        "flops_original": int(base),
+        "flops_converted": int(converted_flops),
+        "flops_ratio": converted_flops / base if base else 1.0,
+        "params_original": int(total - added),
+        "params_added": int(added),
+    }
+
+
+def _is_ltm_name(name: str) -> bool:
+    return any(part.startswith("ltm_") for part in name.split("."))
+
+
+def ltm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters conversion added (all live under an ``ltm_`` name)."""
+    return [(n, p) for n, p in model.named_parameters() if _is_ltm_name(n)]

@@ -1,0 +1,301 @@
+"""Split one block's own forward at its attention residual, without knowing its class.
+
+The block is traced with torch.fx, every direct child module a leaf, through a shim that calls
+the unwrapped ``forward`` (HF layers hide theirs behind a ``*args, **kwargs`` checkpointing
+wrapper). In that graph the attention residual add is found by data flow: an add whose one input
+comes from the block input and whose other comes from the attention child. The graph is then cut
+in two Python functions over the block's own children:
+
+* ``part_a(self, <block tensors>, ltm_attn_bias) -> z``: everything up to the residual add, with
+  the proportional-attention bias fed to the attention child's mask argument;
+* ``part_b(self, z, <side tensors>) -> output``: everything after it.
+
+Both are generated code that reads ``self.<child>``, so the LTM block that runs them owns the
+original children under their original names and the state-dict keys do not change.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from ltm_convert.errors import UnsupportedModelError
+
+_MASK_PARAM_NAMES = ("attn_mask", "attention_mask", "mask", "attn_bias")
+
+
+@dataclass
+class BlockCall:
+    """How the model calls a block: the bound arguments of one real call."""
+
+    tensor_names: list[str]  # parameters that received tensors (become placeholders)
+    constants: dict[str, Any]  # parameters that received anything else (frozen into the graph)
+    x_name: str  # the token-sequence input
+
+
+@dataclass
+class SplitBlock:
+    """The two halves of a block, as code to run with the LTM block as ``self``."""
+
+    part_a: Callable[..., torch.Tensor]
+    part_b: Callable[..., Any]
+    a_inputs: list[str]
+    b_inputs: list[str]
+    constants: dict[str, Any]
+    signature: inspect.Signature
+    mask_param: str | None
+    pre_norm: str | None  # the child that normalises the attention input, if one does
+    code_a: str
+    code_b: str
+
+
+def unwrapped_forward(module: nn.Module) -> Callable:
+    return inspect.unwrap(type(module).forward)
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
+    """Record which of a block's parameters are tensors in a real call."""
+    sig = inspect.signature(unwrapped_forward(module))
+    bound = sig.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    tensors, constants = [], {}
+    for name, value in list(bound.arguments.items())[1:]:
+        param = sig.parameters[name]
+        if param.kind == param.VAR_POSITIONAL:
+            if value:
+                raise UnsupportedModelError(f"not supported yet: {type(module).__name__} is called with extra positional arguments")
+            continue
+        if param.kind == param.VAR_KEYWORD:
+            for k, v in value.items():
+                if isinstance(v, torch.Tensor):
+                    raise UnsupportedModelError(f"not supported yet: {type(module).__name__} receives tensor keyword {k!r}")
+                constants[k] = v
+            continue
+        if isinstance(value, torch.Tensor):
+            tensors.append(name)
+        else:
+            constants[name] = value
+    if not tensors:
+        raise UnsupportedModelError(f"not supported yet: {type(module).__name__} receives no tensor input")
+    return BlockCall(tensor_names=tensors, constants=constants, x_name=tensors[0])
+
+
+class _ChildLeafTracer(fx.Tracer):
+    """Treat each direct child of the traced block as an opaque call."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._children = {id(m) for m in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+
+def trace_block(block: nn.Module, call: BlockCall) -> fx.Graph:
+    """fx-trace the block's unwrapped forward with its non-tensor arguments frozen."""
+    cls = type(block)
+    fn = unwrapped_forward(block)
+    sig = inspect.signature(fn)
+    concrete = {}
+    for name, param in list(sig.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if name not in call.tensor_names:
+            concrete[name] = call.constants.get(name, param.default)
+    # fx reads the signature of type(root).forward; show it the unwrapped one while tracing
+    had_own = "forward" in cls.__dict__
+    original = cls.__dict__.get("forward")
+    shim = _strip_var_keyword(fn)
+    cls.forward = shim
+    try:
+        graph = _ChildLeafTracer(block).trace(block, concrete_args=concrete)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"not supported yet: torch.fx cannot trace {cls.__name__}.forward ({str(exc).splitlines()[0][:160]})"
+        ) from exc
+    finally:
+        if had_own:
+            cls.forward = original
+        else:
+            del cls.forward
+    return graph
+
+
+def _strip_var_keyword(fn: Callable) -> Callable:
+    """A shim with fn's named parameters and no ``*args``/``**kwargs`` (fx reads the code object)."""
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [p.name for p in params]
+    src = (f"def forward({', '.join(names)}):\n"
+           f"    return fn({names[0]}, {', '.join(f'{n}={n}' for n in names[1:])})\n")
+    scope: dict[str, Any] = {"fn": fn}
+    exec(src, scope)
+    return scope["forward"]
+
+
+def _depends(node: fx.Node, sources: set[fx.Node], memo: dict[fx.Node, bool]) -> bool:
+    if node in memo:
+        return memo[node]
+    result = node in sources or any(_depends(a, sources, memo) for a in node.all_input_nodes)
+    memo[node] = result
+    return result
+
+
+def _mask_param(attn: nn.Module) -> str | None:
+    params = inspect.signature(unwrapped_forward(attn)).parameters
+    for name in _MASK_PARAM_NAMES:
+        if name in params:
+            return name
+    return None
+
+
+def split_block(block: nn.Module, attn_child: str, call: BlockCall) -> SplitBlock:
+    """Cut the block's graph at the attention residual add into part_a and part_b."""
+    graph = trace_block(block, call)
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    x = placeholders.get(call.x_name)
+    if x is None:
+        raise UnsupportedModelError(f"not supported yet: {type(block).__name__}'s token input was not traced")
+    attn_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == attn_child]
+    if len(attn_nodes) != 1:
+        raise UnsupportedModelError(
+            f"not supported yet: {type(block).__name__} calls its attention {attn_child!r} {len(attn_nodes)} times"
+        )
+    attn_node = attn_nodes[0]
+    from_x: dict[fx.Node, bool] = {}
+    from_attn: dict[fx.Node, bool] = {}
+    z = None
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2:
+            a, b = n.args
+            if not all(isinstance(v, fx.Node) for v in (a, b)):
+                continue
+            ax, bx = _depends(a, {attn_node}, from_attn), _depends(b, {attn_node}, from_attn)
+            if ax != bx and _depends(a if bx else b, {x}, from_x):
+                z = n
+                break
+    if z is None:
+        raise UnsupportedModelError(
+            f"not supported yet: no residual add after the attention in {type(block).__name__} (post-norm or parallel block?)"
+        )
+    anc_z: set[fx.Node] = set()
+    stack = [z]
+    while stack:
+        n = stack.pop()
+        if n in anc_z:
+            continue
+        anc_z.add(n)
+        stack.extend(n.all_input_nodes)
+    output = next(n for n in graph.nodes if n.op == "output")
+    from_z: dict[fx.Node, bool] = {}
+    part_b_nodes = [n for n in graph.nodes if n is not z and n.op != "output" and _depends(n, {z}, from_z)]
+    # part_b may read placeholders other than x (side inputs) and constants, but not x nor part_a values
+    for n in part_b_nodes:
+        for a in n.all_input_nodes:
+            if a is z or a in part_b_nodes:
+                continue
+            if a.op == "get_attr":
+                continue
+            if a.op == "placeholder" and a is not x:
+                continue
+            raise UnsupportedModelError(
+                f"not supported yet: the MLP half of {type(block).__name__} reads {a.name!r} from before the merge"
+            )
+    mask_param = _mask_param(getattr(block, attn_child))
+    first_arg = attn_node.args[0] if attn_node.args else None
+    pre_norm = first_arg.target if isinstance(first_arg, fx.Node) and first_arg.op == "call_module" else None
+
+    # ---- graph A: block inputs (+ bias) -> z
+    ga = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    a_inputs = []
+    for n in graph.nodes:
+        if n.op == "placeholder" and n.target in call.tensor_names:
+            env[n] = ga.placeholder(n.target)
+            a_inputs.append(n.target)
+        elif n.op == "placeholder" and any(u in anc_z or u in part_b_nodes for u in n.users):
+            raise UnsupportedModelError(f"not supported yet: {type(block).__name__} uses its frozen argument {n.target!r}")
+    bias = ga.placeholder("ltm_attn_bias")
+    for n in graph.nodes:
+        if n.op == "placeholder" or n not in anc_z:
+            continue
+        new = ga.node_copy(n, lambda v: env[v])
+        if n is attn_node and mask_param is not None:
+            _set_mask_arg(new, getattr(block, attn_child), mask_param, bias)
+        env[n] = new
+    ga.output(env[z])
+
+    # ---- graph B: z (+ side inputs) -> output
+    gb = fx.Graph()
+    envb: dict[fx.Node, fx.Node] = {z: gb.placeholder("ltm_z")}
+    b_inputs = []
+    for n in graph.nodes:
+        if (n.op == "placeholder" and n is not x and n.target in call.tensor_names
+                and any(n in m.all_input_nodes for m in part_b_nodes + [output])):
+            envb[n] = gb.placeholder(n.target)
+            b_inputs.append(n.target)
+    for n in part_b_nodes:
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a not in envb:
+                envb[a] = gb.node_copy(a, lambda v: envb[v])
+        envb[n] = gb.node_copy(n, lambda v: envb[v])
+    gb.output(fx.map_arg(output.args[0], lambda v: envb[v]))
+
+    code_a, fn_a = _compile(ga, block)
+    code_b, fn_b = _compile(gb, block)
+    return SplitBlock(
+        part_a=fn_a, part_b=fn_b, a_inputs=a_inputs, b_inputs=b_inputs, constants=call.constants,
+        signature=inspect.signature(unwrapped_forward(block)), mask_param=mask_param, pre_norm=pre_norm, code_a=code_a, code_b=code_b,
+    )
+
+
+def _set_mask_arg(node: fx.Node, attn: nn.Module, param: str, bias: fx.Node) -> None:
+    sig = inspect.signature(unwrapped_forward(attn))
+    names = [p for p in sig.parameters if p != "self"]
+    args = list(node.args)
+    idx = names.index(param)
+    kwargs = dict(node.kwargs)
+    if idx < len(args):
+        if args[idx] is not None:
+            raise UnsupportedModelError(f"not supported yet: the block already passes an attention mask to {type(attn).__name__}")
+        args[idx] = bias
+    else:
+        if kwargs.get(param) is not None:
+            raise UnsupportedModelError(f"not supported yet: the block already passes an attention mask to {type(attn).__name__}")
+        kwargs[param] = bias
+    node.args, node.kwargs = tuple(args), kwargs
+
+
+def _compile(graph: fx.Graph, root: nn.Module) -> tuple[str, Callable]:
+    """Python source for the graph with ``self`` as the root module, and the compiled function."""
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    globals_ = dict(code.globals)
+    exec(compile(code.src, f"<ltm_convert {type(root).__name__}>", "exec"), globals_)
+    return code.src, globals_["forward"]
+
+
+def capture_block_calls(model: nn.Module, names: list[str], run: Callable[[], Any]) -> dict[str, tuple[tuple, dict]]:
+    """Run the model once and record the (args, kwargs) each named block is called with."""
+    modules = dict(model.named_modules())
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, kwargs, _name=name):
+            calls.setdefault(_name, (args, dict(kwargs)))
+        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in calls]
+    if missing:
+        raise UnsupportedModelError(f"not supported yet: blocks {missing[:3]} were never called in a forward pass")
+    return calls

@@ -1,0 +1,193 @@
+"""The LTM block: attention on N tokens, a learnable soft merge, then the MLP on N' < N tokens.
+
+Design (ltm-method.md section 2): the block keeps the original children by reference under
+their original names; the mask module ``ltm_mask`` is the only new part. Token sizes travel
+between blocks in an :class:`LtmContext` shared by one model's blocks; the first converted block
+resets it, so ``forward_features`` and any sub-module call work, not only ``model(x)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltm_convert.block_graph import SplitBlock
+from ltm_convert.errors import LtmError
+
+
+class LtmContext:
+    """Per-forward state shared by the LTM blocks of one model.
+
+    sizes: (B, N) float token sizes of the current sequence, or None while nothing was merged.
+    record: when True each merging block appends what it did to ``records`` (visualisation, IB).
+    """
+
+    def __init__(self) -> None:
+        self.sizes: torch.Tensor | None = None
+        self.record = False
+        self.records: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        self.sizes = None
+        self.records = []
+
+    def __deepcopy__(self, memo: dict) -> "LtmContext":
+        new = LtmContext()
+        new.record = self.record
+        return new
+
+
+class LtmMask(nn.Module):
+    """Chooses M' target tokens per image and softly assigns every token to its k nearest targets.
+
+    phi = normalize(W_phi LN(z)) is the merge metric, initialised from the block's own key
+    projection so that an untrained module already merges tokens the attention sees as alike.
+    The keep score is kappa = w_kappa . LN(z) + w_size * log(s) - (max cosine to an earlier
+    token): the first token of each group of near-duplicates is kept, the rest merge into targets.
+    """
+
+    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.phi = nn.Linear(dim, metric_dim)
+        self.kappa = nn.Linear(dim, 1)
+        nn.init.zeros_(self.kappa.weight)
+        nn.init.zeros_(self.kappa.bias)
+        self.size_weight = nn.Parameter(torch.zeros(()))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        self.topk = topk
+
+    def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
+                record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge z (B, N, D) into prefix + keep tokens; returns (tokens, sizes)."""
+        B, N, D = z.shape
+        M = N - prefix
+        zp, zm = z[:, :prefix], z[:, prefix:]
+        if sizes is None:
+            sizes = z.new_ones(B, N, dtype=torch.float32)
+        sp, sm = sizes[:, :prefix], sizes[:, prefix:]
+
+        h = self.norm(zm)
+        phi = F.normalize(self.phi(h), dim=-1)
+        sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
+        earlier = torch.ones(M, M, dtype=torch.bool, device=z.device).tril(-1)
+        redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
+        kappa = self.kappa(h).squeeze(-1) + self.size_weight * sm.log().to(h.dtype) - redundancy
+
+        # targets: the top-`keep` tokens by keep score, in their original order (deterministic)
+        targets = kappa.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, M')
+        is_target = torch.zeros(B, M, dtype=torch.bool, device=z.device).scatter_(1, targets, True)
+        slot = torch.zeros(B, M, dtype=torch.long, device=z.device).scatter_(
+            1, targets, torch.arange(keep, device=z.device).expand(B, keep))
+
+        # every token spreads its mass over its k most similar targets (a target keeps itself)
+        k = min(self.topk, keep)
+        sim_t = sim.gather(2, targets.unsqueeze(1).expand(B, M, keep))  # (B, M, M')
+        top_val, top_idx = sim_t.topk(k, dim=-1)
+        weights = torch.softmax(top_val / self.log_tau.exp(), dim=-1)
+        one_hot = torch.zeros_like(weights)
+        one_hot[..., 0] = 1.0
+        weights = torch.where(is_target.unsqueeze(-1), one_hot, weights)
+        top_idx = torch.where(is_target.unsqueeze(-1), slot.unsqueeze(-1).expand(B, M, k), top_idx)
+        # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
+        gate = torch.sigmoid(kappa)
+        st = (gate - gate.detach()).unsqueeze(-1)
+        weights = weights * torch.where(is_target.unsqueeze(-1), 1.0 + st, 1.0 - st)
+
+        assign = torch.zeros(B, M, keep, dtype=weights.dtype, device=z.device)
+        assign = assign.scatter_add(2, top_idx, weights)  # (B, M, M') soft mask G
+        mass = assign * sm.to(weights.dtype).unsqueeze(-1)  # s_i * A_it
+        new_sizes = mass.sum(dim=1)  # (B, M')
+        merged = (mass.transpose(1, 2).to(zm.dtype) @ zm) / new_sizes.unsqueeze(-1).to(zm.dtype)
+        if record is not None:
+            record.append({"targets": targets, "assign": assign, "prefix": prefix})
+        out = torch.cat([zp, merged], dim=1)
+        out_sizes = torch.cat([sp, new_sizes.to(sizes.dtype)], dim=1)
+        return out, out_sizes
+
+
+class LtmBlock(nn.Module):
+    """A transformer block that merges tokens between its attention and its MLP."""
+
+    def __init__(self, block: nn.Module, split: SplitBlock, mask: LtmMask, *, context: LtmContext,
+                 prefix: int, tokens_in: int, keep: int, first: bool) -> None:
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in block._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in block._non_persistent_buffers_set)
+        for name, value in vars(block).items():  # tensor constants fx attached while tracing
+            if name.startswith("_tensor_constant") and isinstance(value, torch.Tensor):
+                self.register_buffer(name, value, persistent=False)
+        self.ltm_mask = mask
+        self.ltm_original_class = type(block).__name__
+        self.ltm_prefix = prefix
+        self.ltm_tokens_in = tokens_in  # mergeable + prefix tokens at the planned resolution
+        self.ltm_keep = keep  # mergeable tokens kept at the planned resolution
+        self.ltm_first = first
+        self.ltm_prop_attn = not first  # set by convert: True once an earlier block merges
+        self.__dict__["_ltm_split"] = split
+        self.__dict__["_ltm_context"] = context
+        names = [p for p in split.signature.parameters if p != "self"]
+        self.__dict__["_ltm_param_names"] = names
+
+    # -- state helpers ------------------------------------------------------------------------
+    @property
+    def ltm_context(self) -> LtmContext:
+        return self.__dict__["_ltm_context"]
+
+    def keep_for(self, tokens_in: int) -> int:
+        """Mergeable tokens kept for an input of ``tokens_in`` tokens (static per resolution)."""
+        planned_m = self.ltm_tokens_in - self.ltm_prefix
+        m = tokens_in - self.ltm_prefix
+        if tokens_in == self.ltm_tokens_in:
+            return self.ltm_keep
+        return max(1, min(m, int(round(m * self.ltm_keep / max(planned_m, 1)))))
+
+    def merges(self, tokens_in: int | None = None) -> bool:
+        tokens_in = self.ltm_tokens_in if tokens_in is None else tokens_in
+        return self.keep_for(tokens_in) < tokens_in - self.ltm_prefix
+
+    def extra_repr(self) -> str:
+        return (f"original={self.ltm_original_class}, prefix={self.ltm_prefix}, "
+                f"tokens_in={self.ltm_tokens_in}, keep={self.ltm_keep}")
+
+    # -- forward ------------------------------------------------------------------------------
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        names = self.__dict__["_ltm_param_names"]
+        split: SplitBlock = self.__dict__["_ltm_split"]
+        values = dict(zip(names, args))
+        for key, value in kwargs.items():
+            values[key] = value
+        for key in split.constants:
+            value = values.get(key, split.constants[key])
+            if isinstance(value, torch.Tensor) or (value is None) != (split.constants[key] is None):
+                raise LtmError(
+                    f"{self.ltm_original_class} was converted for calls with {key}={split.constants[key]!r}; "
+                    f"it got a different {key}; convert the model for this calling convention"
+                )
+        return values
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        split: SplitBlock = self.__dict__["_ltm_split"]
+        ctx: LtmContext = self.__dict__["_ltm_context"]
+        values = self._bind(args, kwargs)
+        if self.ltm_first:
+            ctx.reset()
+        bias = None
+        if self.ltm_prop_attn and ctx.sizes is not None:
+            bias = ctx.sizes.log()[:, None, None, :]
+            x = values[split.a_inputs[0]]
+            bias = bias.to(x.dtype) if x.is_floating_point() else bias
+        z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
+        n = z.shape[1]
+        keep = self.keep_for(n)
+        if keep < n - self.ltm_prefix:
+            record = ctx.records if ctx.record else None
+            z, ctx.sizes = self.ltm_mask(z, ctx.sizes, self.ltm_prefix, keep, record)
+        return split.part_b(self, z, *[values[n] for n in split.b_inputs])
