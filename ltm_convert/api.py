@@ -9,7 +9,7 @@ from torch import nn
 from ltm_convert.block_graph import capture_block_calls
 from ltm_convert.config import LtmConfig, validate_ratio
 from ltm_convert.errors import LtmError
-from ltm_convert.flops import count_flops
+from ltm_convert.flops import count_flops, meta_copy
 from ltm_convert.heads import install_head_adapters
 from ltm_convert.ltm_block import LtmBlock, LtmContext
 from ltm_convert.model_inputs import default_input_size, example_input, run_model
@@ -80,7 +80,7 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     model.eval()
 
     plan = _trace_blocks(model, size, config.exclude)
-    base_flops = count_flops(model, size)
+    base_flops = None if config.keep else count_flops(model, size)
     images = example_input(model, size)
     calls = capture_block_calls(model, plan.block_names, lambda: run_model(model, images))
     modules = dict(model.named_modules())
@@ -99,8 +99,13 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     if config.keep:
         _apply_keep(new_blocks, plan, config.keep)
     else:
-        solve(new_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens,
-              measure=lambda: count_flops(model, size), base_flops=base_flops)
+        counted = meta_copy(model)  # solve on a weightless copy, then copy the counts over
+        meta_blocks = [counted.get_submodule(name) for name in plan.block_names]
+        solve(meta_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens,
+              measure=lambda: count_flops(counted, size), base_flops=base_flops)
+        for blk, meta_blk in zip(new_blocks, meta_blocks):
+            blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = (
+                meta_blk.ltm_tokens_in, meta_blk.ltm_keep, meta_blk.ltm_prop_attn)
         config.keep = {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)}
     model.ltm_config = config
     model.ltm_plan = plan
@@ -135,7 +140,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
     plan: ConversionPlan = model.ltm_plan
     size = tuple(config.input_size)
     converted_flops = count_flops(model, size)
-    base = getattr(model, "ltm_base_flops", None) or converted_flops
+    base = getattr(model, "ltm_base_flops", None)
+    if base is None:
+        base = model.ltm_base_flops = _original_flops(model, size)
     added = sum(p.numel() for n, p in model.named_parameters() if _is_ltm_name(n))
     total = sum(p.numel() for p in model.parameters())
     blocks = []
@@ -157,6 +164,19 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "params_original": int(total - added),
         "params_added": int(added),
     }
+
+
+def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
+    """FLOPs of the model with merging switched off (identical to the original model)."""
+    blocks = [b for _, b in ltm_blocks(model)]
+    saved = [(b.ltm_tokens_in, b.ltm_keep, b.ltm_prop_attn) for b in blocks]
+    plan: ConversionPlan = model.ltm_plan
+    apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
+    try:
+        return count_flops(model, size)
+    finally:
+        for b, (t, k, p) in zip(blocks, saved):
+            b.ltm_tokens_in, b.ltm_keep, b.ltm_prop_attn = t, k, p
 
 
 def _is_ltm_name(name: str) -> bool:

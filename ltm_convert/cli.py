@@ -334,7 +334,7 @@ def _load_source(spec: str, no_pretrained: bool, checkpoint: Optional[Path]):
 def _is_saved_model(path: Path) -> bool:
     if path.is_dir():
         return (path / "ltm_config.json").is_file()
-    return path.suffix == ".pt"
+    return path.suffix in (".pt", ".pth")
 
 
 CONVERT_EPILOG = """\

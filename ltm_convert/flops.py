@@ -1,5 +1,11 @@
-"""FLOPs as torch counts them (torch.utils.flop_counter), the unit every ratio here is measured in."""
+"""FLOPs as torch counts them (torch.utils.flop_counter), the unit every ratio here is measured in.
+
+Counting runs on a copy of the model on the ``meta`` device: shapes are all FlopCounterMode needs,
+so nothing is computed and the user's model is left alone.
+"""
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -8,20 +14,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from ltm_convert.model_inputs import example_input, run_model
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A weightless copy of the model for counting (same structure, tensors on ``meta``)."""
+    if next(model.parameters()).device.type == "meta":
+        return model
+    memo: dict[int, object] = {}
+    for p in list(model.parameters()) + list(model.buffers()):  # do not copy the weights themselves
+        memo[id(p)] = (nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                       if isinstance(p, nn.Parameter) else torch.empty_like(p, device="meta"))
+    return copy.deepcopy(model, memo)
+
+
 def count_flops(model: nn.Module, input_size: tuple[int, int] | None = None, batch: int = 1) -> int:
     """Forward FLOPs (2 x multiply-accumulates) of one batch at ``input_size``, in eval mode."""
-    images = example_input(model, input_size, batch=batch)
-    was_training = model.training
+    counted = meta_copy(model)
+    images = example_input(counted, input_size, batch=batch, device="meta")
+    counted.eval()
     # FlopCounterMode's module tracker trips on parameters that require grad under no_grad
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    try:
-        for p, _ in grad_flags:
-            p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_model(model, images)
-    finally:
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    for p in counted.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run_model(counted, images)
     return int(counter.get_total_flops())

@@ -25,10 +25,19 @@ def size_weighted_mean(x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Ten
     return (x * w).sum(dim=1) / w.sum(dim=1)
 
 
-def _timm_pool(ctx: LtmContext):
+def context_of(module: nn.Module) -> LtmContext:
+    """The size context a converted model (or one of its adapted heads) shares with its blocks.
+
+    Adapters find it through the module they are attached to, never through a closure, so a
+    deep copy of the model (EMA, teacher) gets adapters that read the copy's own context.
+    """
+    return module.__dict__["_ltm_context"]
+
+
+def _timm_pool():
     def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
-        sizes = ctx.sizes
+        sizes = context_of(self).sizes
         if self.attn_pool is not None:
             start = 0 if self.pool_include_prefix else self.num_prefix_tokens
             x = x[:, start:]
@@ -46,38 +55,41 @@ def _timm_pool(ctx: LtmContext):
     return pool
 
 
-def _siglip_head_hook(ctx: LtmContext, num_heads: int):
-    def hook(module, args, kwargs):
-        sizes = ctx.sizes
-        if sizes is None:
-            return None
-        query, key = args[0], args[1]
-        bias = sizes.log().to(key.dtype)  # (B, S)
-        bias = bias[:, None, None, :].expand(-1, num_heads, query.shape[1], -1)
-        kwargs = dict(kwargs)
-        kwargs["attn_mask"] = bias.reshape(-1, query.shape[1], key.shape[1])
-        return args, kwargs
-
-    return hook
+def _siglip_head_hook(module, args, kwargs):
+    """nn.MultiheadAttention pooling (SigLIP's MAP head): add log(size) to the logits."""
+    sizes = context_of(module).sizes
+    if sizes is None:
+        return None
+    query, key = args[0], args[1]
+    bias = sizes.log().to(key.dtype)[:, None, None, :].expand(-1, module.num_heads, query.shape[1], -1)
+    kwargs = dict(kwargs)
+    kwargs["attn_mask"] = bias.reshape(-1, query.shape[1], key.shape[1])
+    return args, kwargs
 
 
-def _dinov2_classifier_hooks(model: nn.Module, ctx: LtmContext, prefix: int) -> None:
+def _keep_sequence(module, args, output):
+    seq = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    context_of(module).head_inputs["sequence"] = seq
+
+
+def _size_weighted_classifier_input(module, args):
+    ctx = context_of(module)
+    seq, sizes = ctx.head_inputs.pop("sequence", None), ctx.sizes
+    if seq is None or sizes is None:
+        return None
+    (linear_input,) = args
+    prefix = module.__dict__["_ltm_prefix"]
+    mean = size_weighted_mean(seq[:, prefix:], sizes[:, prefix:])
+    return (torch.cat([linear_input[:, : seq.shape[-1]], mean], dim=1),)
+
+
+def _dinov2_classifier_hooks(model: nn.Module, backbone: nn.Module, ctx: LtmContext, prefix: int) -> None:
     """Dinov2ForImageClassification averages patch tokens inside forward(); redo it size-weighted."""
-    store: dict[str, torch.Tensor] = {}
-
-    def keep_sequence(module, args, output):
-        store["seq"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def fix_input(module, args):
-        seq, sizes = store.pop("seq", None), ctx.sizes
-        if seq is None or sizes is None:
-            return None
-        (linear_input,) = args
-        mean = size_weighted_mean(seq[:, prefix:], sizes[:, prefix:])
-        return (torch.cat([linear_input[:, : seq.shape[-1]], mean], dim=1),)
-
-    model.dinov2.register_forward_hook(keep_sequence)
-    model.classifier.register_forward_pre_hook(fix_input)
+    backbone.__dict__["_ltm_context"] = ctx
+    model.classifier.__dict__["_ltm_context"] = ctx
+    model.classifier.__dict__["_ltm_prefix"] = prefix
+    backbone.register_forward_hook(_keep_sequence)
+    model.classifier.register_forward_pre_hook(_size_weighted_classifier_input)
 
 
 def install_head_adapters(model: nn.Module, plan: ConversionPlan, ctx: LtmContext) -> list[str]:
@@ -89,19 +101,17 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan, ctx: LtmContex
     cls = type(model).__name__
     if callable(getattr(type(model), "pool", None)) and hasattr(model, "global_pool") and hasattr(model, "attn_pool"):
         # timm VisionTransformer and relatives: one `pool` method handles avg and attention pooling
-        model.pool = types.MethodType(_timm_pool(ctx), model)
+        model.pool = types.MethodType(_timm_pool(), model)
         return ["timm-pool"]
-    head = getattr(model, "head", None)
-    if needs == {"attention-pool"} and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
-        head.attention.register_forward_pre_hook(_siglip_head_hook(ctx, head.attention.num_heads), with_kwargs=True)
-        return ["mha-pool"]
-    vision = getattr(model, "vision_model", None)
-    head = getattr(vision, "head", None)
-    if needs == {"attention-pool"} and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
-        head.attention.register_forward_pre_hook(_siglip_head_hook(ctx, head.attention.num_heads), with_kwargs=True)
-        return ["mha-pool"]
-    if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"}:
-        _dinov2_classifier_hooks(model, ctx, plan.prefix_tokens)
+    for holder in (model, getattr(model, "vision_model", None)):
+        head = getattr(holder, "head", None)
+        if needs == {"attention-pool"} and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
+            head.attention.__dict__["_ltm_context"] = ctx
+            head.attention.register_forward_pre_hook(_siglip_head_hook, with_kwargs=True)
+            return ["mha-pool"]
+    backbone = getattr(model, "dinov2", None) or getattr(model, "dinov2_with_registers", None)
+    if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"} and backbone is not None:
+        _dinov2_classifier_hooks(model, backbone, ctx, plan.prefix_tokens)
         return ["dinov2-classifier"]
     raise UnsupportedModelError(
         f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "

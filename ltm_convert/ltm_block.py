@@ -29,10 +29,12 @@ class LtmContext:
         self.sizes: torch.Tensor | None = None
         self.record = False
         self.records: list[dict[str, Any]] = []
+        self.head_inputs: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.sizes = None
         self.records = []
+        self.head_inputs = {}
 
     def __deepcopy__(self, memo: dict) -> "LtmContext":
         new = LtmContext()
@@ -49,14 +51,15 @@ class LtmMask(nn.Module):
     token): the first token of each group of near-duplicates is kept, the rest merge into targets.
     """
 
-    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 0.1) -> None:
+    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 0.1, use_sizes: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.phi = nn.Linear(dim, metric_dim)
         self.kappa = nn.Linear(dim, 1)
         nn.init.zeros_(self.kappa.weight)
         nn.init.zeros_(self.kappa.bias)
-        self.size_weight = nn.Parameter(torch.zeros(()))
+        # the first block sees no earlier merge, so a weight on log(size) would never learn there
+        self.size_weight = nn.Parameter(torch.zeros(())) if use_sizes else None
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         self.topk = topk
 
@@ -75,7 +78,9 @@ class LtmMask(nn.Module):
         sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
         earlier = torch.ones(M, M, dtype=torch.bool, device=z.device).tril(-1)
         redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
-        kappa = self.kappa(h).squeeze(-1) + self.size_weight * sm.log().to(h.dtype) - redundancy
+        kappa = self.kappa(h).squeeze(-1) - redundancy
+        if self.size_weight is not None:
+            kappa = kappa + self.size_weight * sm.log().to(h.dtype)
 
         # targets: the top-`keep` tokens by keep score, in their original order (deterministic)
         targets = kappa.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, M')

@@ -66,6 +66,8 @@ def example_input(model: nn.Module, input_size: tuple[int, int] | None = None, b
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else "cpu"
+    if torch.device(device).type == "meta":
+        return torch.empty(batch, in_channels(model), h, w, device="meta")
     gen = generator or torch.Generator().manual_seed(0)
     return torch.randn(batch, in_channels(model), h, w, generator=gen).to(device)
 

@@ -2,12 +2,11 @@
 
 A converted model is saved as (base-model recipe, conversion config, weights). The recipe is a
 :class:`ModelSource`: small, JSON-able, and enough to rebuild the *architecture* on another
-machine (the saved weights are loaded on top). ``load_model`` builds a model from a user's spec
-and tags it with its source; ``source_of`` reads the tag back, or infers and verifies a recipe
-for models the user built themselves.
+machine (the saved weights go on top). ``load_model`` builds a model from a user's spec and tags
+it with its source; ``source_of`` reads the tag back, or infers and verifies a recipe for models
+the user built themselves.
 
-Nothing here imports transformers at module import time, and every user mistake becomes a
-one-line :class:`LtmError`.
+Nothing here imports transformers at import time, and every user mistake is a one-line LtmError.
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ class ModelSource:
 
     kind: "timm" | "hf" | "hf-config" | "bundled".
     name: timm architecture, HF id or local dir, HF class name (hf-config), or bundled name.
-    pretrained: load the source's own weights (False: random init, weights come from elsewhere).
+    pretrained: load the source's own weights (False: random init; the weights come from elsewhere).
     checkpoint: a local state-dict file loaded after building (wins over ``pretrained``).
     kwargs: JSON-able constructor options (timm: num_classes, img_size, ...; hf-config: config).
     """
@@ -59,39 +58,32 @@ class ModelSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSource":
-        """Inverse of :meth:`to_dict`; unknown keys are ignored so newer files still load."""
-        if not isinstance(d, dict) or d.get("kind") not in KINDS or not isinstance(d.get("name"), str):
-            raise LtmError(f"invalid model source {str(d)[:80]!r}; expected kind in {KINDS} and a name (re-save the model)")
+        """Inverse of :meth:`to_dict`; unknown keys are ignored so files from newer versions load."""
+        ok = isinstance(d, dict) and d.get("kind") in KINDS and isinstance(d.get("name"), str)
+        if not ok or not isinstance(d.get("kwargs") or {}, dict):
+            raise LtmError(f"invalid model source {str(d)[:80]!r}; expected a kind in {KINDS} and a name (re-save it)")
         known = {f.name for f in dataclasses.fields(cls)}
         src = cls(**{k: v for k, v in d.items() if k in known})
-        if not isinstance(src.kwargs or {}, dict):
-            raise LtmError(f"invalid model source options {src.kwargs!r}; expected a dict (re-save the model)")
         src.kwargs = dict(src.kwargs or {})
         return src
 
 
-def _check_json(kwargs: dict) -> dict:
-    try:
-        json.dumps(kwargs)
-    except (TypeError, ValueError):
-        raise LtmError(f"model options {sorted(kwargs)} must be plain JSON values (numbers, strings, lists)") from None
-    return dict(kwargs)
-
-
 def parse_source(spec: str, *, pretrained: bool = True, checkpoint: str | None = None, **kwargs: Any) -> ModelSource:
-    """Turn a user's model spec into a :class:`ModelSource` (no model is built).
+    """Turn a user's model spec into a :class:`ModelSource` (nothing is built or downloaded).
 
     ``bundled[:dinov2_vits14[-hf]]`` -> bundled DINOv2; ``hf:X``, a local dir with config.json or
-    ``org/name`` -> HF; ``timm:X`` or any other name -> timm (validated against timm's registry).
+    ``org/name`` -> HF; ``timm:X`` or any other name -> timm (checked against timm's registry).
     """
     from ltm_convert.bundled import BUNDLED_NAMES
 
     if not isinstance(spec, str) or not spec.strip():
         raise LtmError(f"model spec {spec!r} is empty; {_SPEC_HINT}")
-    spec, kwargs = spec.strip(), _check_json(kwargs)
-    if checkpoint is not None:
-        checkpoint = str(checkpoint)
-    mk = lambda kind, name: ModelSource(kind, name, bool(pretrained), checkpoint, kwargs)  # noqa: E731
+    try:
+        json.dumps(kwargs)  # the recipe is saved as JSON next to the weights
+    except (TypeError, ValueError):
+        raise LtmError(f"model options {sorted(kwargs)} must be plain JSON values (numbers, strings, lists)") from None
+    spec, ckpt = spec.strip(), None if checkpoint is None else str(checkpoint)
+    mk = lambda kind, name: ModelSource(kind, name, bool(pretrained), ckpt, dict(kwargs))  # noqa: E731
     if spec == "bundled" or spec.startswith("bundled:"):
         name = spec.partition(":")[2] or BUNDLED_NAMES[0]
         if name not in BUNDLED_NAMES:
@@ -99,7 +91,7 @@ def parse_source(spec: str, *, pretrained: bool = True, checkpoint: str | None =
         return mk("bundled", name)
     if spec.startswith("hf:"):
         return mk("hf", _hf_name(spec[3:]))
-    if spec.startswith(("timm:", "hf-hub:", "hf_hub:")):
+    if spec.startswith(("timm:", "hf-hub:", "hf_hub:")):  # hf-hub: is timm's own hub syntax
         name = spec[5:] if spec.startswith("timm:") else spec
         if not name.startswith("hf") and not _is_timm(name):
             raise LtmError(_unknown(name))
@@ -111,7 +103,9 @@ def parse_source(spec: str, *, pretrained: bool = True, checkpoint: str | None =
         return mk("hf", spec)
     if _is_timm(spec):
         return mk("timm", spec)
-    raise LtmError(_hf_name(spec) if p.is_dir() else _unknown(spec))  # _hf_name raises for a dir
+    if p.is_dir():
+        _hf_name(spec)  # raises: a directory without config.json
+    raise LtmError(_unknown(spec))
 
 
 def _hf_name(name: str) -> str:
@@ -124,6 +118,11 @@ def _hf_name(name: str) -> str:
     if _HF_ID.match(name):
         return name
     raise LtmError(f"{name!r} is neither a local directory nor an HF id like org/name; {_SPEC_HINT}")
+
+
+def _first(e: BaseException) -> str:
+    """An exception's first line, shortened, so wrapped messages stay one line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def _is_timm(name: str) -> bool:
@@ -144,10 +143,10 @@ def _unknown(name: str) -> str:
 
 
 def _hub_reachable() -> bool:
-    """A quick TCP probe of the HF endpoint (ms when DNS fails), so offline runs fail in < 1 s.
+    """A quick TCP probe of the HF endpoint (milliseconds when DNS fails).
 
-    Without it timm and transformers retry with backoff for 25-50 s per file. Behind a proxy we
-    cannot probe cheaply and assume the hub is reachable.
+    Without it timm and transformers retry with backoff for 25-50 s per file before giving up.
+    Behind a proxy a direct probe says nothing, so the hub is assumed reachable.
     """
     import socket
     from urllib.parse import urlparse
@@ -178,7 +177,8 @@ def _download_errors() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def _hub(name: str, what: str = "pretrained weights") -> Iterator[None]:
-    """Run a download; offline -> HF offline mode (cached files still load); failures -> LtmError."""
+    """Run a download: offline -> HF offline mode (cached files still load, the rest fails at
+    once); any download failure -> one LtmError saying what to do instead."""
     import huggingface_hub.constants as hc
 
     online, old = _hub_reachable(), hc.HF_HUB_OFFLINE
@@ -190,8 +190,7 @@ def _hub(name: str, what: str = "pretrained weights") -> Iterator[None]:
     except _download_errors() as e:
         msg = _NO_HUB.format(name=name).replace("pretrained weights", what)
         if online:  # reachable hub, yet it failed: say why (a typo in the id, a gated repo, ...)
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            msg = msg.replace("this machine has no access to the model hub", why)
+            msg = msg.replace("this machine has no access to the model hub", _first(e))
         raise LtmError(msg) from None
     finally:
         hc.HF_HUB_OFFLINE = old
@@ -203,12 +202,46 @@ def _hub(name: str, what: str = "pretrained weights") -> Iterator[None]:
 def build_model(src: ModelSource) -> nn.Module:
     """Build the model a source describes, in eval mode, with the weights it names.
 
-    A checkpoint wins over ``pretrained``: the architecture is built with random weights and the
-    file is loaded strictly on top.
+    A checkpoint wins over ``pretrained``: the file is loaded strictly, into a model built on the
+    meta device when the file holds every tensor (random init of a ViT-B costs seconds on a small
+    CPU). ``hf-config`` gives random weights. Calling this inside ``with torch.device("meta")``
+    gives an empty skeleton for ``load_state_dict(..., assign=True)``.
     """
     if not isinstance(src, ModelSource):
-        raise LtmError(f"expected a ModelSource, got {type(src).__name__}; use ltm_convert.sources.parse_source(spec)")
-    weights = src.pretrained and src.checkpoint is None
+        raise LtmError(f"expected a ModelSource, got {type(src).__name__}; use parse_source(spec)")
+    if src.checkpoint is None:
+        return _build(src, src.pretrained).eval()
+    sd = read_checkpoint(src.checkpoint)
+    model = _build_meta(src)  # every weight comes from the file: skip the random init (seconds)
+    if model is not None:
+        model.load_state_dict(_fit(model, sd, src.checkpoint), strict=True, assign=True)
+        if not _has_meta(model):
+            return model.eval()
+    model = _build(src, False)  # the model keeps tensors the file does not hold: build normally
+    model.load_state_dict(_fit(model, sd, src.checkpoint), strict=True)
+    return model.eval()
+
+
+def _build_meta(src: ModelSource) -> nn.Module | None:
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return _build(src, False)
+    except LtmError:
+        raise
+    except Exception:  # some constructors compute on tensors (e.g. .item()); build normally
+        return None
+
+
+def _has_meta(model: nn.Module) -> bool:
+    import torch
+
+    return any(isinstance(t, torch.Tensor) and t.is_meta for m in model.modules()
+               for t in [*m.parameters(recurse=False), *m.buffers(recurse=False), *vars(m).values()])
+
+
+def _build(src: ModelSource, weights: bool) -> nn.Module:
     if src.kind == "timm":
         model = _build_timm(src.name, weights, src.kwargs)
     elif src.kind == "hf":
@@ -222,19 +255,17 @@ def build_model(src: ModelSource) -> nn.Module:
         try:
             model = make(pretrained=weights, **src.kwargs)
         except TypeError as e:
-            raise LtmError(f"bundled model {src.name} rejected the options {sorted(src.kwargs)} ({e}); drop them") from None
+            raise LtmError(f"bundled model {src.name} rejected the options {sorted(src.kwargs)} ({_first(e)})") from None
     else:
         raise LtmError(f"unknown model source kind {src.kind!r}; expected one of {KINDS}")
-    if src.checkpoint is not None:
-        load_checkpoint_into(model, src.checkpoint)
-    return model.eval()
+    return model
 
 
 def _build_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
     import timm
 
     if pretrained and not name.startswith(("hf-hub:", "hf_hub:")):
-        cfg = timm.models.get_pretrained_cfg(name)
+        cfg = timm.models.get_pretrained_cfg(name)  # timm would build the model, then refuse
         if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
             raise LtmError(f"timm has no pretrained weights for {name}; pass --checkpoint FILE, --no-pretrained, or use 'bundled'")
     try:
@@ -243,24 +274,16 @@ def _build_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
                 return timm.create_model(name, pretrained=True, **kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
-        raise LtmError(f"timm model {name} rejected the options {sorted(kwargs)} ({e}); drop or fix them") from None
+        raise LtmError(f"timm model {name} rejected the options {sorted(kwargs)} ({_first(e)}); drop or fix them") from None
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise LtmError(_unknown(name)) from None
         raise
 
 
-def _hf_classes(config: Any) -> Any:
-    """AutoModelForImageClassification when the config names a classification head, else AutoModel."""
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    if any("ForImageClassification" in a for a in archs):
-        return transformers.AutoModelForImageClassification
-    return transformers.AutoModel
-
-
 def _build_hf(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """AutoConfig, then AutoModelForImageClassification when the config's architectures name a
+    classification head (else AutoModel); ``kwargs`` override config fields (e.g. num_labels)."""
     import transformers
 
     local = Path(name).is_dir()
@@ -271,25 +294,21 @@ def _build_hf(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
             with _hub(name, "pretrained weights" if pretrained else "the config"):
                 config = transformers.AutoConfig.from_pretrained(name, **kwargs)
     except ValueError as e:
-        raise LtmError(f"transformers cannot read the config of {name} ({str(e).splitlines()[0][:120]}); upgrade transformers or check config.json") from None
-    auto = _hf_classes(config)
-    if not pretrained:
-        return _from_config(auto, config, name)
+        raise LtmError(f"transformers cannot read the config of {name} ({_first(e)}); upgrade it or fix config.json") from None
+    heads = any("ForImageClassification" in a for a in getattr(config, "architectures", None) or [])
+    auto = transformers.AutoModelForImageClassification if heads else transformers.AutoModel
     try:
-        kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a changed head starts fresh
+        if not pretrained:
+            return auto.from_config(config)
+        kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a resized head starts fresh
         if local:
             return auto.from_pretrained(name, config=config, **kw)
         with _hub(name):
             return auto.from_pretrained(name, config=config, **kw)
-    except OSError as e:
-        raise LtmError(f"could not load weights from {name} ({str(e).splitlines()[0][:120]}); pass --no-pretrained or --checkpoint FILE") from None
-
-
-def _from_config(auto: Any, config: Any, name: str) -> nn.Module:
-    try:
-        return auto.from_config(config)
     except ValueError:
-        raise LtmError(f"transformers has no model class for {name} ({type(config).__name__}); pass a supported HF vision model") from None
+        raise LtmError(f"transformers has no model class for {name} ({type(config).__name__}); pass an HF vision model") from None
+    except OSError as e:
+        raise LtmError(f"could not load weights from {name} ({_first(e)}); pass --no-pretrained or --checkpoint FILE") from None
 
 
 def _build_hf_config(name: str, kwargs: dict) -> nn.Module:
@@ -299,17 +318,15 @@ def _build_hf_config(name: str, kwargs: dict) -> nn.Module:
 
     cfg = kwargs.get("config")
     cls = getattr(transformers, name, None)
-    if not isinstance(cfg, dict) or cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        raise LtmError(f"cannot rebuild HF model {name!r} from its saved config; install a transformers that has it, or pass source=...")
-    mt = cfg.get("model_type")
-    if mt not in CONFIG_MAPPING:
-        raise LtmError(f"transformers does not know model_type {mt!r}; upgrade transformers to rebuild {name}")
-    config = CONFIG_MAPPING[mt].from_dict(cfg)
-    return cls(config)
+    if not isinstance(cfg, dict) or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise LtmError(f"cannot rebuild HF model {name!r} from its saved config; use a transformers version that has it")
+    if cfg.get("model_type") not in CONFIG_MAPPING:
+        raise LtmError(f"transformers does not know model_type {cfg.get('model_type')!r}; upgrade it to rebuild {name}")
+    return cls(CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg))
 
 
 def load_model(spec: str, *, pretrained: bool = True, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build a model from a spec and remember how (``model.ltm_source``) so a converted copy can
+    """Build a model from a spec and remember how (``model.ltm_source``), so a converted copy can
     be saved and rebuilt anywhere."""
     src = parse_source(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     model = build_model(src)
@@ -337,77 +354,69 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise LtmError(f"checkpoint file {path} not found; pass the path of a .safetensors or .pt state-dict file")
     with open(p, "rb") as f:
-        head = f.read(16)
-    if p.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+        head = f.read(9)  # safetensors: an 8-byte header length, then the JSON header
+    if p.suffix == ".safetensors" or head[8:9] == b"{":
         from safetensors.torch import load_file
 
         try:
             sd: Any = load_file(str(p))
-        except Exception as e:  # SafetensorError has no stable public base
-            raise LtmError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}); re-save it with safetensors.torch.save_file") from None
+        except Exception as e:  # SafetensorError has no stable public base class
+            raise LtmError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}); re-save it") from None
     else:
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        except pickle.UnpicklingError as e:  # the weights-only unpickler met a non-tensor object
             if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
-                raise LtmError(f"checkpoint {path} contains pickled Python objects, refusing to load it; save a plain state_dict (torch.save(model.state_dict(), f))") from None
-            raise LtmError(f"checkpoint {path} is corrupt or not a torch file; re-save it with torch.save(model.state_dict(), f)") from None
+                raise LtmError(f"checkpoint {path} contains pickled Python objects, refusing to load it; "
+                               "save a plain state_dict: torch.save(model.state_dict(), f)") from None
+            raise LtmError(f"checkpoint {path} is corrupt; re-save it with torch.save(model.state_dict(), f)") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise LtmError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); re-save it with torch.save(model.state_dict(), f)") from None
+            raise LtmError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}); "
+                           "re-save it with torch.save(model.state_dict(), f)") from None
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
-        if isinstance(sd, dict):
-            inner = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), dict)), None)
-            if inner is not None and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-                sd = inner
-    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            sd = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), dict)), sd)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LtmError(f"checkpoint {path} does not hold a state dict of tensors; save model.state_dict()")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
-def load_checkpoint_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint strictly; if it does not fit as is, try timm's own converter for the
-    architecture (it maps official releases and resamples position embeddings)."""
-    sd = read_checkpoint(path)
+def _fit(model: nn.Module, sd: dict, path: str | os.PathLike) -> dict:
+    """``sd`` if it fits ``model`` exactly, else timm's own converter for the architecture (it
+    maps official releases and resamples position embeddings), else a one-line LtmError."""
     problem = _mismatch(model, sd)
+    fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if problem and callable(fn):
+        try:
+            converted = fn(dict(sd), model)
+            if not _mismatch(model, converted):
+                return converted
+        except Exception:  # the converter is a best effort; report the original mismatch
+            pass
     if problem:
-        fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-        if callable(fn):
-            try:
-                converted = fn(dict(sd), model)
-                if not _mismatch(model, converted):
-                    sd, problem = converted, ""
-            except Exception:  # the converter is a best effort; report the original mismatch
-                pass
-    if problem:
-        raise LtmError(f"checkpoint {path} does not fit {type(model).__name__}: {problem}; check the model name and options (num_classes, img_size)")
-    model.load_state_dict(sd, strict=True)
+        raise LtmError(f"checkpoint {path} does not fit {type(model).__name__}: {problem}; "
+                       "check the model name and its options (num_classes, img_size)")
+    return sd
 
 
 def _mismatch(model: nn.Module, sd: dict) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     extra = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-    if extra:
-        parts.append(f"{len(extra)} unexpected keys (e.g. {extra[0]})")
-    if shape:
-        k = shape[0]
-        parts.append(f"{len(shape)} shape mismatches (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)})")
-    return ", ".join(parts)
+    shape = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    found = ((missing, "missing keys"), (extra, "unexpected keys"), (shape, "shape mismatches"))
+    return ", ".join(f"{len(ks)} {what} (e.g. {ks[0]})" for ks, what in found if ks)
 
 
 # --------------------------------------------------------------------------- reading back
 
 
 def _cannot(model: nn.Module) -> LtmError:
-    return LtmError(
-        f"cannot tell how to rebuild this {type(model).__name__}; create it with ltm_convert.load_model(...) or pass source=..."
-    )
+    return LtmError(f"cannot tell how to rebuild this {type(model).__name__}; "
+                    "create it with ltm_convert.load_model(...) or pass source=...")
 
 
 def source_of(model: nn.Module) -> ModelSource:
@@ -420,7 +429,7 @@ def source_of(model: nn.Module) -> ModelSource:
     tf = sys.modules.get("transformers")  # an HF model means transformers is already imported
     if tf is not None and isinstance(model, tf.PreTrainedModel):
         name = type(model).__name__
-        if getattr(tf, name, None) is not type(model):
+        if getattr(tf, name, None) is not type(model):  # a user subclass or remote code
             raise _cannot(model)
         return ModelSource("hf-config", name, False, None, {"config": model.config.to_dict()})
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -429,11 +438,7 @@ def source_of(model: nn.Module) -> ModelSource:
         raise _cannot(model)
     kwargs = _timm_kwargs(model)
     for kw in (kwargs, {k: v for k, v in kwargs.items() if k == "num_classes"}):
-        try:
-            probe = _build_timm(arch, False, kw)
-        except (LtmError, TypeError, ValueError, RuntimeError):
-            continue
-        if _same_layout(probe, model):
+        if _same_layout(_probe(arch, kw), model):
             return ModelSource("timm", arch, False, None, kw)
     raise _cannot(model)
 
@@ -457,6 +462,22 @@ def _timm_kwargs(model: nn.Module) -> dict:
     return kw
 
 
-def _same_layout(a: nn.Module, b: nn.Module) -> bool:
+def _probe(arch: str, kw: dict) -> nn.Module | None:
+    """The architecture built with ``kw``: on the meta device when it allows (shapes only, no
+    init cost), else normally; None when timm rejects the options."""
+    import torch
+
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return _build_timm(arch, False, kw)
+        except (LtmError, TypeError, ValueError, RuntimeError, NotImplementedError):
+            continue
+    return None
+
+
+def _same_layout(a: nn.Module | None, b: nn.Module) -> bool:
+    if a is None:
+        return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)

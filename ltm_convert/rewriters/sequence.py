@@ -92,7 +92,7 @@ class SequenceBlockRewriter:
         split = split_block(block, match.attn_child, bound)
         attn = getattr(block, match.attn_child)
         param = next(block.parameters())
-        mask = LtmMask(match.dim, metric_dim(attn, match.dim), topk=topk).to(device=param.device, dtype=param.dtype)
+        mask = LtmMask(match.dim, metric_dim(attn, match.dim), topk=topk, use_sizes=not first).to(device=param.device, dtype=param.dtype)
         init_mask(mask, block, attn, split.pre_norm, match.dim)
         keep = match.tokens - prefix
         return LtmBlock(block, split, mask, context=context, prefix=prefix, tokens_in=match.tokens,
