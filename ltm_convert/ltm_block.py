@@ -51,7 +51,7 @@ class LtmMask(nn.Module):
     token): the first token of each group of near-duplicates is kept, the rest merge into targets.
     """
 
-    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 0.1, use_sizes: bool = True) -> None:
+    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 1e-3, use_sizes: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.phi = nn.Linear(dim, metric_dim)

@@ -253,7 +253,7 @@ def _prefix_tokens(facts: _GraphFacts, first_block_input: fx.Node, num_tokens: i
     if prefix:
         # the sequence is assembled by a cat along the token axis; its last part must be the patches
         cats = [n for n in facts.ancestors(first_block_input) | {first_block_input}
-                if n.op == "call_function" and n.target == aten.cat.default and _shape(n)
+                if n.op == "call_function" and n.target == aten.cat.default and n in facts.data and _shape(n)
                 and len(_shape(n)) == 3 and _shape(n)[1] == num_tokens]
         if cats:
             last_cat = max(cats, key=lambda n: facts.order[n])
