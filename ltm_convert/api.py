@@ -56,7 +56,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int] | int | None = None,
             exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = 4,
-            config: LtmConfig | None = None) -> nn.Module:
+            method: str = "ltm", config: LtmConfig | None = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with LTM blocks.
 
     ratio is the fraction of the original FLOPs the converted model may use at ``input_size``
@@ -64,7 +64,8 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     """
     if config is None:
         validate_ratio(ratio)
-        config = LtmConfig(ratio=float(ratio), input_size=_hw(input_size), exclude=list(exclude or []), topk=topk)
+        config = LtmConfig(ratio=float(ratio), input_size=_hw(input_size), exclude=list(exclude or []), topk=topk,
+                           method=method)
     if not isinstance(model, nn.Module):
         raise LtmError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
     if is_converted(model):
@@ -90,7 +91,7 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
         block = modules[match.name]
         rewriter = pick_rewriter(block, match)
         new = rewriter.rewrite(block, match, calls[match.name], context=ctx, prefix=plan.prefix_tokens,
-                               first=(i == 0), topk=config.topk)
+                               first=(i == 0), topk=config.topk, method=config.method)
         _set_module(model, match.name, new)
         new_blocks.append(new)
     model.__dict__["_ltm_context"] = ctx

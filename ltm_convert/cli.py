@@ -147,10 +147,10 @@ CheckpointOpt = Annotated[
         "--checkpoint",
         "-c",
         metavar="FILE",
-        help="Load the base model's weights from a local file (.safetensors, .pt, .bin) "
-        "instead of downloading them.",
+        help="Load the base model's weights from a local state-dict file (.safetensors, or a "
+        "torch file such as .pt / .bin; never unpickled) instead of downloading them.",
         exists=True,
-        dir_okay=True,
+        dir_okay=False,
         readable=True,
     ),
 ]

@@ -28,7 +28,7 @@ class LtmConfig:
     ratio: fraction of the original model's FLOPs the converted model may use (1.0 = no merging).
     input_size: (H, W) the static schedule is solved for; None = the model's own default.
     exclude: block names (or prefixes) to leave untouched.
-    method: the merging block: "ltm" (learnable) or a training-free baseline.
+    method: the mask module: "ltm" (learnable) or a baseline registered in methods.py.
     topk: each merged-away token spreads its mass over its k most similar targets.
     keep: tokens kept per converted block (the solved schedule); filled in by ``convert``.
     """
@@ -51,8 +51,10 @@ class LtmConfig:
             self.input_size = size  # type: ignore[assignment]
         if self.topk < 1:
             raise LtmError(f"topk must be at least 1, got {self.topk}")
-        if self.method not in ("ltm",):
-            raise LtmError(f"unknown method {self.method!r}; use 'ltm'")
+        from ltm_convert.methods import method_names
+
+        if self.method not in method_names():
+            raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -107,8 +107,8 @@ class LtmMask(nn.Module):
         mass = assign * sm.to(weights.dtype).unsqueeze(-1)  # s_i * A_it
         new_sizes = mass.sum(dim=1)  # (B, M')
         merged = (mass.transpose(1, 2).to(zm.dtype) @ zm) / new_sizes.unsqueeze(-1).to(zm.dtype)
-        if record is not None:
-            record.append({"targets": targets, "assign": assign, "prefix": prefix})
+        if record is not None:  # the block put its entry last; add what this module decided
+            record[-1].update(targets=targets, assign=assign, prefix=prefix, sizes_in=sm)
         out = torch.cat([zp, merged], dim=1)
         out_sizes = torch.cat([sp, new_sizes.to(sizes.dtype)], dim=1)
         return out, out_sizes
@@ -131,6 +131,7 @@ class LtmBlock(nn.Module):
                 self.register_buffer(name, value, persistent=False)
         self.ltm_mask = mask
         self.ltm_original_class = type(block).__name__
+        self.ltm_name = ""  # module path in the model, set by the rewriter
         self.ltm_prefix = prefix
         self.ltm_tokens_in = tokens_in  # mergeable + prefix tokens at the planned resolution
         self.ltm_keep = keep  # mergeable tokens kept at the planned resolution
@@ -193,6 +194,9 @@ class LtmBlock(nn.Module):
         n = z.shape[1]
         keep = self.keep_for(n)
         if keep < n - self.ltm_prefix:
-            record = ctx.records if ctx.record else None
+            record = None
+            if ctx.record:
+                ctx.records.append({"block": self.ltm_name, "tokens_in": n})
+                record = ctx.records
             z, ctx.sizes = self.ltm_mask(z, ctx.sizes, self.ltm_prefix, keep, record)
         return split.part_b(self, z, *[values[n] for n in split.b_inputs])

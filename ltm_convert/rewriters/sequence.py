@@ -13,6 +13,7 @@ from torch import nn
 
 from ltm_convert.block_graph import bind_call, split_block
 from ltm_convert.ltm_block import LtmBlock, LtmContext, LtmMask
+from ltm_convert.methods import MaskSpec, mask_factory
 from ltm_convert.tracer import BlockMatch
 
 _KEY_NAMES = ("k_proj", "key", "k", "to_k", "wk")
@@ -86,14 +87,23 @@ class SequenceBlockRewriter:
         return None
 
     def rewrite(self, block: nn.Module, match: BlockMatch, call: tuple[tuple, dict], *, context: LtmContext,
-                prefix: int, first: bool, topk: int = 4, **_: Any) -> LtmBlock:
+                prefix: int, first: bool, topk: int = 4, method: str = "ltm", **_: Any) -> LtmBlock:
         args, kwargs = call
         bound = bind_call(block, args, kwargs)
         split = split_block(block, match.attn_child, bound)
         attn = getattr(block, match.attn_child)
+        spec = MaskSpec(dim=match.dim, block=block, attn=attn, pre_norm=split.pre_norm, first=first, topk=topk)
+        mask = mask_factory(method)(spec)
         param = next(block.parameters())
-        mask = LtmMask(match.dim, metric_dim(attn, match.dim), topk=topk, use_sizes=not first).to(device=param.device, dtype=param.dtype)
-        init_mask(mask, block, attn, split.pre_norm, match.dim)
-        keep = match.tokens - prefix
-        return LtmBlock(block, split, mask, context=context, prefix=prefix, tokens_in=match.tokens,
-                        keep=keep, first=first)
+        mask = mask.to(device=param.device, dtype=param.dtype)
+        new = LtmBlock(block, split, mask, context=context, prefix=prefix, tokens_in=match.tokens,
+                       keep=match.tokens - prefix, first=first)
+        new.ltm_name = match.name
+        return new
+
+
+def build_ltm_mask(spec: MaskSpec) -> LtmMask:
+    """The learnable LTM mask, starting as the block's own key similarity (usable untrained)."""
+    mask = LtmMask(spec.dim, metric_dim(spec.attn, spec.dim), topk=spec.topk, use_sizes=not spec.first)
+    init_mask(mask, spec.block, spec.attn, spec.pre_norm, spec.dim)
+    return mask

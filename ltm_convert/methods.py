@@ -1,0 +1,52 @@
+"""Merging methods: which module decides the merge inside a converted block.
+
+Every method plugs into the same LtmBlock, the same FLOPs-target schedule and the same save/load;
+only the mask module differs. A mask module is called as
+``mask(z, sizes, prefix, keep, record) -> (merged tokens, merged sizes)`` (see ltm_block.LtmMask).
+Methods are named here as "module:function" and imported only when used.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ltm_convert.errors import LtmError
+
+
+@dataclass
+class MaskSpec:
+    """What a mask factory may look at: the block being converted and its position."""
+
+    dim: int
+    block: nn.Module
+    attn: nn.Module
+    pre_norm: str | None
+    first: bool
+    topk: int
+
+
+_METHODS: dict[str, str] = {
+    "ltm": "ltm_convert.rewriters.sequence:build_ltm_mask",
+}
+
+
+def register_method(name: str, target: str | Callable[[MaskSpec], nn.Module]) -> None:
+    """Add a method: ``target`` is a factory or its "module:function" path."""
+    _METHODS[name] = target  # type: ignore[assignment]
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def mask_factory(method: str) -> Callable[[MaskSpec], nn.Module]:
+    if method not in _METHODS:
+        raise LtmError(f"unknown method {method!r}; choose one of {', '.join(method_names())}")
+    target = _METHODS[method]
+    if callable(target):
+        return target
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
