@@ -54,8 +54,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
+    """A timm model built for one fixed resolution is resized to the requested one (timm's own
+    ``set_input_size`` resamples the position embedding), as ``timm.create_model(img_size=...)``
+    would; otherwise a converted model could not run at the size its schedule was solved for."""
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if img_size is None or not hasattr(model, "set_input_size") or not getattr(embed, "strict_img_size", False):
+        return
+    if tuple(img_size) != tuple(size):
+        model.set_input_size(img_size=tuple(size))
+
+
 def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int] | int | None = None,
-            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = 4,
+            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = 0,
             method: str = "ltm", config: LtmConfig | None = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with LTM blocks.
 
@@ -77,6 +89,7 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
             model.ltm_source = source
     size = config.input_size or default_input_size(model)
     config.input_size = tuple(size)  # type: ignore[assignment]
+    _fit_resolution(model, tuple(size))
     was_training = model.training
     model.eval()
 

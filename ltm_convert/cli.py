@@ -23,6 +23,9 @@ from typing import Annotated, Any, Iterator, List, Optional, Tuple
 
 import typer
 
+if __name__ == "__main__":  # `python -m ltm_convert.cli`: the sub-commands import this module by name
+    sys.modules.setdefault("ltm_convert.cli", sys.modules[__name__])
+
 from ltm_convert import __version__
 from ltm_convert.errors import LtmError
 
@@ -521,6 +524,17 @@ class _Buffer(logging.Handler):
             self.messages.append(record.getMessage())
         except Exception:  # noqa: BLE001 - a bad log call must not break the command
             pass
+
+
+def _register_commands() -> None:
+    """finetune, bench, export and visualize live in ltm_convert.commands (one module each)."""
+    from ltm_convert.commands import bench, export, finetune, visualize
+
+    for module in (finetune, bench, export, visualize):
+        module.register(app)
+
+
+_register_commands()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -29,7 +29,7 @@ class LtmConfig:
     input_size: (H, W) the static schedule is solved for; None = the model's own default.
     exclude: block names (or prefixes) to leave untouched.
     method: the mask module: "ltm" (learnable) or a baseline registered in methods.py.
-    topk: each merged-away token spreads its mass over its k most similar targets.
+    topk: each merged-away token spreads its mass over its k most similar targets (0 = all).
     keep: tokens kept per converted block (the solved schedule); filled in by ``convert``.
     """
 
@@ -37,7 +37,7 @@ class LtmConfig:
     input_size: tuple[int, int] | None = None
     exclude: list[str] = field(default_factory=list)
     method: str = "ltm"
-    topk: int = 4
+    topk: int = 0
     keep: dict[str, int] = field(default_factory=dict)
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT
@@ -49,8 +49,8 @@ class LtmConfig:
             if len(size) != 2 or min(size) <= 0:
                 raise LtmError(f"input_size must be two positive integers (H, W), got {self.input_size!r}")
             self.input_size = size  # type: ignore[assignment]
-        if self.topk < 1:
-            raise LtmError(f"topk must be at least 1, got {self.topk}")
+        if self.topk < 0:
+            raise LtmError(f"topk must be 0 (all targets) or positive, got {self.topk}")
         from ltm_convert.methods import method_names
 
         if self.method not in method_names():

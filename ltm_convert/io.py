@@ -121,7 +121,7 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for bad files; all mean the same to a user
             text = str(exc)
-            if "Weights only load failed" in text or "weights_only" in text:
+            if ("Weights only load failed" in text or "weights_only" in text) and _looks_like_torch_file(path):
                 raise LtmError(
                     f"{path} contains pickled Python objects, refusing to load it (it could run code); "
                     "ltm_convert files hold only tensors and JSON"
@@ -170,3 +170,13 @@ def load(path: str | os.PathLike) -> nn.Module:
 def _compare_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict())
     return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save) or a raw pickle stream: only then is "pickled objects" the cause."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"

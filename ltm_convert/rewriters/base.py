@@ -27,6 +27,7 @@ _REGISTRY: list[Rewriter] = []
 
 def register_rewriter(rewriter: Rewriter, *, first: bool = True) -> Rewriter:
     """Add a rewriter; ``first=True`` lets it claim blocks before the ones already registered."""
+    rewriters()  # seed the built-in rewriter first, so registering never hides it
     if first:
         _REGISTRY.insert(0, rewriter)
     else:

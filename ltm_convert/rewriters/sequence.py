@@ -87,7 +87,7 @@ class SequenceBlockRewriter:
         return None
 
     def rewrite(self, block: nn.Module, match: BlockMatch, call: tuple[tuple, dict], *, context: LtmContext,
-                prefix: int, first: bool, topk: int = 4, method: str = "ltm", **_: Any) -> LtmBlock:
+                prefix: int, first: bool, topk: int = 0, method: str = "ltm", **_: Any) -> LtmBlock:
         args, kwargs = call
         bound = bind_call(block, args, kwargs)
         split = split_block(block, match.attn_child, bound)

@@ -1,0 +1,196 @@
+"""`ltm-convert bench MODEL_OR_FILE [--ratio R ...] [--method M ...] [--batch-size B ...] [--json]`.
+
+Wire into the CLI with ``register(app)``. The measuring lives in :mod:`ltm_convert.bench`; errors a
+user can fix are :class:`LtmError` (one line, exit 2) through the CLI's own ``main``.
+"""
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, List, Optional
+
+import typer
+
+from ltm_convert.errors import LtmError
+
+BENCH_EPILOG = """\
+[bold]Examples[/bold]
+
+  ltm-convert bench bundled --ratio 0.8 --ratio 0.5 --method ltm --method tome
+
+  ltm-convert bench out/dinov2_s_ltm.pt --batch-size 1 --batch-size 32 --json
+
+  ltm-convert bench vit_small_patch16_224 --no-pretrained -r 0.65 -m ltm -m tofu -m ltmp -b 8 --repeats 3
+
+  ltm-convert bench bundled -r 0.5 --device cuda --dtype bf16 --compile
+"""
+
+DEFAULT_BENCH_RATIOS = (0.8, 0.65, 0.5)
+
+
+def _ratios(values: Optional[List[str]]) -> Optional[List[float]]:
+    if not values:
+        return None
+    from ltm_convert.config import validate_ratio
+
+    try:
+        return [validate_ratio(v) for v in values]
+    except LtmError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _methods(values: Optional[List[str]]) -> Optional[List[str]]:
+    if not values:
+        return None
+    from ltm_convert.methods import method_names
+
+    known = method_names()
+    for v in values:
+        if v not in known:
+            raise typer.BadParameter(f"unknown method {v!r}; choose one of {', '.join(known)}")
+    return list(dict.fromkeys(values))
+
+
+def _batches(values: Optional[List[int]]) -> Optional[List[int]]:
+    if not values:
+        return None
+    if any(v < 1 for v in values):
+        raise typer.BadParameter("batch sizes must be positive")
+    return sorted(set(values))
+
+
+def _is_saved(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "ltm_config.json").is_file()
+    return path.suffix in (".pt", ".pth")
+
+
+def unmerged_copy(model: Any) -> Any:
+    """A copy of a converted model that merges nothing: the original computation with its weights."""
+    from ltm_convert.api import ltm_blocks
+    from ltm_convert.schedule import apply_fraction
+
+    original = copy.deepcopy(model)
+    plan = original.ltm_plan
+    apply_fraction([b for _, b in ltm_blocks(original)], 1.0, plan.num_tokens, plan.prefix_tokens)
+    return original
+
+
+def load_models(target: str, *, ratios: Optional[List[float]], methods: Optional[List[str]], no_pretrained: bool,
+                checkpoint: Optional[Path], input_size: Optional[tuple], log=None) -> tuple[Any, dict[str, Any]]:
+    """(original, {name: converted}). A saved file is compared with itself with merging switched off."""
+    path = Path(target)
+    if _is_saved(path):
+        if not path.exists():
+            raise LtmError(f"no such file or directory: {target}")
+        ignored = [flag for flag, given in (("--ratio", bool(ratios)), ("--method", bool(methods)),
+                                            ("--no-pretrained", no_pretrained), ("--checkpoint", checkpoint is not None),
+                                            ("--input-size", input_size is not None)) if given]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
+                          UserWarning, stacklevel=1)
+        from ltm_convert.io import load
+
+        model = load(str(path))
+        config = model.ltm_config
+        return unmerged_copy(model), {f"{config.method}@{config.ratio:g}": model}
+    from ltm_convert.bench import convert_all
+    from ltm_convert.sources import load_model
+
+    base = load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None)
+    converted = convert_all(base, ratios or DEFAULT_BENCH_RATIOS, methods or ["ltm"], input_size=input_size, log=log)
+    return base, converted
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    console.print(f"{result['device']}, {result['dtype']}, torch {result['torch']}"
+                  f"{', torch.compile' if result['compile'] else ''}, input {result['input_size'][0]}x"
+                  f"{result['input_size'][1]}, median of {result['repeats']} paired repeats")
+    table = Table(title_justify="left")
+    for col in ("model", "FLOPs ratio", "1/FLOPs", "params added", "cosine"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for b in result["batches"]:
+        table.add_column(f"b{b} ms", justify="right")
+        table.add_column(f"b{b} im/s", justify="right")
+        table.add_column(f"b{b} speed-up", justify="right")
+    orig = result["original"]
+    cells = ["original", "1.000", "1.00x", "0", "1.0000"]
+    for b in result["batches"]:
+        t = orig["timing"][str(b)]
+        cells += [f"{t['latency_ms']:.1f}", f"{t['throughput']:.1f}", "1.00x"]
+    table.add_row(*cells)
+    for row in result["models"]:
+        cos = f"{row['cosine_mean']:.4f}" if "cosine_mean" in row else "-"
+        cells = [row["name"], f"{row['flops_ratio']:.3f}", f"{row['ideal_speedup']:.2f}x",
+                 f"{row['params_added']:,}", cos]
+        for b in result["batches"]:
+            t = row["timing"][str(b)]
+            cells += [f"{t['latency_ms']:.1f}", f"{t['throughput']:.1f}", f"{t['speedup']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    from ltm_convert import cli as _cli
+
+    @app.command(epilog=BENCH_EPILOG, no_args_is_help=True)
+    def bench(
+        target: Annotated[str, typer.Argument(
+            metavar="MODEL_OR_FILE",
+            help="A saved LTM model (.pt or a directory; compared with itself with merging off), or a model "
+                 "source as for convert (converted in memory once per --ratio and --method).", show_default=False)],
+        ratio: Annotated[Optional[List[str]], typer.Option(
+            "--ratio", "-r", metavar="R", callback=_ratios, show_default=False,
+            help="FLOPs fraction(s) to convert at; repeatable. Default 0.8, 0.65 and 0.5.")] = None,
+        method: Annotated[Optional[List[str]], typer.Option(
+            "--method", "-m", metavar="M", callback=_methods, show_default=False,
+            help="Merge method(s): ltm, tome, tofu, ltmp; repeatable. Default ltm.")] = None,
+        batch_size: Annotated[Optional[List[int]], typer.Option(
+            "--batch-size", "-b", metavar="B", callback=_batches, show_default=False,
+            help="Batch size(s) to time; repeatable. Default 1, 8, 32 (and 256 on GPU).")] = None,
+        repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats per batch size (medians).")] = 5,
+        warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs per model and batch size.")] = 1,
+        device: Annotated[Optional[str], typer.Option(
+            "--device", metavar="DEV", help="cpu or cuda[:N] (default: cuda if available).")] = None,
+        dtype: Annotated[Optional[str], typer.Option(
+            "--dtype", metavar="bf16|fp16|fp32", help="Autocast dtype on GPU (default bf16); CPU runs fp32.")] = None,
+        compile: Annotated[bool, typer.Option(
+            "--compile", help="Time torch.compile(fullgraph=True) versions of both models.")] = False,
+        no_images: Annotated[bool, typer.Option(
+            "--no-agreement", help="Skip the agreement column (cosine with the original on real photos).")] = False,
+        no_pretrained: _cli.NoPretrainedOpt = False,
+        checkpoint: _cli.CheckpointOpt = None,
+        input_size: _cli.InputSizeOpt = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")] = False,
+    ) -> None:
+        """Measure FLOPs, parameters, latency, throughput and agreement of converted models against the original."""
+        if dtype is not None and dtype.lower() not in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+            raise typer.BadParameter(f"expected bf16, fp16 or fp32, got {dtype!r}", param_hint="--dtype")
+        with _cli._quiet_stdout(json_out):
+            from ltm_convert.bench import benchmark, real_images
+            from ltm_convert.model_inputs import default_input_size
+
+            def log(msg: str) -> None:
+                _cli._say(msg, json_out)
+
+            _cli._say(f"loading {target} ...", json_out)
+            original, converted = load_models(target, ratios=ratio, methods=method, no_pretrained=no_pretrained,
+                                              checkpoint=checkpoint, input_size=input_size, log=log)
+            images = None
+            if not no_images:
+                first = next(iter(converted.values()))
+                size = tuple(first.ltm_config.input_size or default_input_size(original))
+                try:
+                    images = real_images(size[0]) if size[0] == size[1] else None
+                except LtmError as exc:
+                    warnings.warn(f"{exc}; agreement column skipped", UserWarning, stacklevel=1)
+            result = benchmark(original, converted, batches=batch_size, repeats=repeats, warmup=warmup,
+                               device=device, dtype=dtype, compile=compile, images=images, log=log)
+        if json_out:
+            _cli._emit_json(result)
+            return
+        render(result)

@@ -1,0 +1,115 @@
+"""`ltm-convert export MODEL_OR_FILE -o OUT.onnx [--ratio R] [--method M] [--opset N]`.
+
+Wire into the CLI with ``register(app)``. The export and the onnxruntime check live in
+:mod:`ltm_convert.export`; errors a user can fix are :class:`LtmError` (one line, exit 2).
+"""
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ltm_convert.errors import LtmError
+
+EXPORT_EPILOG = """\
+[bold]Examples[/bold]
+
+  ltm-convert export out/dinov2_s_ltm.pt -o dinov2_s_ltm.onnx
+
+  ltm-convert export bundled --ratio 0.5 --method tome -o tome.onnx
+
+  ltm-convert export vit_small_patch16_224 --no-pretrained -r 0.7 -o vit.onnx --no-verify --json
+"""
+
+
+def _is_saved(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "ltm_config.json").is_file()
+    return path.suffix in (".pt", ".pth")
+
+
+def load_converted(target: str, *, ratio: Optional[float], method: Optional[str], no_pretrained: bool,
+                   checkpoint: Optional[Path], input_size: Optional[tuple]) -> Any:
+    path = Path(target)
+    if _is_saved(path):
+        if not path.exists():
+            raise LtmError(f"no such file or directory: {target}")
+        ignored = [flag for flag, given in (("--ratio", ratio is not None), ("--method", method is not None),
+                                            ("--no-pretrained", no_pretrained), ("--checkpoint", checkpoint is not None),
+                                            ("--input-size", input_size is not None)) if given]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
+                          UserWarning, stacklevel=1)
+        from ltm_convert.io import load
+
+        return load(str(path))
+    from ltm_convert.api import convert
+    from ltm_convert.cli import DEFAULT_RATIO
+    from ltm_convert.sources import load_model
+
+    base = load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None)
+    return convert(base, DEFAULT_RATIO if ratio is None else ratio, method=method or "ltm", input_size=input_size)
+
+
+def register(app: typer.Typer) -> None:
+    from ltm_convert import cli as _cli
+
+    def _method(value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        from ltm_convert.methods import method_names
+
+        if value not in method_names():
+            raise typer.BadParameter(f"unknown method {value!r}; choose one of {', '.join(method_names())}")
+        return value
+
+    @app.command(epilog=EXPORT_EPILOG, no_args_is_help=True)
+    def export(
+        target: Annotated[str, typer.Argument(
+            metavar="MODEL_OR_FILE",
+            help="A saved LTM model (.pt or a directory), or a model source as for convert (converted in "
+                 "memory at --ratio with --method first).", show_default=False)],
+        output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.onnx", help="Where to write the ONNX file.")],
+        ratio: _cli.RatioOpt = None,
+        method: Annotated[Optional[str], typer.Option(
+            "--method", "-m", metavar="M", callback=_method,
+            help="Merge method when converting: ltm (default), tome, tofu, ltmp.")] = None,
+        opset: Annotated[int, typer.Option("--opset", min=16, help="ONNX opset (>= 16 for ScatterElements add).")] = 17,
+        static_batch: Annotated[bool, typer.Option(
+            "--static-batch", help="Fix the batch dimension (default: dynamic batch).")] = False,
+        verify: Annotated[bool, typer.Option(
+            "--verify/--no-verify", help="Run the file with onnxruntime and compare with PyTorch (default on).")] = True,
+        no_pretrained: _cli.NoPretrainedOpt = False,
+        checkpoint: _cli.CheckpointOpt = None,
+        input_size: _cli.InputSizeOpt = None,
+        json_out: _cli.JsonOpt = False,
+    ) -> None:
+        """Export a converted model to ONNX (static token schedule, dynamic batch) and verify it with onnxruntime."""
+        if output.suffix != ".onnx":
+            raise typer.BadParameter(f"the file name must end in .onnx, got {str(output)!r}", param_hint="--output")
+        with _cli._quiet_stdout(json_out):
+            from ltm_convert.export import export_onnx, verify_onnx
+
+            _cli._say(f"loading {target} ...", json_out)
+            model = load_converted(target, ratio=ratio, method=method, no_pretrained=no_pretrained,
+                                   checkpoint=checkpoint, input_size=input_size)
+            _cli._say(f"exporting to {output} (opset {opset}) ...", json_out)
+            path = export_onnx(model, output, opset=opset, dynamic_batch=not static_batch)
+            info: dict[str, Any] = {"output": str(path), "opset": opset, "dynamic_batch": not static_batch,
+                                    "method": model.ltm_config.method, "ratio": model.ltm_config.ratio,
+                                    "input_size": list(model.ltm_config.input_size)}
+            if verify:
+                check = verify_onnx(model, path, batch=2 if static_batch else None)
+                info["verify"] = check
+                if not check["ok"]:
+                    raise LtmError(f"the exported model differs from PyTorch (max abs diff {check['max_abs_diff']:.3g}, "
+                                   f"cosine {check['cosine_min']:.6f}); {path} was written anyway")
+        if json_out:
+            _cli._emit_json(info)
+            return
+        msg = f"wrote {path}"
+        if verify:
+            msg += (f"; onnxruntime matches PyTorch (max abs diff {info['verify']['max_abs_diff']:.2e}, "
+                    f"batch {info['verify']['batch']})")
+        _cli._say(msg, json_out)

@@ -1,0 +1,327 @@
+"""Datasets for fine-tuning: an ImageFolder-style directory, the offline Fashion-MNIST idx files,
+or a local HuggingFace ``datasets`` directory (``save_to_disk``), with a deterministic,
+resumable sampler that also shards across DDP ranks.
+
+Every dataset returns ``(image tensor (3, H, W) normalised with the model's mean/std, label)``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, DistributedSampler, Subset
+
+from ltm_convert.errors import LtmError
+
+FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
+FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle boot"]
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def model_normalisation(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's own mean/std (timm pretrained_cfg, HF config), else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("mean") and cfg.get("std"):
+        return tuple(cfg["mean"]), tuple(cfg["std"])
+    config = getattr(model, "config", None)
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    if mean and std:
+        return tuple(mean), tuple(std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+class Preprocess:
+    """uint8/float image (H, W[, C]) or (C, H, W) -> normalised (3, size) float tensor."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = tuple(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, arr: np.ndarray) -> torch.Tensor:
+        a = np.asarray(arr)
+        if a.ndim == 2:
+            a = a[..., None]
+        t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float()
+        if a.dtype == np.uint8:
+            t = t / 255.0
+        if t.shape[0] == 1:
+            t = t.expand(3, -1, -1)
+        elif t.shape[0] == 4:
+            t = t[:3]
+        if tuple(t.shape[-2:]) != self.size:
+            t = F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False,
+                              antialias=True)[0].clamp(0, 1)
+        return (t - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST (Debian package dataset-fashion-mnist)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise LtmError(f"cannot read {path} ({exc}); reinstall dataset-fashion-mnist") from None
+    if len(data) < 4:
+        raise LtmError(f"{path} is not an idx file")
+    _, _, dtype_code, ndim = struct.unpack(">BBBB", data[:4])
+    if dtype_code != 0x08:
+        raise LtmError(f"{path}: only unsigned-byte idx files are supported")
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise LtmError(f"{path} is truncated ({arr.size} of {int(np.prod(dims))} bytes)")
+    return arr.reshape(dims)
+
+
+def fashion_mnist_available(root: Path | None = None) -> bool:
+    root = root or FASHION_MNIST_DIR
+    return all((root / f"{s}-{k}-ubyte.gz").is_file() for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
+
+
+class ArrayDataset(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Preprocess, classes: list[str]) -> None:
+        self.images, self.labels, self.transform, self.classes = images, labels, transform, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), int(self.labels[i])
+
+
+def fashion_mnist(split: str, transform: Preprocess, root: Path | None = None) -> ArrayDataset:
+    root = root or FASHION_MNIST_DIR
+    if not fashion_mnist_available(root):
+        raise LtmError(f"Fashion-MNIST is not installed under {root}; run scripts/setup_data.sh "
+                       "(apt-get install -y dataset-fashion-mnist)")
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    return ArrayDataset(images, labels, transform, list(FASHION_MNIST_CLASSES))
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+class ImageFolder(Dataset):
+    """root/<class>/<image>. Unreadable images are found up front (PIL verify) and skipped; an
+    image that still fails to decode later is replaced by the next good one and counted."""
+
+    def __init__(self, root: Path, transform: Preprocess, classes: list[str] | None = None) -> None:
+        from PIL import Image
+
+        self.root, self.transform = Path(root), transform
+        if not self.root.is_dir():
+            raise LtmError(f"no such data directory: {self.root}")
+        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not found:
+            raise LtmError(f"{self.root} has no class folders; expected {self.root}/<class>/<image files>")
+        self.classes = classes or found
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples: list[tuple[Path, int]] = []
+        self.skipped: list[str] = []
+        empty = []
+        for c in found:
+            if c not in index:
+                raise LtmError(f"{self.root}/{c} is not one of the training classes; train and val must have the same class folders")
+            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            good = 0
+            for p in files:
+                try:
+                    with Image.open(p) as im:
+                        im.verify()
+                except Exception:  # noqa: BLE001 - any decoder error means a bad file
+                    self.skipped.append(str(p))
+                    continue
+                self.samples.append((p, index[c]))
+                good += 1
+            if good == 0:
+                empty.append(c)
+        if empty:
+            raise LtmError(f"class folder(s) {', '.join(empty[:3])} in {self.root} have no readable images; "
+                           "add images or remove the folder")
+        self.late_failures = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                return self.transform(self._load(path)), label
+            except Exception:  # noqa: BLE001
+                self.late_failures += 1
+        raise LtmError(f"no image in {self.root} can be decoded")
+
+
+# --------------------------------------------------------------------------------------------
+# HF datasets directory
+
+
+class HFDiskDataset(Dataset):
+    def __init__(self, ds: Any, transform: Preprocess, image_key: str, label_key: str) -> None:
+        self.ds, self.transform, self.image_key, self.label_key = ds, transform, image_key, label_key
+        feat = ds.features.get(label_key)
+        names = getattr(feat, "names", None)
+        self.classes = list(names) if names else [str(i) for i in range(int(max(ds[label_key])) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.ds[int(i)]
+        im = row[self.image_key]
+        arr = np.asarray(im.convert("RGB")) if hasattr(im, "convert") else np.asarray(im)
+        return self.transform(arr), int(row[self.label_key])
+
+
+def _hf_splits(root: Path, transform: Preprocess) -> dict[str, HFDiskDataset]:
+    try:
+        import datasets
+    except ImportError:
+        raise LtmError(f"{root} is a HuggingFace datasets directory; pip install datasets to read it") from None
+    obj = datasets.load_from_disk(str(root))
+    splits = dict(obj) if isinstance(obj, datasets.DatasetDict) else {"train": obj}
+    out = {}
+    for name, ds in splits.items():
+        image_key = next((k for k in ("image", "img", "pixel_values") if k in ds.column_names), None)
+        label_key = next((k for k in ("label", "labels", "fine_label") if k in ds.column_names), None)
+        if image_key is None or label_key is None:
+            raise LtmError(f"{root} split {name!r} needs an image and a label column, has {ds.column_names}")
+        out[name] = HFDiskDataset(ds, transform, image_key, label_key)
+    return out
+
+
+def _is_hf_dir(root: Path) -> bool:
+    return (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    skipped: int  # unreadable images skipped
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(ds, idx.tolist())
+
+
+def _split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    n = len(ds)
+    n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(ds, sorted(perm[n_val:])), Subset(ds, sorted(perm[:n_val]))
+
+
+def build_data(spec: str | os.PathLike, model: Any, *, input_size: tuple[int, int], val_fraction: float = 0.1,
+               train_samples: int | None = None, val_samples: int | None = None, seed: int = 0) -> DataBundle:
+    """``spec``: 'fashion-mnist', an ImageFolder dir (with train/ and val/ inside, or one folder
+    that is split), or a local HF datasets dir."""
+    mean, std = model_normalisation(model)
+    tf = Preprocess(input_size, mean, std)
+    skipped = 0
+    if str(spec).lower() in FASHION_MNIST_NAMES:
+        train, val = fashion_mnist("train", tf), fashion_mnist("test", tf)
+        classes = train.classes
+    else:
+        root = Path(spec)
+        if not root.exists():
+            raise LtmError(f"no such data directory: {root} (give an ImageFolder dir, a HF datasets dir, or 'fashion-mnist')")
+        if not root.is_dir():
+            raise LtmError(f"{root} is a file; --data needs a directory or 'fashion-mnist'")
+        if _is_hf_dir(root):
+            splits = _hf_splits(root, tf)
+            train = splits.get("train") or next(iter(splits.values()))
+            val_ds = splits.get("validation") or splits.get("val") or splits.get("test")
+            if val_ds is None:
+                train, val = _split(train, val_fraction, seed)
+                classes = train.dataset.classes
+            else:
+                val, classes = val_ds, train.classes
+        elif (root / "train").is_dir():
+            train = ImageFolder(root / "train", tf)
+            val_dir = next((root / d for d in ("val", "validation", "test") if (root / d).is_dir()), None)
+            val = ImageFolder(val_dir, tf, classes=train.classes) if val_dir else None
+            skipped = len(train.skipped) + (len(val.skipped) if val is not None else 0)
+            classes = train.classes
+            if val is None:
+                train, val = _split(train, val_fraction, seed)
+        else:
+            full = ImageFolder(root, tf)
+            skipped, classes = len(full.skipped), full.classes
+            train, val = _split(full, val_fraction, seed)
+    train = _subset(train, train_samples, seed)
+    val = _subset(val, val_samples, seed + 1)
+    if len(train) == 0:
+        raise LtmError(f"{spec} has no training images")
+    return DataBundle(train=train, val=val, classes=classes, skipped=skipped)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (seeded shuffle per epoch, rank-sharded) that can start mid-epoch.
+
+    With drop_last the per-step union over ranks of per-rank batches equals one process's batch
+    of the same global size, so 1-process and N-process runs see the same samples per step.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, batch_size: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size  # per rank
+        self.start_step = 0
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.set_epoch(epoch)
+        self.start_step = step
+
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_step * self.batch_size:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start_step * self.batch_size)
+
+
+def shard(ds: Dataset, rank: int, world: int) -> Dataset:
+    """Evaluation shard without padding (counts are summed across ranks afterwards)."""
+    if world <= 1:
+        return ds
+    return Subset(ds, list(range(rank, len(ds), world)))

@@ -1,0 +1,473 @@
+"""The fine-tuning loop: distillation from the frozen original + CE + IB, one process or DDP.
+
+Exactness: the data order is a function of (seed, epoch); checkpoints are taken at step
+boundaries and hold every piece of state the next step reads (weights, optimizer, scheduler,
+scaler, EMA, IB statistics, RNG, data position), so a run resumed from a checkpoint reaches the
+same weights as one that never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ltm_convert.errors import LtmError
+from ltm_convert.finetune import checkpoint as ckpt
+from ltm_convert.finetune import distributed as D
+from ltm_convert.finetune.data import DataBundle, ResumableSampler, shard
+from ltm_convert.finetune.losses import IBLoss, distill, pool_tokens
+from ltm_convert.model_inputs import call_kwargs, main_output
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: float = 1.0
+    batch_size: int = 32  # global: split evenly over ranks
+    lr: float = 1e-4  # for the non-mask weights with --train all
+    mask_lr: float = 1e-4  # ltm_* parameters (no weight decay)
+    weight_decay: float = 0.05
+    warmup: float = 0.1  # fraction of all steps with linear warm-up
+    min_lr_ratio: float = 0.01
+    clip_grad: float | None = 1.0
+    amp: str = "auto"  # auto | none | bf16 | fp16
+    train: str = "mask"  # mask | all
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    ib_weight: float = 0.1
+    ib_warmup: float = 0.3  # IB term switched on after this fraction of the steps
+    ib_clusters: int = 64
+    ib_beta: float = 1.0
+    ema: float | None = None  # EMA decay, e.g. 0.999
+    # substrings of parameter names kept frozen. Default: the keep score (kappa, size weight), whose
+    # straight-through gradient made teacher agreement worse on the bundled ViT-S at every lr tried
+    # (benchmarks/bench_finetune.py); pass () to train every ltm_ parameter.
+    freeze: tuple[str, ...] = ("ltm_mask.kappa", "ltm_mask.size_weight")
+    seed: int = 0
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    save_every: int = 50  # steps; also at the end of each epoch
+    log_every: int = 10
+    eval_before: bool = True
+    num_workers: int = 0
+    progress: bool = True
+    device: str | None = None
+
+    def validate(self) -> None:
+        if self.train not in ("mask", "all"):
+            raise LtmError(f"--train must be 'mask' or 'all', got {self.train!r}")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise LtmError(f"--amp must be auto, none, bf16 or fp16, got {self.amp!r}")
+        if self.epochs <= 0:
+            raise LtmError(f"--epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise LtmError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.lr < 0 or self.mask_lr < 0:
+            raise LtmError("learning rates must be >= 0")
+        if not 0 <= self.warmup < 1 or not 0 <= self.ib_warmup <= 1:
+            raise LtmError("--warmup and --ib-warmup are fractions of training in [0, 1)")
+
+
+def is_ltm_name(name: str) -> bool:
+    return any(part.startswith("ltm_") for part in name.split("."))
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+def head_module(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001
+            head = None
+        if isinstance(head, nn.Module):
+            return head
+    for name in ("classifier", "head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def has_logits(model: nn.Module) -> bool:
+    head = head_module(model)
+    return head is not None and not isinstance(head, nn.Identity) and any(True for _ in head.parameters())
+
+
+class FeatureTap:
+    """Runs the model and returns (main output, pooled final feature = the head's input)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.captured: torch.Tensor | None = None
+        head = head_module(model)
+        self.handle = head.register_forward_pre_hook(self._hook) if head is not None else None
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self.captured = args[0]
+
+    def __call__(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.captured = None
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        args, kwargs = call_kwargs(inner, images)  # DDP forwards them to the wrapped model
+        out = main_output(model(*args, **kwargs))
+        feat = self.captured if self.captured is not None else out
+        self.captured = None
+        return out, pool_tokens(feat)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """The original model: a frozen copy of the converted one with merging switched off
+    (ratio 1.0 reproduces the original outputs exactly)."""
+    from ltm_convert.api import ltm_blocks
+    from ltm_convert.schedule import apply_fraction
+
+    teacher = copy.deepcopy(student)
+    plan = teacher.ltm_plan
+    apply_fraction([b for _, b in ltm_blocks(teacher)], 1.0, plan.num_tokens, plan.prefix_tokens)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    mask, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if any(pat and pat in name for pat in cfg.freeze):
+            p.requires_grad_(False)
+        elif is_ltm_name(name):
+            p.requires_grad_(True)
+            mask.append(p)
+        elif cfg.train == "all":
+            p.requires_grad_(True)
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        else:
+            p.requires_grad_(False)
+    if not mask:
+        raise LtmError("the model has no ltm_ parameters to train; convert it first (ratio < 1 with the 'ltm' method)")
+    groups = [{"params": mask, "lr": cfg.mask_lr, "weight_decay": 0.0, "name": "ltm"}]
+    if decay:
+        groups.append({"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def amp_settings(cfg: FinetuneConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    if mode == "none":
+        return False, torch.float32
+    return True, torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+class Ema:
+    """Exponential moving average of the trainable weights (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for (_, e), (_, p) in zip(self.model.state_dict().items(), model.state_dict().items()):
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+            else:
+                e.copy_(p)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, student: nn.Module, data: DataBundle, cfg: FinetuneConfig, workdir: Path,
+                 teacher: nn.Module | None = None) -> None:
+        cfg.validate()
+        self.cfg, self.data, self.workdir = cfg, data, Path(workdir)
+        self.dist = D.setup(cfg.device)
+        dev = self.dist.device
+        torch.manual_seed(cfg.seed)
+        self.student = student.to(dev)
+        self.teacher = (teacher or make_teacher(student)).to(dev).eval()
+        self.logits = has_logits(self.student)
+        self.labelled = data.num_classes >= 2
+        out_dim = None
+        if self.logits:
+            head = head_module(self.student)
+            out_dim = getattr(head, "out_features", None)
+        self.use_ce = cfg.ce_weight > 0 and self.labelled and self.logits and out_dim == data.num_classes
+        self.use_ib = cfg.ib_weight > 0 and self.labelled
+        self.ib = IBLoss(data.num_classes, clusters=cfg.ib_clusters, beta=cfg.ib_beta, seed=cfg.seed).to(dev) \
+            if self.use_ib else None
+        self.tap_s, self.tap_t = FeatureTap(self.student), FeatureTap(self.teacher)
+
+        world = self.dist.world
+        if cfg.batch_size % world:
+            raise LtmError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        self.per_rank = cfg.batch_size // world
+        self.sampler = ResumableSampler(data.train, num_replicas=world, rank=self.dist.rank, seed=cfg.seed,
+                                        batch_size=self.per_rank)
+        self.steps_per_epoch = self.sampler.steps_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise LtmError(f"{len(data.train)} training images give no full batch of {cfg.batch_size}; lower --batch-size")
+        total = int(math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.ib_start = int(cfg.ib_warmup * total)
+
+        self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg), betas=(0.9, 0.999))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total, int(cfg.warmup * total), cfg.min_lr_ratio))
+        self.amp, self.amp_dtype = amp_settings(cfg, dev)
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp and self.amp_dtype == torch.float16)
+        self.ema = Ema(self.student, cfg.ema) if cfg.ema else None
+        self.model: nn.Module = self.student
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.state = RunState()
+        self.ckpt_path = self.workdir / "checkpoint.pt"
+        self.log_path = self.workdir / "log.jsonl"
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        self.state.history.append(record)
+        if self.dist.main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def save(self) -> None:
+        if self.dist.main:
+            ckpt.save_checkpoint(self.ckpt_path, {
+                "fingerprint": ckpt.fingerprint(self.student),
+                "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.model.state_dict() if self.ema else None,
+                "ib": self.ib.state_dict() if self.ib is not None else None,
+                "rng": ckpt.rng_state(),
+                "position": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+                             "global_step": self.state.global_step},
+                "config": json.dumps(asdict(self.cfg)),
+            })
+        D.barrier()
+
+    def resume(self, path: Path | None = None) -> bool:
+        path = Path(path) if path else self.ckpt_path
+        data = ckpt.load_checkpoint(path, self.student)
+        self.student.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self.scaler.load_state_dict(data["scaler"])
+        if self.ema is not None and data.get("ema") is not None:
+            self.ema.model.load_state_dict(data["ema"])
+        if self.ib is not None and data.get("ib") is not None:
+            self.ib.load_state_dict(data["ib"])
+        ckpt.set_rng_state(data["rng"])
+        pos = data["position"]
+        self.state.epoch, self.state.step_in_epoch, self.state.global_step = (
+            int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"]))
+        if self.dist.main and self.log_path.is_file():  # drop log lines written after the checkpoint
+            keep = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if int(rec.get("step", 0)) <= self.state.global_step:
+                    keep.append(line)
+            self.log_path.write_text("".join(k + "\n" for k in keep))
+        D.barrier()
+        return True
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def losses(self, images: torch.Tensor, labels: torch.Tensor, *, update_ib: bool = True,
+               step: int | None = None) -> dict[str, torch.Tensor]:
+        step = self.state.global_step if step is None else step
+        with torch.no_grad(), self._autocast():
+            t_out, t_feat = self.tap_t(self.teacher, images)
+        with self._autocast():
+            s_out, s_feat = self.tap_s(self.model, images)
+        parts = {"kd": distill(s_out.float(), t_out.float(), logits=self.logits, temperature=self.cfg.temperature)}
+        loss = self.cfg.kd_weight * parts["kd"]
+        if self.use_ce:
+            parts["ce"] = F.cross_entropy(s_out.float(), labels)
+            loss = loss + self.cfg.ce_weight * parts["ce"]
+        if self.ib is not None:
+            if not self.ib.ready:
+                self.ib.update(s_feat, t_feat, labels)
+            ib, term_x = self.ib(s_feat.float(), t_feat.float(), labels)
+            parts["ib"], parts["ib_term_x"] = ib, term_x
+            if step >= self.ib_start:
+                loss = loss + self.cfg.ib_weight * ib
+            if update_ib:
+                self.ib.update(s_feat, t_feat, labels)
+        parts["loss"] = loss
+        return parts
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        self.model.train()
+        parts = self.losses(images, labels)
+        loss = parts["loss"]
+        if D.any_flag(not bool(torch.isfinite(loss.detach())), self.dist.device):
+            raise self._nan_error("loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if not self.scaler.is_enabled() and D.any_flag(not bool(torch.isfinite(norm)), self.dist.device):
+            raise self._nan_error("gradient")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.student)
+        out = {k: float(v.detach()) for k, v in parts.items()}
+        out["grad_norm"] = float(norm)
+        return out
+
+    def _nan_error(self, what: str) -> LtmError:
+        where = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
+                 else "no checkpoint was written yet")
+        return LtmError(f"the {what} became NaN/inf at step {self.state.global_step} (epoch {self.state.epoch}); "
+                        f"training stopped; {where}; lower --lr/--mask-lr or turn off --amp")
+
+    # -- eval -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        model = model or self.student
+        model.eval()
+        tap = self.tap_s if model is self.student else FeatureTap(model)
+        ds = shard(self.data.val, self.dist.rank, self.dist.world)
+        loader = DataLoader(ds, batch_size=max(1, self.per_rank), shuffle=False, num_workers=self.cfg.num_workers)
+        sums = torch.zeros(6, dtype=torch.float64)
+        for images, labels in loader:
+            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+            with self._autocast():
+                t_out, _ = self.tap_t(self.teacher, images)
+                s_out, _ = tap(model, images)
+            s_out, t_out = s_out.float(), t_out.float()
+            kd = distill(s_out, t_out, logits=self.logits, temperature=self.cfg.temperature)
+            n = images.shape[0]
+            if self.logits:
+                agree = (s_out.argmax(-1) == t_out.argmax(-1)).sum()
+            else:
+                agree = F.cosine_similarity(pool_tokens(s_out), pool_tokens(t_out), dim=-1).sum()
+            acc = t_acc = torch.tensor(0.0)
+            if self.use_ce:
+                acc = (s_out.argmax(-1) == labels).sum()
+                t_acc = (t_out.argmax(-1) == labels).sum()
+            sums += torch.tensor([n, float(agree), float(kd) * n, float(acc), float(t_acc), 0.0], dtype=torch.float64)
+        sums = D.all_reduce_sum(sums.to(self.dist.device)).cpu()
+        n = max(1.0, float(sums[0]))
+        out = {"agreement": float(sums[1]) / n, "agreement_kind": "top1" if self.logits else "cosine",
+               "kd": float(sums[2]) / n, "val_images": int(sums[0])}
+        if self.use_ce:
+            out["accuracy"], out["teacher_accuracy"] = float(sums[3]) / n, float(sums[4]) / n
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, on_step: Callable[["Trainer", dict], None] | None = None) -> list[dict[str, Any]]:
+        cfg, st = self.cfg, self.state
+        if cfg.eval_before and st.global_step == 0:
+            self._log({"type": "eval", "epoch": 0, "step": 0, "when": "before", **self.evaluate()})
+        n_epochs = int(math.ceil(self.total_steps / self.steps_per_epoch))
+        progress = self._progress()
+        task = progress.add_task("finetune", total=self.total_steps, completed=st.global_step) if progress else None
+        t0, seen = time.perf_counter(), 0
+        try:
+            while st.global_step < self.total_steps and st.epoch < n_epochs:
+                self.sampler.set_position(st.epoch, st.step_in_epoch)
+                loader = DataLoader(self.data.train, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
+                                    num_workers=cfg.num_workers)
+                for images, labels in loader:
+                    if st.global_step >= self.total_steps:
+                        break
+                    images, labels = images.to(self.dist.device), labels.to(self.dist.device)
+                    rec = self.train_step(images, labels)
+                    st.global_step += 1
+                    st.step_in_epoch += 1
+                    seen += images.shape[0] * self.dist.world
+                    rate = seen / max(1e-9, time.perf_counter() - t0)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if progress:
+                        progress.update(task, advance=1, description=f"ep {st.epoch + 1}/{n_epochs} loss {rec['loss']:.4f} "
+                                        f"lr {lr:.2e} {rate:.1f} img/s")
+                    if st.global_step % max(1, cfg.log_every) == 0 or st.global_step == 1:
+                        self._log({"type": "train", "epoch": st.epoch + 1, "step": st.global_step, "lr": lr,
+                                   "img_s": rate, **rec})
+                    if on_step is not None:
+                        on_step(self, rec)
+                    if cfg.save_every and st.global_step % cfg.save_every == 0:
+                        self.save()
+                finished_epoch = st.step_in_epoch >= self.steps_per_epoch
+                if finished_epoch:
+                    st.epoch += 1
+                    st.step_in_epoch = 0
+                self._log({"type": "eval", "epoch": st.epoch if finished_epoch else st.epoch + 1,
+                           "step": st.global_step, "when": "epoch_end" if finished_epoch else "stop",
+                           **self.evaluate(self.ema.model if self.ema else None)})
+                self.save()
+        finally:
+            if progress:
+                progress.stop()
+        return st.history
+
+    def _progress(self):
+        if not (self.cfg.progress and self.dist.main):
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                     transient=False)
+        p.start()
+        return p
+
+    def final_model(self) -> nn.Module:
+        return self.ema.model if self.ema else self.student
+
+    def close(self) -> None:
+        D.teardown(self.dist)

@@ -1,0 +1,325 @@
+"""Fine-tuning: gradients reach every ltm_ parameter, a step lowers the loss, modes, exact resume
+(in process and after SIGKILL), data sources, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from ltm_convert.api import convert, ltm_parameters
+from ltm_convert.errors import LtmError
+from ltm_convert.finetune import FinetuneConfig, Trainer, finetune
+from ltm_convert.finetune.data import DataBundle, build_data, fashion_mnist_available
+from ltm_convert.finetune.loop import make_teacher
+from ltm_convert.io import save
+from ltm_convert.sources import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(depth=3, img_size=64, global_pool="avg", num_classes=10)  # avg pool: every merge matters
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = load_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    return convert(model, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tiny, tmp_path_factory):
+    return save(tiny, tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def synthetic(n: int = 48, classes: int = 10, size: int = 64, seed: int = 0) -> DataBundle:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    ds = TensorDataset(x, y)
+    return DataBundle(train=ds, val=TensorDataset(x[:8], y[:8]), classes=[str(i) for i in range(classes)], skipped=0)
+
+
+def quiet(**kw) -> FinetuneConfig:
+    base = dict(epochs=1, batch_size=8, progress=False, eval_before=False, save_every=1, log_every=1,
+                ib_warmup=0.0, ib_clusters=8, warmup=0.0, freeze=(), mask_lr=1e-3)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def fresh(tiny):
+    import copy
+
+    return copy.deepcopy(tiny)
+
+
+def test_teacher_is_the_original_model(tiny):
+    torch.manual_seed(0)
+    base = load_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    teacher = make_teacher(tiny)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), base(x), atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_every_ltm_param_gets_a_gradient_and_a_step_lowers_the_loss(tiny, tmp_path):
+    student = fresh(tiny)
+    tr = Trainer(student, synthetic(), quiet(mask_lr=3e-3), tmp_path)
+    x, y = next(iter(torch.utils.data.DataLoader(tr.data.train, batch_size=8)))
+    tr.model.train()
+    parts = tr.losses(x, y, update_ib=False)
+    assert set(parts) >= {"kd", "ce", "ib", "loss"}
+    tr.optimizer.zero_grad()
+    parts["loss"].backward()
+    names = [n for n, p in ltm_parameters(student) if p.requires_grad]
+    assert names
+    missing = [n for n, p in ltm_parameters(student) if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no gradient for {missing}"
+    zero = [n for n, p in ltm_parameters(student) if p.grad.abs().sum() == 0 and "size_weight" not in n]
+    assert not zero, f"zero gradient for {zero}"
+    before = float(parts["loss"].detach())
+    for _ in range(3):
+        tr.train_step(x, y)
+    after = float(tr.losses(x, y, update_ib=False)["loss"].detach())
+    assert after < before
+
+
+@pytest.mark.parametrize("mode", ["mask", "all"])
+def test_train_modes(tiny, tmp_path, mode):
+    student = fresh(tiny)
+    before = state(student)
+    tr = Trainer(student, synthetic(16), quiet(train=mode, lr=1e-3, max_steps=2), tmp_path)
+    tr.fit()
+    after = state(student)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    ltm = {k for k in changed if ".ltm_" in k}
+    assert ltm
+    if mode == "mask":
+        assert changed == ltm, f"--train mask changed {sorted(changed - ltm)[:3]}"
+        groups = {g["name"]: g for g in tr.optimizer.param_groups}
+        assert set(groups) == {"ltm"} and groups["ltm"]["weight_decay"] == 0.0
+    else:
+        assert changed - ltm
+        assert {g["name"] for g in tr.optimizer.param_groups} >= {"ltm", "decay"}
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "train" and {"loss", "lr", "img_s"} <= set(r) for r in log)
+    ev = [r for r in log if r["type"] == "eval"][-1]
+    assert 0.0 <= ev["agreement"] <= 1.0 and "accuracy" in ev
+
+
+def test_schedule_warms_up_then_decays():
+    from ltm_convert.finetune.loop import cosine_with_warmup
+
+    f = cosine_with_warmup(100, 10, 0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(100) == pytest.approx(0.01)
+
+
+def test_resume_in_process_is_exact(tiny, tmp_path):
+    data = synthetic(24)
+    ref = fresh(tiny)
+    Trainer(ref, data, quiet(epochs=2, ema=0.9), tmp_path / "a").fit()
+
+    part = fresh(tiny)
+    Trainer(part, data, quiet(epochs=2, ema=0.9, max_steps=2), tmp_path / "b").fit()
+    resumed = fresh(tiny)
+    tr = Trainer(resumed, data, quiet(epochs=2, ema=0.9), tmp_path / "b")
+    tr.resume()
+    assert tr.state.global_step == 2
+    tr.fit()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+             if json.loads(x)["type"] == "train"]
+    assert steps == sorted(set(steps))  # log lines after the checkpoint are not duplicated
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_finetune import synthetic, quiet
+    from ltm_convert.io import load
+    from ltm_convert.finetune import Trainer
+    mode, work = sys.argv[1], sys.argv[2]
+    model = load({model!r})
+    tr = Trainer(model, synthetic(32), quiet(epochs=2), work)
+    if mode == "resume":
+        tr.resume()
+    def die(trainer, rec):
+        if mode == "kill" and trainer.state.global_step == 3:  # mid-epoch (4 steps per epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+    tr.fit(on_step=die)
+    torch.save(model.state_dict(), os.path.join(work, "final.pt"))
+""")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_file, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_file)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(mode: str, work: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), mode, str(work)], env=env, capture_output=True, text=True)
+
+    ref = run("full", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = run("kill", tmp_path / "work")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ck = torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=True)
+    assert ck["position"]["global_step"] == 2 and ck["position"]["step_in_epoch"] == 2
+    assert not (tmp_path / "work" / "final.pt").exists()
+    done = run("resume", tmp_path / "work")
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = torch.load(tmp_path / "ref" / "final.pt", weights_only=True)
+    got = torch.load(tmp_path / "work" / "final.pt", weights_only=True)
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+
+
+# ---- bad input: one-line LtmError -----------------------------------------------------------
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text and text
+    return text
+
+
+def test_missing_data_dir(tiny, tmp_path):
+    with pytest.raises(LtmError) as e:
+        build_data(tmp_path / "nope", tiny, input_size=(64, 64))
+    assert "no such data directory" in _one_line(e)
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def test_imagefolder_split_and_corrupt_images_are_skipped_and_counted(tiny, tmp_path):
+    for c in ("cat", "dog"):
+        for i in range(5):
+            _png(tmp_path / "imgs" / c / f"{i}.png", i)
+    (tmp_path / "imgs" / "cat" / "bad.png").write_bytes(b"not an image at all")
+    (tmp_path / "imgs" / "dog" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    data = build_data(tmp_path / "imgs", tiny, input_size=(64, 64), val_fraction=0.2)
+    assert data.classes == ["cat", "dog"] and data.skipped == 2
+    assert len(data.train) == 8 and len(data.val) == 2
+    x, y = data.train[0]
+    assert x.shape == (3, 64, 64) and y in (0, 1)
+
+
+def test_empty_class_folder(tiny, tmp_path):
+    _png(tmp_path / "d" / "a" / "0.png", 0)
+    (tmp_path / "d" / "b").mkdir(parents=True)
+    with pytest.raises(LtmError) as e:
+        build_data(tmp_path / "d", tiny, input_size=(64, 64))
+    assert "no readable images" in _one_line(e)
+
+
+def test_checkpoint_from_another_model(tiny, tmp_path):
+    tr = Trainer(fresh(tiny), synthetic(16), quiet(max_steps=1), tmp_path)
+    tr.fit()
+    other = convert(load_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64,
+                               global_pool="avg", num_classes=10), 0.5)
+    with pytest.raises(LtmError) as e:
+        Trainer(other, synthetic(16), quiet(), tmp_path).resume()
+    assert "another model" in _one_line(e)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    student = fresh(tiny)
+    tr = Trainer(student, synthetic(24), quiet(epochs=1), tmp_path)
+
+    real_step = tr.train_step
+
+    def poisoned(images, labels):  # the third batch holds NaN pixels -> NaN loss
+        if tr.state.global_step == 2:
+            images = torch.full_like(images, float("nan"))
+        return real_step(images, labels)
+
+    tr.train_step = poisoned
+    with pytest.raises(LtmError) as e:
+        tr.fit()
+    msg = _one_line(e)
+    assert "NaN" in msg and "checkpoint" in msg
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["position"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_command_reports_one_line_errors(tmp_path, tiny_file):
+    import typer
+
+    from ltm_convert.commands.finetune import register
+
+    app = typer.Typer()
+    register(app)
+
+    @app.command()
+    def _other() -> None:  # a second command keeps typer in multi-command mode
+        pass
+
+    cmd = typer.main.get_command(app)
+    with pytest.raises(LtmError) as e:
+        cmd.main(["finetune", str(tiny_file), "--data", str(tmp_path / "missing"), "-o", str(tmp_path / "o.pt")],
+                 standalone_mode=False)
+    assert "no such data directory" in _one_line(e)
+
+
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="Fashion-MNIST not installed: run scripts/setup_data.sh (Debian dataset-fashion-mnist)")
+def test_fashion_mnist_end_to_end(tiny_file, tmp_path):
+    out = tmp_path / "tuned.pt"
+    model, history = finetune(str(tiny_file), "fashion-mnist", output=out, train_samples=32, val_samples=16,
+                              epochs=1, batch_size=16, progress=False)
+    data = build_data("fashion-mnist", model, input_size=(64, 64), train_samples=4, val_samples=4)
+    x, y = data.train[0]
+    assert x.shape == (3, 64, 64) and 0 <= y < 10 and data.num_classes == 10
+    from ltm_convert.finetune.data import model_normalisation
+
+    mean, std = model_normalisation(model)
+    assert x.min() >= (0 - max(mean)) / min(std) - 1e-4 and x.min() < 0 < x.max()  # model's mean / std
+    evals = [h for h in history if h["type"] == "eval"]
+    assert evals[0]["when"] == "before" and "accuracy" in evals[-1]
+    assert out.is_file() and (tmp_path / "tuned.pt.run" / "checkpoint.pt").is_file()
+
+
+def test_amp_switch(tiny, tmp_path):
+    from ltm_convert.finetune.loop import amp_settings
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert amp_settings(quiet(), cpu) == (False, torch.float32)
+    assert amp_settings(quiet(), gpu) == (True, torch.bfloat16)
+    assert amp_settings(quiet(amp="fp16"), gpu) == (True, torch.float16)
+    tr = Trainer(fresh(tiny), synthetic(8), quiet(amp="bf16"), tmp_path)
+    x, y = next(iter(torch.utils.data.DataLoader(tr.data.train, batch_size=8)))
+    rec = tr.train_step(x, y)
+    assert np.isfinite(rec["loss"])
+    with pytest.raises(LtmError):
+        quiet(amp="fp8").validate()
+
+
+def test_freeze_keeps_named_parameters_out_of_the_optimizer(tiny):
+    from ltm_convert.finetune.loop import param_groups
+
+    student = fresh(tiny)
+    groups = param_groups(student, quiet(freeze=("ltm_mask.kappa",)))
+    trained = {id(p) for g in groups for p in g["params"]}
+    for name, p in student.named_parameters():
+        assert (id(p) in trained) == (".ltm_" in name and "ltm_mask.kappa" not in name), name

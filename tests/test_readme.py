@@ -1,0 +1,31 @@
+"""The README's supported-families table cannot drift from what the tests cover."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+from model_zoo import HF_FAMILIES, TIMM_FAMILIES
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _table_rows() -> list[list[str]]:
+    text = README.read_text()
+    section = text.split("## Supported families", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # drop the header
+
+
+def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
+    listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
+    assert listed == set(HF_FAMILIES), (sorted(listed), sorted(HF_FAMILIES))
+
+
+def test_every_timm_pattern_in_the_table_matches_a_tested_model_and_vice_versa():
+    patterns = [p for row in _table_rows() for p in re.findall(r"`(\w*\*[\w*]*)`", row[1])]
+    tested = {name for name, _ in TIMM_FAMILIES.values()}
+    for pattern in patterns:
+        assert any(fnmatch.fnmatch(name, pattern) for name in tested), f"README lists untested timm models {pattern}"
+    for name in tested:
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), f"tested timm model {name} is missing from the README"
