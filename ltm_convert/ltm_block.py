@@ -42,6 +42,14 @@ class LtmContext:
         return new
 
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, K) -> (B, K, C). A flat index_select is about 3x faster than gather on
+    CPU for row gathers and exports to ONNX as one Gather."""
+    B, N, C = x.shape
+    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * N).reshape(-1)
+    return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
+
+
 class LtmMask(nn.Module):
     """Chooses M' target tokens per image and softly assigns every token to its k nearest targets.
 
@@ -67,15 +75,15 @@ class LtmMask(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
         self.topk = topk
 
-    def keep_score(self, h: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """kappa (B, M): the keep score; the top-M' tokens become merge targets."""
+    def keep_score(self, learned: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """kappa (B, M) from the learned term w_kappa . LN(z) (B, M): the top-M' become targets."""
         M = phi.shape[1]
         sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
         earlier = torch.ones(M, M, dtype=torch.bool, device=phi.device).tril(-1)
         redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
-        kappa = self.kappa(h).squeeze(-1) - redundancy
+        kappa = learned - redundancy
         if self.size_weight is not None:
-            kappa = kappa + self.size_weight * sizes.log().to(h.dtype)
+            kappa = kappa + self.size_weight * sizes.log().to(learned.dtype)
         return kappa
 
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
@@ -84,14 +92,16 @@ class LtmMask(nn.Module):
         B, N, D = z.shape
         M = N - prefix
         R = M - keep  # tokens merged away
-        zp, zm = z[:, :prefix], z[:, prefix:]
         if sizes is None:
             sizes = z.new_ones(B, N, dtype=torch.float32)
-        sp, sm = sizes[:, :prefix], sizes[:, prefix:]
+        sm = sizes[:, prefix:]
 
-        h = self.norm(zm)
-        phi = F.normalize(self.phi(h), dim=-1)
-        kappa = self.keep_score(h, phi, sm)
+        # phi and the learned keep term in one projection of the whole (contiguous) sequence
+        weight = torch.cat([self.phi.weight, self.kappa.weight], dim=0)
+        bias = torch.cat([self.phi.bias, self.kappa.bias], dim=0)
+        projected = F.linear(self.norm(z), weight, bias)[:, prefix:]
+        phi = F.normalize(projected[..., :-1], dim=-1)
+        kappa = self.keep_score(projected[..., -1], phi, sm)
 
         # top-k, not a sort: deterministic for a given input and ONNX-exportable
         order = kappa.topk(M, dim=-1).indices
@@ -99,33 +109,32 @@ class LtmMask(nn.Module):
         others = order[:, keep:]  # (B, R)
 
         # each merged-away token spreads its mass over the targets: A = softmax(phi_o . phi_t / tau)
-        phi_t = phi.gather(1, targets.unsqueeze(-1).expand(B, keep, phi.shape[-1]))
-        phi_o = phi.gather(1, others.unsqueeze(-1).expand(B, R, phi.shape[-1]))
-        logits = (phi_o @ phi_t.transpose(1, 2)) / self.log_tau.exp()  # (B, R, K)
+        logits = (take_rows(phi, others) @ take_rows(phi, targets).transpose(1, 2)) / self.log_tau.exp()
         if 0 < self.topk < keep:  # optional locality: only the k most similar targets
             kth = logits.topk(self.topk, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        assign = torch.softmax(logits, dim=-1)
+        assign = torch.softmax(logits, dim=-1)  # (B, R, K)
 
+        # Output rows are [prefix tokens, targets]: one row gather from z, no concatenation.
+        rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
         # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
         gate = torch.sigmoid(kappa)
         st = gate - gate.detach()
-        s_t = sm.gather(1, targets).to(zm.dtype) * (1.0 + st.gather(1, targets))
-        s_o = sm.gather(1, others).to(zm.dtype) * (1.0 - st.gather(1, others))
-        z_t = zm.gather(1, targets.unsqueeze(-1).expand(B, keep, D))
-        z_o = zm.gather(1, others.unsqueeze(-1).expand(B, R, D))
-        mass = assign * s_o.unsqueeze(-1)  # s_i * A_it
-        new_sizes = s_t + mass.sum(dim=1)  # (B, K)
-        merged = (z_t * s_t.unsqueeze(-1) + mass.transpose(1, 2) @ z_o) / new_sizes.unsqueeze(-1)
+        s_rows = sizes.gather(1, rows).to(z.dtype)
+        s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
+        s_o = sm.gather(1, others).to(z.dtype) * (1.0 - st.gather(1, others))
+        mass = F.pad(assign * s_o.unsqueeze(-1), (prefix, 0))  # (B, R, P + K): s_i * A_it
+        new_sizes = s_rows + mass.sum(dim=1)
+        merged = take_rows(z, rows) * s_rows.unsqueeze(-1)
+        merged = merged.baddbmm_(mass.transpose(1, 2), take_rows(z, others + prefix))  # in place: no copy
+        merged = merged.mul_(new_sizes.reciprocal().unsqueeze(-1))
         if record is not None:  # the block put its entry last; add what this module decided
             full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
             eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
             full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
             full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), assign)
             record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
-        out = torch.cat([zp, merged], dim=1)
-        out_sizes = torch.cat([sp, new_sizes.to(sizes.dtype)], dim=1)
-        return out, out_sizes
+        return merged, new_sizes.to(sizes.dtype)
 
 
 class LtmBlock(nn.Module):

@@ -207,9 +207,10 @@ class RoundsMask(nn.Module):
         super().__init__()
         self.metric = KeyMetric(spec, trainable=trainable_metric)
 
-    def merge_round(self, x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, r: int, m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """Remove ``r`` of the ``m`` tokens; returns (x, s, metric, tracker step arguments)."""
+    def merge_round(self, x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, r: int, m: int, track: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
+        """Remove ``r`` of the ``m`` tokens; returns (x, s, metric, tracker step arguments or None
+        when ``track`` is False: the bookkeeping is only for visualisation)."""
         raise NotImplementedError
 
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
@@ -220,7 +221,7 @@ class RoundsMask(nn.Module):
         tracker = Tracker(x.shape[0], m, x.device) if record is not None else None
         s_in = s
         for r in rounds(m, keep):
-            x, s, metric, step = self.merge_round(x, s, metric, r, m)
+            x, s, metric, step = self.merge_round(x, s, metric, r, m, tracker is not None)
             if tracker is not None:
                 tracker.step(*step)
             m -= r

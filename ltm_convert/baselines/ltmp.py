@@ -39,7 +39,7 @@ class LtmpMask(RoundsMask):
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
 
-    def merge_round(self, x, s, metric, r, m):
+    def merge_round(self, x, s, metric, r, m, track):
         attn = torch.softmax(metric @ metric.transpose(1, 2) * self.scale, dim=-1)  # (B, M, M)
         importance = attn.mean(dim=1) * m  # mean attention received; average token = 1
         imp_a, _ = split_ab(importance)
@@ -54,6 +54,8 @@ class LtmpMask(RoundsMask):
         g_prune = torch.sigmoid(prune_logit.gather(1, match.unm) / self.tau)
         unm_scale = 1.0 - (g_prune - g_prune.detach())
         x, s, metric = merge_round(x, s, metric, match, src_weight=src_weight, unm_scale=unm_scale)
+        if not track:
+            return x, s, metric, None
         pos, rep = positions_after(match, m)
         return x, s, metric, (pos, dropped_mask(match, is_prune, m), rep)
 

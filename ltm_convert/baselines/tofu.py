@@ -33,9 +33,11 @@ class ToFuMask(RoundsMask):
     def extra_repr(self) -> str:
         return f"mode={'prune' if self.prune else 'mlerp'}"
 
-    def merge_round(self, x, s, metric, r, m):
+    def merge_round(self, x, s, metric, r, m, track):
         match = bipartite_match(metric, r)
         x, s, metric = merge_round(x, s, metric, match, prune=self.prune, mlerp=not self.prune)
+        if not track:
+            return x, s, metric, None
         pos, rep = positions_after(match, m)
         dropped = dropped_mask(match, torch.ones_like(match.src, dtype=torch.bool), m) if self.prune else None
         return x, s, metric, (pos, dropped, rep)

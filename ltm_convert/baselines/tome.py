@@ -23,9 +23,11 @@ from ltm_convert.methods import MaskSpec
 
 
 class ToMeMask(RoundsMask):
-    def merge_round(self, x, s, metric, r, m):
+    def merge_round(self, x, s, metric, r, m, track):
         match = bipartite_match(metric, r)
         x, s, metric = merge_round(x, s, metric, match)
+        if not track:
+            return x, s, metric, None
         pos, rep = positions_after(match, m)
         return x, s, metric, (pos, None, rep)
 
