@@ -78,9 +78,10 @@ class LtmMask(nn.Module):
     def keep_score(self, learned: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """kappa (B, M) from the learned term w_kappa . LN(z) (B, M): the top-M' become targets."""
         M = phi.shape[1]
-        sim = phi @ phi.transpose(1, 2)  # (B, M, M) cosine similarity
-        earlier = torch.ones(M, M, dtype=torch.bool, device=phi.device).tril(-1)
-        redundancy = sim.masked_fill(~earlier, -1.0).amax(dim=-1)
+        # max cosine to an earlier token; later tokens (and the token itself) are pushed below -1
+        # by a constant bias fused into the GEMM, then clamped: one pass over the (B, M, M) scores
+        later = torch.full((M, M), -3.0, dtype=phi.dtype, device=phi.device).triu()
+        redundancy = torch.baddbmm(later, phi, phi.transpose(1, 2)).amax(dim=-1).clamp_min(-1.0)
         kappa = learned - redundancy
         if self.size_weight is not None:
             kappa = kappa + self.size_weight * sizes.log().to(learned.dtype)

@@ -224,6 +224,27 @@ def test_imagefolder_split_and_corrupt_images_are_skipped_and_counted(tiny, tmp_
     assert x.shape == (3, 64, 64) and y in (0, 1)
 
 
+def test_hf_datasets_directory_with_and_without_validation_split(tiny, tmp_path):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)) for _ in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    rows = {"image": images, "label": [i % 2 for i in range(10)]}
+    train = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": train, "validation": train.select(range(4))}).save_to_disk(str(tmp_path / "dd"))
+    data = build_data(tmp_path / "dd", tiny, input_size=(64, 64))
+    assert data.classes == ["cat", "dog"] and len(data.train) == 10 and len(data.val) == 4
+    x, y = data.val[3]
+    assert x.shape == (3, 64, 64) and y == 1
+
+    train.save_to_disk(str(tmp_path / "single"))  # one split: train/val split made here
+    data = build_data(tmp_path / "single", tiny, input_size=(64, 64), val_fraction=0.2)
+    assert data.classes == ["cat", "dog"] and len(data.train) == 8 and len(data.val) == 2
+    assert data.train[0][0].shape == (3, 64, 64)
+
+
 def test_empty_class_folder(tiny, tmp_path):
     _png(tmp_path / "d" / "a" / "0.png", 0)
     (tmp_path / "d" / "b").mkdir(parents=True)
