@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from ltm_convert import grid
 from ltm_convert.block_graph import capture_block_calls
 from ltm_convert.config import LtmConfig, validate_ratio
 from ltm_convert.errors import LtmError
@@ -100,26 +101,41 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     modules = dict(model.named_modules())
     ctx = LtmContext()
     new_blocks: list[LtmBlock] = []
-    for i, match in enumerate(plan.blocks):
-        block = modules[match.name]
-        rewriter = pick_rewriter(block, match)
-        new = rewriter.rewrite(block, match, calls[match.name], context=ctx, prefix=plan.prefix_tokens,
-                               first=(i == 0), topk=config.topk, method=config.method)
-        _set_module(model, match.name, new)
-        new_blocks.append(new)
+    if plan.grids:  # MobileViT-style: blocks on unfolded 2-D patch grids (grid.py)
+        new_blocks = grid.convert_grid_blocks(model, plan, calls, ctx, _set_module, config.method)
+        adapters: list[str] = []
+    else:
+        for i, match in enumerate(plan.blocks):
+            block = modules[match.name]
+            rewriter = pick_rewriter(block, match)
+            new = rewriter.rewrite(block, match, calls[match.name], context=ctx, prefix=plan.prefix_tokens,
+                                   first=(i == 0), topk=config.topk, method=config.method)
+            _set_module(model, match.name, new)
+            new_blocks.append(new)
+        adapters = install_head_adapters(model, plan, ctx)
     model.__dict__["_ltm_context"] = ctx
-    adapters = install_head_adapters(model, plan, ctx)
 
     if config.keep:
-        _apply_keep(new_blocks, plan, config.keep)
+        if plan.grids:
+            grid.apply_grid_choice(new_blocks, plan, grid.choice_from_keep(plan, config.keep))
+        else:
+            _apply_keep(new_blocks, plan, config.keep)
     else:
         counted = meta_copy(model)  # solve on a weightless copy, then copy the counts over
         meta_blocks = [counted.get_submodule(name) for name in plan.block_names]
-        solve(meta_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens,
-              measure=lambda: count_flops(counted, size), base_flops=base_flops)
-        for blk, meta_blk in zip(new_blocks, meta_blocks):
-            blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = (
-                meta_blk.ltm_tokens_in, meta_blk.ltm_keep, meta_blk.ltm_prop_attn)
+
+        def measure() -> int:
+            return count_flops(counted, size)
+
+        if plan.grids:
+            solved = grid.solve_grids(meta_blocks, plan, config.ratio, measure, base_flops)
+            grid.apply_grid_choice(new_blocks, plan, solved["grids"])
+        else:
+            solve(meta_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens, measure=measure,
+                  base_flops=base_flops)
+            for blk, meta_blk in zip(new_blocks, meta_blocks):
+                blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = (
+                    meta_blk.ltm_tokens_in, meta_blk.ltm_keep, meta_blk.ltm_prop_attn)
         config.keep = {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)}
     model.ltm_config = config
     model.ltm_plan = plan
@@ -163,7 +179,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
     for name, blk in ltm_blocks(model):
         blocks.append({"name": name, "tokens_in": blk.ltm_tokens_in, "tokens_out": blk.ltm_prefix + blk.ltm_keep})
     source = getattr(model, "ltm_source", None)
+    extra = {"grids": grid.grid_groups_summary(plan, [b for _, b in ltm_blocks(model)])} if plan.grids else {}
     return {
+        **extra,
         "model": type(model).__name__,
         "source": source.to_dict() if source is not None else None,
         "ratio": config.ratio,

@@ -243,7 +243,11 @@ def render_summary(info: dict, *, title: Optional[str] = None) -> None:
     ratio_txt = f"{info.get('flops_ratio', float('nan')):.3f}"
     if info.get("ratio") is not None:
         ratio_txt += f"  (target {info['ratio']:g})"
+        if info.get("grids") and abs(info.get("flops_ratio", 0) - info["ratio"]) > 0.02 * info["ratio"]:
+            ratio_txt += "  closest reachable with grid-preserving merges"
     totals.add_row("FLOPs ratio", ratio_txt)
+    if info.get("grids"):
+        totals.add_row("patch grids", ", ".join("{}x{} -> {}x{}".format(*g["grid"], *g["grid_out"]) for g in info["grids"]))
     p0, added = info.get("params_original"), info.get("params_added")
     added_txt = f"{int(added):,}" if added is not None else "?"
     if p0 and added is not None:

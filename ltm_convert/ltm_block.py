@@ -30,9 +30,11 @@ class LtmContext:
         self.record = False
         self.records: list[dict[str, Any]] = []
         self.head_inputs: dict[str, Any] = {}
+        self.unmerge: Any = None  # grid models: what the group's last block needs to unmerge
 
     def reset(self) -> None:
         self.sizes = None
+        self.unmerge = None
         self.records = []
         self.head_inputs = {}
 
@@ -141,7 +143,7 @@ class LtmMask(nn.Module):
 class LtmBlock(nn.Module):
     """A transformer block that merges tokens between its attention and its MLP."""
 
-    def __init__(self, block: nn.Module, split: SplitBlock, mask: LtmMask, *, context: LtmContext,
+    def __init__(self, block: nn.Module, split: SplitBlock, mask: nn.Module | None, *, context: LtmContext,
                  prefix: int, tokens_in: int, keep: int, first: bool) -> None:
         super().__init__()
         for name, child in block.named_children():
@@ -160,6 +162,7 @@ class LtmBlock(nn.Module):
         self.ltm_tokens_in = tokens_in  # mergeable + prefix tokens at the planned resolution
         self.ltm_keep = keep  # mergeable tokens kept at the planned resolution
         self.ltm_first = first
+        self.ltm_unmerge = False  # grid models: the last block of a group restores the full grid
         self.ltm_prop_attn = not first  # set by convert: True once an earlier block merges
         self.__dict__["_ltm_split"] = split
         self.__dict__["_ltm_context"] = context
@@ -223,4 +226,13 @@ class LtmBlock(nn.Module):
                 ctx.records.append({"block": self.ltm_name, "tokens_in": n})
                 record = ctx.records
             z, ctx.sizes = self.ltm_mask(z, ctx.sizes, self.ltm_prefix, keep, record)
-        return split.part_b(self, z, *[values[n] for n in split.b_inputs])
+        out = split.part_b(self, z, *[values[n] for n in split.b_inputs])
+        if self.ltm_unmerge and ctx.unmerge is not None:
+            from ltm_convert.grid import unmerge
+
+            if isinstance(out, torch.Tensor):
+                out = unmerge(out, ctx.unmerge)
+            else:
+                out = (unmerge(out[0], ctx.unmerge), *out[1:])
+            ctx.reset()
+        return out

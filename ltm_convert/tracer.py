@@ -46,6 +46,21 @@ class BlockMatch:
 
 
 @dataclass
+class GridGroup:
+    """Consecutive blocks that run on patches unfolded from one 2-D feature map (MobileViT).
+
+    The tokens are the n_h x n_w patch positions in raster order; the batch dimension holds
+    batch x patch_area sequences, one per pixel position inside a patch, which must all merge the
+    same way so that the feature map can be folded back.
+    """
+
+    blocks: list[str]
+    tokens: int
+    grid: tuple[int, int]  # (n_h, n_w)
+    patch_area: int
+
+
+@dataclass
 class ConversionPlan:
     """What a conversion would change: printable, JSON-able, computed without touching the model."""
 
@@ -56,6 +71,7 @@ class ConversionPlan:
     heads: list[str]
     blocks: list[BlockMatch] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    grids: list[GridGroup] = field(default_factory=list)  # set for models whose blocks run on 2-D grids
 
     @property
     def block_names(self) -> list[str]:
@@ -72,6 +88,8 @@ class ConversionPlan:
             f"({self.prefix_tokens} prefix), head: {', '.join(self.heads) or 'none'}",
         ]
         lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
+        lines += [f"  grid group {g.grid[0]}x{g.grid[1]} patches x {g.patch_area} positions: {', '.join(g.blocks)}"
+                  for g in self.grids]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -371,9 +389,10 @@ def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
 
     tokens = {b.tokens for b in blocks}
     if len(tokens) != 1:
-        raise UnsupportedModelError(
-            f"not supported yet: blocks see different token counts {sorted(tokens)} (a hierarchical model)"
-        )
+        grids = _grid_groups(facts, blocks, block_adds, sorted(tokens))
+        return ConversionPlan(model_class=type(model).__name__, input_size=input_size, num_tokens=blocks[0].tokens,
+                              prefix_tokens=0, heads=["grid (unmerged before the fold)"], blocks=blocks,
+                              skipped=skipped, grids=grids)
     num_tokens = blocks[0].tokens
     prefix = _prefix_tokens(facts, block_adds[0][0], num_tokens)
     last_add = block_adds[-1][1]
@@ -387,3 +406,53 @@ def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
         blocks=blocks,
         skipped=skipped,
     )
+
+
+_LAYOUT_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+               aten.permute.default, aten.clone.default, aten.contiguous.default, aten.flatten.using_ints,
+               aten.alias.default}
+
+
+def _layout_source(node: fx.Node) -> fx.Node:
+    """Follow pure layout ops (views, transposes, copies) back to the tensor they rearrange."""
+    while (node.op == "call_function" and node.target in _LAYOUT_OPS and node.args
+           and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+    return node
+
+
+def _patch_layout(seq: tuple[int, ...], fmap: tuple[int, ...]) -> tuple[tuple[int, int], int] | None:
+    """(n_h, n_w), patch_area such that a (1, C, H, W) map unfolds to (patch_area, n_h * n_w, C)."""
+    if len(seq) != 3 or len(fmap) != 4 or fmap[0] != 1 or seq[2] != fmap[1]:
+        return None
+    area, n, (H, W) = seq[0], seq[1], fmap[2:]
+    # several patch shapes can fit the numbers; the squarest one is what every known unfold uses
+    for ph in sorted(range(1, area + 1), key=lambda p: (abs(p - area / p), p)):
+        if area % ph or H % ph or W % (area // ph):
+            continue
+        nh, nw = H // ph, W // (area // ph)
+        if nh * nw == n:
+            return (nh, nw), area
+    return None
+
+
+def _grid_groups(facts: _GraphFacts, blocks: list[BlockMatch], block_adds: list[tuple[fx.Node, fx.Node]],
+                 token_counts: list[int]) -> list[GridGroup]:
+    """Group blocks into runs that start from an unfolded feature map, or say why the model is not one."""
+    groups: list[GridGroup] = []
+    prev_out: fx.Node | None = None
+    for block, (block_in, block_out) in zip(blocks, block_adds):
+        source = _layout_source(block_in)
+        if groups and prev_out is not None and source is _layout_source(prev_out):
+            groups[-1].blocks.append(block.name)
+        else:
+            layout = _patch_layout(_shape(block_in) or (), _shape(source) or ())
+            if layout is None:
+                raise UnsupportedModelError(
+                    f"not supported yet: blocks see different token counts {token_counts} (a hierarchical model) "
+                    f"and {block.name} does not run on patches unfolded from a feature map "
+                    "(windowed or pooled hierarchies such as Swin are not supported yet)"
+                )
+            groups.append(GridGroup(blocks=[block.name], tokens=block.tokens, grid=layout[0], patch_area=layout[1]))
+        prev_out = block_out
+    return groups

@@ -181,6 +181,10 @@ def _context(model: "nn.Module"):
     ctx = model.__dict__.get("_ltm_context")
     if ctx is None:
         raise LtmError("visualisation needs a converted model; call ltm_convert.convert(model, ratio) first")
+    plan = getattr(model, "ltm_plan", None)
+    if plan is not None and getattr(plan, "grids", None):
+        raise LtmError(f"visualize draws plain-sequence ViTs; {plan.model_class} merges on 2-D patch grids "
+                       "(MobileViT), which it cannot draw yet")
     return ctx
 
 

@@ -21,6 +21,28 @@ HF_FAMILIES = ["ViTModel", "ViTForImageClassification", "DeiTForImageClassificat
                "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                "CLIPVisionModel", "SiglipVisionModel"]
 
+# models whose blocks run on unfolded 2-D patch grids (ltm_convert/grid.py)
+GRID_TIMM = {"mobilevit-xxs": ("mobilevit_xxs", {}), "mobilevit-s": ("mobilevit_s", {})}
+GRID_HF = ["MobileViTModel", "MobileViTForImageClassification"]
+
+
+def grid_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind in GRID_TIMM:
+        import timm
+
+        name, kwargs = GRID_TIMM[kind]
+        return timm.create_model(name, pretrained=False, num_classes=7, **kwargs).eval()
+    import transformers as T
+
+    extra = {"num_labels": 5} if "Classification" in kind else {}
+    model = getattr(T, kind)(T.MobileViTConfig(image_size=256, **extra)).eval()
+    with torch.no_grad():  # HF zero-initialises the classifier; give the logits something to show
+        for n, p in model.named_parameters():
+            if n.startswith("classifier"):
+                p.normal_(0, 0.02)
+    return model
+
 
 def timm_model(family: str) -> nn.Module:
     import timm

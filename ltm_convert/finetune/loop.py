@@ -344,8 +344,19 @@ class Trainer:
         parts["loss"] = loss
         return parts
 
+    def set_train_mode(self) -> None:
+        """Training mode for what is trained: with ``--train mask`` the base model stays in eval
+        mode, so BatchNorm statistics (MobileViT) and dropout outside ``ltm_*`` do not change."""
+        if self.cfg.train == "mask":
+            self.model.eval()
+            for name, module in self.model.named_modules():
+                if any(part.startswith("ltm_") for part in name.split(".")):
+                    module.train()
+        else:
+            self.model.train()
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        self.model.train()
+        self.set_train_mode()
         parts = self.losses(images, labels)
         loss = parts["loss"]
         if D.any_flag(not bool(torch.isfinite(loss.detach())), self.dist.device):

@@ -1,0 +1,79 @@
+"""MobileViT (timm and HF) converted at ratio 0.8 vs the original, timed in one process on CPU.
+
+Random weights (no MobileViT weights are available offline; the static schedule makes the time
+independent of the weights and of the image content). Prints, per model, the grid schedule, the
+FLOPs ratio (torch.utils.flop_counter) and the measured speed-up at batch B next to 1 / FLOPs ratio.
+
+    python benchmarks/bench_grid.py [--batch 32] [--repeats 5] [--ratio 0.8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+import torch
+
+from ltm_convert.api import convert, describe
+from ltm_convert.bench import benchmark
+
+MODELS = ["timm:mobilevit_xxs", "timm:mobilevit_xs", "timm:mobilevit_s", "hf:MobileViTForImageClassification"]
+
+
+def build(spec: str) -> torch.nn.Module:
+    kind, name = spec.split(":")
+    torch.manual_seed(0)
+    if kind == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False).eval()
+    import transformers as T
+
+    return getattr(T, name)(T.MobileViTConfig(image_size=256)).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ratio", type=float, default=0.8)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    rows = []
+    for spec in args.models:
+        original = build(spec)
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converted = convert(original, args.ratio)
+        convert_s = time.perf_counter() - start
+        info = describe(converted)
+        result = benchmark(original, {"ltm": converted}, batches=[args.batch], repeats=args.repeats)
+        row = result["models"][0]
+        timing = row["timing"][str(args.batch)]
+        rows.append({
+            "model": spec, "ratio": args.ratio, "flops_ratio": round(row["flops_ratio"], 4),
+            "grids": ["{}x{}->{}x{}".format(*g["grid"], *g["grid_out"]) for g in info["grids"]],
+            "ms_original": round(result["original"]["timing"][str(args.batch)]["latency_ms"], 1),
+            "ms_converted": round(timing["latency_ms"], 1), "speedup": round(timing["speedup"], 3),
+            "ideal_speedup": round(row["ideal_speedup"], 3), "convert_s": round(convert_s, 1),
+            "warning": str(caught[0].message) if caught else None,
+        })
+        print(f"[{time.strftime('%H:%M:%S')}] {spec} done", file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(f"CPU fp32, {torch.get_num_threads()} threads, batch {args.batch}, 256x256, median of {args.repeats} pairs\n")
+    print("| model | FLOPs ratio | grids (patches -> targets) | original ms | converted ms | speed-up | 1/FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['flops_ratio']} | {', '.join(r['grids'])} | {r['ms_original']} | "
+              f"{r['ms_converted']} | {r['speedup']}x | {r['ideal_speedup']}x |")
+
+
+if __name__ == "__main__":
+    main()
