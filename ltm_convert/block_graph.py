@@ -15,7 +15,6 @@ original children under their original names and the state-dict keys do not chan
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 from dataclasses import dataclass

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx, nn
 
-from ltm_convert.errors import LtmError, UnsupportedModelError
+from ltm_convert.errors import UnsupportedModelError
 from ltm_convert.model_inputs import call_kwargs, default_input_size, example_input
 
 aten = torch.ops.aten

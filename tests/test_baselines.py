@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from ltm_convert.api import convert, describe, ltm_blocks, ltm_parameters
-from ltm_convert.baselines import LtmpMask, ToFuMask, ToMeMask
+from ltm_convert.baselines import LtmpMask, ToMeMask
 from ltm_convert.baselines.common import rounds
 from ltm_convert.flops import count_flops
 from ltm_convert.methods import MaskSpec, mask_factory, method_names
