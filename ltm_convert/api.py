@@ -200,15 +200,26 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
 def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
     """FLOPs of the model with merging switched off (identical to the original model)."""
-    blocks = [b for _, b in ltm_blocks(model)]
-    saved = [(b.ltm_tokens_in, b.ltm_keep, b.ltm_prop_attn) for b in blocks]
+    counted = meta_copy(model)
+    disable_merging(counted)
+    return count_flops(counted, size)
+
+
+def disable_merging(model: nn.Module) -> None:
+    """Make every LTM block keep all its tokens: the original model's computation, same weights."""
     plan: ConversionPlan = model.ltm_plan
-    apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
-    try:
-        return count_flops(model, size)
-    finally:
-        for b, (t, k, p) in zip(blocks, saved):
-            b.ltm_tokens_in, b.ltm_keep, b.ltm_prop_attn = t, k, p
+    blocks = [b for _, b in ltm_blocks(model)]
+    if plan.grids:
+        grid.apply_grid_choice(blocks, plan, [g.grid for g in plan.grids])
+    else:
+        apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
+
+
+def unmerged_copy(model: nn.Module) -> nn.Module:
+    """A copy of a converted model that merges nothing (teacher for fine-tuning, bench baseline)."""
+    original = copy.deepcopy(model)
+    disable_merging(original)
+    return original
 
 
 def _is_ltm_name(name: str) -> bool:

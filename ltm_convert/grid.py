@@ -19,6 +19,7 @@ transformers hold), so the closest reachable schedule is chosen and reported.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -138,7 +139,7 @@ class GridMask(nn.Module):
         merged = _per_position(weights, z, B, P)
         ctx: LtmContext | None = self.__dict__["_ltm_context"]
         if ctx is not None:
-            ctx.unmerge = (A, P)
+            ctx.unmerge = functools.partial(unmerge, state=(A, P))
         if record is not None:
             record[-1].update(grid_out=self.grid_out, assign=A.detach())
         return merged, target_sizes.unsqueeze(1).expand(B, P, K).reshape(BP, K)

@@ -30,7 +30,7 @@ class LtmContext:
         self.record = False
         self.records: list[dict[str, Any]] = []
         self.head_inputs: dict[str, Any] = {}
-        self.unmerge: Any = None  # grid models: what the group's last block needs to unmerge
+        self.unmerge: Any = None  # grid models: callable that restores the full grid (set by the mask)
 
     def reset(self) -> None:
         self.sizes = None
@@ -228,11 +228,6 @@ class LtmBlock(nn.Module):
             z, ctx.sizes = self.ltm_mask(z, ctx.sizes, self.ltm_prefix, keep, record)
         out = split.part_b(self, z, *[values[n] for n in split.b_inputs])
         if self.ltm_unmerge and ctx.unmerge is not None:
-            from ltm_convert.grid import unmerge
-
-            if isinstance(out, torch.Tensor):
-                out = unmerge(out, ctx.unmerge)
-            else:
-                out = (unmerge(out[0], ctx.unmerge), *out[1:])
+            out = ctx.unmerge(out) if isinstance(out, torch.Tensor) else (ctx.unmerge(out[0]), *out[1:])
             ctx.reset()
         return out

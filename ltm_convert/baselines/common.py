@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltm_convert.ltm_block import take_rows
 from ltm_convert.methods import MaskSpec
 from ltm_convert.rewriters.sequence import init_mask, metric_dim
 
@@ -69,11 +70,6 @@ def bipartite_match(metric: torch.Tensor, r: int, rank: torch.Tensor | None = No
     unm = order[:, r:]
     dst = node_idx.gather(1, src)
     return Matching(src=src, dst=dst, unm=unm, score=node_max, order=order)
-
-
-def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), idx (B, K) -> (B, K, C)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def scatter_rows(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -152,7 +148,7 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
     a, b = split_ab(x)
     sa, sb = split_ab(s)
     ma, mb = split_ab(metric)
-    x_unm = gather_rows(a, match.unm)
+    x_unm = take_rows(x, 2 * match.unm)  # A = even rows of x: gather from x itself, no copy of A
     if unm_scale is not None:
         x_unm = x_unm * unm_scale.unsqueeze(-1).to(x.dtype)
     s_unm = sa.gather(1, match.unm)
@@ -163,7 +159,7 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
         if src_weight is not None:
             w = w * src_weight.to(w.dtype)
         wx = w.to(x.dtype).unsqueeze(-1)
-        b_sum = scatter_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, gather_rows(a, match.src) * wx)
+        b_sum = scatter_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, take_rows(x, 2 * match.src) * wx)
         sb_new = sb.scatter_add(1, match.dst, w)
         b_new = b_sum / sb_new.to(x.dtype).unsqueeze(-1)
         if mlerp:
@@ -172,7 +168,7 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
             b_new = b_new * (target / b_new.norm(dim=-1).clamp_min(1e-6)).unsqueeze(-1)
     out = torch.cat([x_unm, b_new], dim=1)
     sizes = torch.cat([s_unm, sb_new], dim=1)
-    new_metric = torch.cat([gather_rows(ma, match.unm), mb], dim=1)
+    new_metric = torch.cat([take_rows(ma, match.unm), mb], dim=1)
     return out, sizes, new_metric
 
 

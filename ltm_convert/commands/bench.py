@@ -4,7 +4,6 @@ Wire into the CLI with ``register(app)``. The measuring lives in :mod:`ltm_conve
 user can fix are :class:`LtmError` (one line, exit 2) through the CLI's own ``main``.
 """
 
-import copy
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, List, Optional
@@ -65,17 +64,6 @@ def _is_saved(path: Path) -> bool:
     return path.suffix in (".pt", ".pth")
 
 
-def unmerged_copy(model: Any) -> Any:
-    """A copy of a converted model that merges nothing: the original computation with its weights."""
-    from ltm_convert.api import ltm_blocks
-    from ltm_convert.schedule import apply_fraction
-
-    original = copy.deepcopy(model)
-    plan = original.ltm_plan
-    apply_fraction([b for _, b in ltm_blocks(original)], 1.0, plan.num_tokens, plan.prefix_tokens)
-    return original
-
-
 def load_models(target: str, *, ratios: Optional[List[float]], methods: Optional[List[str]], no_pretrained: bool,
                 checkpoint: Optional[Path], input_size: Optional[tuple], log=None) -> tuple[Any, dict[str, Any]]:
     """(original, {name: converted}). A saved file is compared with itself with merging switched off."""
@@ -93,6 +81,8 @@ def load_models(target: str, *, ratios: Optional[List[float]], methods: Optional
 
         model = load(str(path))
         config = model.ltm_config
+        from ltm_convert.api import unmerged_copy
+
         return unmerged_copy(model), {f"{config.method}@{config.ratio:g}": model}
     from ltm_convert.bench import convert_all
     from ltm_convert.sources import load_model

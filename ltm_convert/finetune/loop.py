@@ -130,12 +130,9 @@ class FeatureTap:
 def make_teacher(student: nn.Module) -> nn.Module:
     """The original model: a frozen copy of the converted one with merging switched off
     (ratio 1.0 reproduces the original outputs exactly)."""
-    from ltm_convert.api import ltm_blocks
-    from ltm_convert.schedule import apply_fraction
+    from ltm_convert.api import unmerged_copy
 
-    teacher = copy.deepcopy(student)
-    plan = teacher.ltm_plan
-    apply_fraction([b for _, b in ltm_blocks(teacher)], 1.0, plan.num_tokens, plan.prefix_tokens)
+    teacher = unmerged_copy(student)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
