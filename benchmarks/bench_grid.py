@@ -1,6 +1,7 @@
-"""MobileViT (timm and HF) converted at ratio 0.8 vs the original, timed in one process on CPU.
+"""Grid models (MobileViT, Swin, EfficientViT; timm and HF) converted at ratio 0.8 vs the original,
+timed in one process on CPU.
 
-Random weights (no MobileViT weights are available offline; the static schedule makes the time
+Random weights (no weights for these are available offline; the static schedule makes the time
 independent of the weights and of the image content). Prints, per model, the grid schedule, the
 FLOPs ratio (torch.utils.flop_counter) and the measured speed-up at batch B next to 1 / FLOPs ratio.
 
@@ -19,7 +20,8 @@ import torch
 from ltm_convert.api import convert, describe
 from ltm_convert.bench import benchmark
 
-MODELS = ["timm:mobilevit_xxs", "timm:mobilevit_xs", "timm:mobilevit_s", "hf:MobileViTForImageClassification"]
+MODELS = ["timm:mobilevit_xxs", "timm:mobilevit_xs", "timm:mobilevit_s", "hf:MobileViTForImageClassification",
+          "timm:swin_tiny_patch4_window7_224", "hf:SwinForImageClassification", "timm:efficientvit_b1"]
 
 
 def build(spec: str) -> torch.nn.Module:
@@ -31,7 +33,20 @@ def build(spec: str) -> torch.nn.Module:
         return timm.create_model(name, pretrained=False).eval()
     import transformers as T
 
-    return getattr(T, name)(T.MobileViTConfig(image_size=256)).eval()
+    config = T.SwinConfig() if name.startswith("Swin") else T.MobileViTConfig(image_size=256)  # Swin-T / MobileViT-S
+    return getattr(T, name)(config).eval()
+
+
+def _grids(info: dict) -> list[str]:
+    """Distinct grid -> target grid pairs in order, with a count when several blocks share one."""
+    out: list[str] = []
+    counts: dict[str, int] = {}
+    for g in info["grids"]:
+        text = "{}x{}->{}x{}".format(*g["grid"], *g["grid_out"])
+        if text not in counts:
+            out.append(text)
+        counts[text] = counts.get(text, 0) + 1
+    return [t if counts[t] == 1 else f"{counts[t]} x {t}" for t in out]
 
 
 def main() -> None:
@@ -57,7 +72,7 @@ def main() -> None:
         timing = row["timing"][str(args.batch)]
         rows.append({
             "model": spec, "ratio": args.ratio, "flops_ratio": round(row["flops_ratio"], 4),
-            "grids": ["{}x{}->{}x{}".format(*g["grid"], *g["grid_out"]) for g in info["grids"]],
+            "grids": _grids(info), "input": "x".join(map(str, info["input_size"])),
             "ms_original": round(result["original"]["timing"][str(args.batch)]["latency_ms"], 1),
             "ms_converted": round(timing["latency_ms"], 1), "speedup": round(timing["speedup"], 3),
             "ideal_speedup": round(row["ideal_speedup"], 3), "convert_s": round(convert_s, 1),
@@ -67,11 +82,11 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    print(f"CPU fp32, {torch.get_num_threads()} threads, batch {args.batch}, 256x256, median of {args.repeats} pairs\n")
-    print("| model | FLOPs ratio | grids (patches -> targets) | original ms | converted ms | speed-up | 1/FLOPs ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"CPU fp32, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.repeats} pairs\n")
+    print("| model | input | FLOPs ratio | grids (tokens -> targets) | original ms | converted ms | speed-up | 1/FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['flops_ratio']} | {', '.join(r['grids'])} | {r['ms_original']} | "
+        print(f"| {r['model']} | {r['input']} | {r['flops_ratio']} | {', '.join(r['grids'])} | {r['ms_original']} | "
               f"{r['ms_converted']} | {r['speedup']}x | {r['ideal_speedup']}x |")
 
 

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from ltm_convert import grid
+from ltm_convert import ffn_grid, grid
 from ltm_convert.block_graph import capture_block_calls
 from ltm_convert.config import LtmConfig, validate_ratio
 from ltm_convert.errors import LtmError
@@ -29,7 +29,7 @@ def find_blocks(model: nn.Module, *, input_size: tuple[int, int] | int | None = 
 
 
 def is_converted(model: nn.Module) -> bool:
-    return any(isinstance(m, LtmBlock) for m in model.modules())
+    return any(isinstance(m, (LtmBlock, ffn_grid.FfnGridMerge)) for m in model.modules())
 
 
 def ltm_blocks(model: nn.Module) -> list[tuple[str, LtmBlock]]:
@@ -97,11 +97,15 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     plan = _trace_blocks(model, size, config.exclude)
     base_flops = None if config.keep else count_flops(model, size)
     images = example_input(model, size)
-    calls = capture_block_calls(model, plan.block_names, lambda: run_model(model, images))
+    calls = {} if plan.ffn_grids else capture_block_calls(model, plan.block_names, lambda: run_model(model, images))
     modules = dict(model.named_modules())
     ctx = LtmContext()
     new_blocks: list[LtmBlock] = []
-    if plan.grids:  # MobileViT-style: blocks on unfolded 2-D patch grids (grid.py)
+    masks: list[ffn_grid.FfnGridMerge] = []
+    if plan.ffn_grids:  # Swin / EfficientViT: each block merges inside its FFN (ffn_grid.py)
+        masks = ffn_grid.convert_ffn_sites(model, plan.ffn_grids, config.method)
+        adapters = []
+    elif plan.grids:  # MobileViT-style: blocks on unfolded 2-D patch grids (grid.py)
         new_blocks = grid.convert_grid_blocks(model, plan, calls, ctx, _set_module, config.method)
         adapters: list[str] = []
     else:
@@ -116,7 +120,9 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
     model.__dict__["_ltm_context"] = ctx
 
     if config.keep:
-        if plan.grids:
+        if plan.ffn_grids:
+            ffn_grid.apply_choice(masks, ffn_grid.choice_from_keep(plan.ffn_grids, config.keep))
+        elif plan.grids:
             grid.apply_grid_choice(new_blocks, plan, grid.choice_from_keep(plan, config.keep))
         else:
             _apply_keep(new_blocks, plan, config.keep)
@@ -127,8 +133,15 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
         def measure() -> int:
             return count_flops(counted, size)
 
-        if plan.grids:
-            solved = grid.solve_grids(meta_blocks, plan, config.ratio, measure, base_flops)
+        if plan.ffn_grids:
+            meta_masks = ffn_grid.model_masks(counted)
+            solved = ffn_grid.solve(meta_masks, plan.ffn_grids, config.ratio, counted, size, base_flops,
+                                    plan.model_class)
+            ffn_grid.apply_choice(masks, solved["grids"])
+        elif plan.grids:
+            solved = grid.solve_grids([(g.grid, g.tokens) for g in plan.grids],
+                                      lambda choice: grid.apply_grid_choice(meta_blocks, plan, choice),
+                                      config.ratio, measure, base_flops, plan.model_class)
             grid.apply_grid_choice(new_blocks, plan, solved["grids"])
         else:
             solve(meta_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens, measure=measure,
@@ -136,7 +149,8 @@ def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int]
             for blk, meta_blk in zip(new_blocks, meta_blocks):
                 blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = (
                     meta_blk.ltm_tokens_in, meta_blk.ltm_keep, meta_blk.ltm_prop_attn)
-        config.keep = {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)}
+        config.keep = ({m.ltm_name: m.tokens_out for m in masks} if masks else
+                       {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)})
     model.ltm_config = config
     model.ltm_plan = plan
     model.ltm_base_flops = base_flops
@@ -175,11 +189,13 @@ def describe(model: nn.Module) -> dict[str, Any]:
         base = model.ltm_base_flops = _original_flops(model, size)
     added = sum(p.numel() for n, p in model.named_parameters() if _is_ltm_name(n))
     total = sum(p.numel() for p in model.parameters())
-    blocks = []
-    for name, blk in ltm_blocks(model):
-        blocks.append({"name": name, "tokens_in": blk.ltm_tokens_in, "tokens_out": blk.ltm_prefix + blk.ltm_keep})
+    blocks = merge_counts(model)
     source = getattr(model, "ltm_source", None)
-    extra = {"grids": grid.grid_groups_summary(plan, [b for _, b in ltm_blocks(model)])} if plan.grids else {}
+    extra = {}
+    if plan.grids:
+        extra = {"grids": grid.grid_groups_summary(plan, [b for _, b in ltm_blocks(model)])}
+    elif plan.ffn_grids:
+        extra = {"grids": ffn_grid.summary(ffn_grid.model_masks(model))}
     return {
         **extra,
         "model": type(model).__name__,
@@ -198,6 +214,16 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def merge_counts(model: nn.Module) -> list[dict[str, Any]]:
+    """Per converted block: its name and the tokens it receives and passes on (to its FFN, for
+    grid blocks that merge inside the FFN)."""
+    if getattr(model, "ltm_plan", None) is not None and model.ltm_plan.ffn_grids:
+        return [{"name": m.ltm_name, "tokens_in": m.tokens_in, "tokens_out": m.tokens_out}
+                for m in ffn_grid.model_masks(model)]
+    return [{"name": name, "tokens_in": blk.ltm_tokens_in, "tokens_out": blk.ltm_prefix + blk.ltm_keep}
+            for name, blk in ltm_blocks(model)]
+
+
 def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
     """FLOPs of the model with merging switched off (identical to the original model)."""
     counted = meta_copy(model)
@@ -209,7 +235,10 @@ def disable_merging(model: nn.Module) -> None:
     """Make every LTM block keep all its tokens: the original model's computation, same weights."""
     plan: ConversionPlan = model.ltm_plan
     blocks = [b for _, b in ltm_blocks(model)]
-    if plan.grids:
+    if plan.ffn_grids:
+        masks = ffn_grid.model_masks(model)
+        ffn_grid.apply_choice(masks, [m.grid for m in masks])
+    elif plan.grids:
         grid.apply_grid_choice(blocks, plan, [g.grid for g in plan.grids])
     else:
         apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)

@@ -166,7 +166,7 @@ def benchmark(original: nn.Module, converted: dict[str, nn.Module], *, batches: 
     ``images`` (real photos, optional) give the agreement column; timing uses random inputs of the
     planned resolution (the content does not change the static shapes, hence not the time).
     """
-    from ltm_convert.api import ltm_blocks, ltm_parameters
+    from ltm_convert.api import ltm_parameters, merge_counts
     from ltm_convert.flops import count_flops
 
     dev = pick_device(str(device) if device is not None else None)
@@ -190,7 +190,7 @@ def benchmark(original: nn.Module, converted: dict[str, nn.Module], *, batches: 
             "ideal_speedup": base_flops / flops,
             "params": count_params(model),
             "params_added": sum(p.numel() for _, p in ltm_parameters(model)),
-            "tokens_out": [b.ltm_prefix + b.ltm_keep for _, b in ltm_blocks(model)],
+            "tokens_out": [b["tokens_out"] for b in merge_counts(model)],
         }
         if images is not None:
             rows[name].update(agreement(original, model, images))

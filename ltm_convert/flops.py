@@ -36,3 +36,17 @@ def count_flops(model: nn.Module, input_size: tuple[int, int] | None = None, bat
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run_model(counted, images)
     return int(counter.get_total_flops())
+
+
+def count_flops_by_module(model: nn.Module, input_size: tuple[int, int] | None, names: list[str]) -> dict[str, int]:
+    """Forward FLOPs spent inside each named sub-module (module paths), from one counted run."""
+    counted = meta_copy(model)
+    images = example_input(counted, input_size, batch=1, device="meta")
+    counted.eval()
+    for p in counted.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run_model(counted, images)
+    root = type(counted).__name__
+    per_module = counter.get_flop_counts()
+    return {n: int(sum(per_module.get(f"{root}.{n}", {}).values())) for n in names}

@@ -227,33 +227,39 @@ def choice_from_keep(plan: ConversionPlan, keep: dict[str, int]) -> list[tuple[i
     return choice
 
 
-def solve_grids(blocks: Sequence[LtmBlock], plan: ConversionPlan, ratio: float, measure: Callable[[], int],
-                base_flops: int, tolerance: float = 0.005, max_combinations: int = 200_000) -> dict[str, Any]:
-    """Choose h' x w' per group so the measured FLOPs land closest to ratio x base_flops.
+def solve_grids(groups: Sequence[tuple[tuple[int, int], int]], apply: Callable[[list[tuple[int, int]]], None],
+                ratio: float, measure: Callable[[], int], base_flops: int, model_class: str,
+                tolerance: float = 0.005, max_combinations: int = 200_000,
+                savings: list[list[float]] | None = None) -> dict[str, Any]:
+    """Choose h' x w' per group ((grid, tokens) each) so the measured FLOPs land closest to
+    ratio x base_flops; ``apply`` sets a choice on the model that ``measure`` counts.
 
     Savings of different groups add up (each group unmerges before the next one starts), so each
-    group's options are measured once with the others left whole, and the combinations are then
-    ranked without further counting: the smallest error wins, and among schedules within
-    ``tolerance`` the one that keeps the most tokens in its most-merged group.
+    group's options are measured once with the others left whole (or given as ``savings``, per
+    group and option), and the combinations are then ranked without further counting: the
+    smallest error wins, and among schedules within ``tolerance`` the one that keeps the most
+    tokens in its most-merged group.
     """
-    full = [g.grid for g in plan.grids]
-    options = [grid_options(*g.grid) for g in plan.grids]
+    full = [tuple(g) for g, _ in groups]
+    tokens = [n for _, n in groups]
+    options = [grid_options(*g) for g in full]
     if ratio >= 1.0:
-        apply_grid_choice(blocks, plan, full)
+        apply(full)
         return {"flops_ratio": 1.0, "grids": full}
-    savings = []
-    for gi, opts in enumerate(options):
-        def saving(opt: tuple[int, int]) -> int:
-            apply_grid_choice(blocks, plan, [opt if j == gi else full[j] for j in range(len(full))])
-            return base_flops - measure()
+    if savings is None:
+        savings = []
+        for gi, opts in enumerate(options):
+            def saving(opt: tuple[int, int]) -> int:
+                apply([opt if j == gi else full[j] for j in range(len(full))])
+                return base_flops - measure()
 
-        savings.append(_savings_curve(opts, plan.grids[gi].tokens, saving))
+            savings.append(_savings_curve(opts, tokens[gi], saving))
     sizes = [len(o) for o in options]
-    if math.prod(sizes) > max_combinations:  # very large grids: one shared keep fraction
+    if math.prod(sizes) > max_combinations:  # many groups: one shared keep fraction
         combos = []
-        for f in [i / 200 for i in range(1, 201)]:
-            combos.append(tuple(min(range(len(o)), key=lambda j: abs(o[j][0] * o[j][1] - f * g.tokens))
-                                for o, g in zip(options, plan.grids)))
+        for f in [i / 400 for i in range(1, 401)]:
+            combos.append(tuple(min(range(len(o)), key=lambda j: abs(o[j][0] * o[j][1] - f * n))
+                                for o, n in zip(options, tokens)))
     else:
         combos = list(itertools.product(*[range(n) for n in sizes]))
     target = ratio * base_flops
@@ -261,35 +267,45 @@ def solve_grids(blocks: Sequence[LtmBlock], plan: ConversionPlan, ratio: float, 
     def rank(combo: tuple[int, ...]) -> tuple[float, float]:
         flops = base_flops - sum(savings[g][j] for g, j in enumerate(combo))
         err = abs(flops - target) / base_flops
-        least_kept = min(options[g][j][0] * options[g][j][1] / plan.grids[g].tokens for g, j in enumerate(combo))
+        least_kept = min(options[g][j][0] * options[g][j][1] / tokens[g] for g, j in enumerate(combo))
         return (max(err, tolerance), -least_kept)
 
     best = min(combos, key=rank)
     choice = [options[g][j] for g, j in enumerate(best)]
-    apply_grid_choice(blocks, plan, choice)
+    apply(choice)
     achieved = measure() / base_flops
     if abs(achieved - ratio) > 0.02 * ratio:
-        warnings.warn(f"ratio {ratio} is not reachable with grid-preserving merges in {plan.model_class} "
-                      f"(its transformer blocks hold too few of the FLOPs, or the grids are too coarse); "
+        warnings.warn(f"ratio {ratio} is not reachable with grid-preserving merges in {model_class} "
+                      f"(the merged parts hold too few of the FLOPs, or the grids are too coarse); "
                       f"the closest schedule reaches {achieved:.3f}", stacklevel=3)
     return {"flops_ratio": achieved, "grids": choice}
 
 
-def _savings_curve(options: list[tuple[int, int]], tokens: int, saving: Callable[[tuple[int, int]], int]) -> list[float]:
-    """FLOPs saved by each option. Below the full grid the count is exactly quadratic in the
-    number of targets K (linear layers and merge GEMMs grow with K, attention with K^2), so three
-    measurements fix the curve; the full grid saves nothing. Each measurement is a FlopCounterMode
-    run, so this is what keeps converting a MobileViT to a few seconds."""
+def probe_options(options: list[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
+    """The options whose savings are measured; fit_savings gives the rest."""
     merged = [o for o in options if o[0] * o[1] < tokens]
-    if len(merged) <= 3:
-        measured = {o: float(saving(o)) for o in merged}
-        return [measured.get(o, 0.0) for o in options]
-    probes = [merged[0], merged[len(merged) // 2], merged[-1]]
+    return merged if len(merged) <= 3 else [merged[0], merged[len(merged) // 2], merged[-1]]
+
+
+def fit_savings(options: list[tuple[int, int]], tokens: int, measured: dict[tuple[int, int], float]) -> list[float]:
+    """FLOPs saved by each option, from the probes' measurements. Below the full grid the count
+    is exactly quadratic in the number of targets K (linear layers and merge GEMMs grow with K,
+    attention with K^2), so three measurements fix the curve; the full grid saves nothing."""
+    merged = [o for o in options if o[0] * o[1] < tokens]
+    if all(o in measured for o in merged):
+        return [float(measured.get(o, 0.0)) for o in options]
+    probes = list(measured)[:3]
     ks = torch.tensor([[1.0, k, k * k] for k in (o[0] * o[1] for o in probes)], dtype=torch.float64)
-    ys = torch.tensor([float(saving(o)) for o in probes], dtype=torch.float64)
+    ys = torch.tensor([float(measured[o]) for o in probes], dtype=torch.float64)
     coef = torch.linalg.solve(ks, ys)
     return [0.0 if o[0] * o[1] >= tokens else float(coef[0] + coef[1] * o[0] * o[1] + coef[2] * (o[0] * o[1]) ** 2)
             for o in options]
+
+
+def _savings_curve(options: list[tuple[int, int]], tokens: int, saving: Callable[[tuple[int, int]], int]) -> list[float]:
+    """Savings from one FlopCounterMode run per probe (what keeps converting a MobileViT to a few
+    seconds) and the exact quadratic through them."""
+    return fit_savings(options, tokens, {o: float(saving(o)) for o in probe_options(options, tokens)})
 
 
 def grid_groups_summary(plan: ConversionPlan, blocks: Sequence[LtmBlock]) -> list[dict[str, Any]]:

@@ -120,12 +120,13 @@ class LtmMask(nn.Module):
 
         # Output rows are [prefix tokens, targets]: one row gather from z, no concatenation.
         rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
-        # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
-        gate = torch.sigmoid(kappa)
-        st = gate - gate.detach()
         s_rows = sizes.gather(1, rows).to(z.dtype)
-        s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
-        s_o = sm.gather(1, others).to(z.dtype) * (1.0 - st.gather(1, others))
+        s_o = sm.gather(1, others).to(z.dtype)
+        if kappa.requires_grad:  # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
+            gate = torch.sigmoid(kappa)
+            st = gate - gate.detach()
+            s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
+            s_o = s_o * (1.0 - st.gather(1, others))
         mass = F.pad(assign * s_o.unsqueeze(-1), (prefix, 0))  # (B, R, P + K): s_i * A_it
         new_sizes = s_rows + mass.sum(dim=1)
         merged = take_rows(z, rows) * s_rows.unsqueeze(-1)

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from ltm_convert.errors import UnsupportedModelError
+from ltm_convert.ffn_trace import FfnSite, common_prefix, find_ffn_site, passthrough_source
 from ltm_convert.model_inputs import call_kwargs, default_input_size, example_input
 
 aten = torch.ops.aten
@@ -72,6 +73,7 @@ class ConversionPlan:
     blocks: list[BlockMatch] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     grids: list[GridGroup] = field(default_factory=list)  # set for models whose blocks run on 2-D grids
+    ffn_grids: list[FfnSite] = field(default_factory=list)  # Swin / EfficientViT: merge inside each FFN
 
     @property
     def block_names(self) -> list[str]:
@@ -90,6 +92,8 @@ class ConversionPlan:
         lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
         lines += [f"  grid group {g.grid[0]}x{g.grid[1]} patches x {g.patch_area} positions: {', '.join(g.blocks)}"
                   for g in self.grids]
+        lines += [f"  FFN on a {f.grid[0]}x{f.grid[1]} grid ({f.layout}): {f.block}.{f.ffn_in} .. {f.ffn_out}"
+                  for f in self.ffn_grids]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -145,6 +149,7 @@ class _GraphFacts:
 
     def __init__(self, ep: torch.export.ExportedProgram) -> None:
         self.graph = ep.graph
+        self.graph_module = ep.graph_module
         self.nodes = list(self.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
         user_inputs = set(ep.graph_signature.user_inputs)
@@ -188,7 +193,22 @@ class _GraphFacts:
                 a, b = n.args[0], n.args[1]
                 if isinstance(a, fx.Node) and isinstance(b, fx.Node) and a in self.data and b in self.data:
                     return n
+            if isinstance(n.target, torch._ops.HigherOrderOperator) and self._hop_attention(n):
+                return n
         return None
+
+    def _hop_attention(self, node: fx.Node) -> bool:
+        """A wrapped region (autocast, checkpoint) that multiplies two of its data inputs together,
+        as EfficientViT's ReLU linear attention does inside ``wrap_with_autocast``."""
+        subs = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        data_in = [a for a in node.all_input_nodes if a in self.data]
+        if not subs or len(data_in) < 2:
+            return False
+        sub = getattr(self.graph_module, str(subs[0].target), None)
+        if not isinstance(sub, fx.GraphModule):
+            return False
+        return any(m.op == "call_function" and m.target in _MATMUL_OPS | {torch.matmul, operator.matmul}
+                   for m in sub.graph.nodes)
 
     def linears(self, nodes: Iterable[fx.Node]) -> list[fx.Node]:
         found = []
@@ -237,19 +257,6 @@ def _residuals(facts: _GraphFacts) -> list[_Residual]:
         kind = "attention" if attn is not None else ("mlp" if len(lins) >= 2 else "other")
         found.append(_Residual(n, skip, out, kind, attn, lins))
     return found
-
-
-def _common_prefix(paths: list[str]) -> str:
-    split = [p.split(".") for p in paths if p is not None]
-    if not split:
-        return ""
-    prefix = []
-    for parts in zip(*split):
-        if all(p == parts[0] for p in parts):
-            prefix.append(parts[0])
-        else:
-            break
-    return ".".join(prefix)
 
 
 def _prefix_tokens(facts: _GraphFacts, first_block_input: fx.Node, num_tokens: int) -> int:
@@ -349,16 +356,18 @@ def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
 
     blocks: list[BlockMatch] = []
     block_adds: list[tuple[fx.Node, fx.Node]] = []  # (attention add input, MLP add) per block
+    residual_pairs: list[tuple[_Residual, _Residual]] = []  # (attention residual, MLP residual) per block
     skipped: list[tuple[str, str]] = []
     attn_count = sum(r.kind == "attention" for r in residuals)
     for r in residuals:
         if r.kind != "mlp":
             continue
-        attn_res = by_add.get(r.skip)
+        # the MLP residual's skip is the attention residual's sum, up to re-layouts and dropout
+        attn_res = by_add.get(r.skip) or by_add.get(passthrough_source(r.skip))
         if attn_res is None or attn_res.kind != "attention":
             continue
         paths = [_module_path(attn_res.attn_node)] + [_module_path(n) for n in r.linears]
-        name = _common_prefix([p for p in paths if p])
+        name = common_prefix([p for p in paths if p])
         block = modules.get(name)
         if not name or block is None or isinstance(block, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             skipped.append((name or "?", "attention and MLP are not inside one block module"))
@@ -369,14 +378,16 @@ def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
             skipped.append((name, "the attention is not computed inside a child module of the block"))
             continue
         shape = _shape(attn_res.skip)
-        if not shape or len(shape) != 3:
-            skipped.append((name, f"the block does not work on a (batch, tokens, dim) sequence (shape {shape})"))
+        if not shape or len(shape) not in (3, 4):
+            skipped.append((name, f"the block does not work on a token sequence or a 2-D map (shape {shape})"))
             continue
         if any(name == e or name.startswith(e + ".") for e in excluded):
             skipped.append((name, "excluded by the user"))
             continue
-        blocks.append(BlockMatch(name=name, attn_child=rel, index=len(blocks), tokens=shape[1], dim=shape[2]))
+        tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)  # 2-D maps: set from the FFN site
+        blocks.append(BlockMatch(name=name, attn_child=rel, index=len(blocks), tokens=tokens, dim=dim))
         block_adds.append((attn_res.skip, r.add))
+        residual_pairs.append((attn_res, r))
 
     if not blocks:
         what = (f"found {attn_count} attention residual(s) but none followed by an MLP residual"
@@ -388,11 +399,20 @@ def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
         )
 
     tokens = {b.tokens for b in blocks}
-    if len(tokens) != 1:
-        grids = _grid_groups(facts, blocks, block_adds, sorted(tokens))
-        return ConversionPlan(model_class=type(model).__name__, input_size=input_size, num_tokens=blocks[0].tokens,
-                              prefix_tokens=0, heads=["grid (unmerged before the fold)"], blocks=blocks,
-                              skipped=skipped, grids=grids)
+    on_maps = any(len(_shape(a.skip) or ()) == 4 for a, _ in residual_pairs)
+    if on_maps or len(tokens) != 1:
+        if not on_maps:
+            try:  # MobileViT: runs of blocks on patches unfolded from a feature map
+                grids = _grid_groups(facts, blocks, block_adds, sorted(tokens))
+                return ConversionPlan(model_class=type(model).__name__, input_size=input_size,
+                                      num_tokens=blocks[0].tokens, prefix_tokens=0,
+                                      heads=["grid (unmerged before the fold)"], blocks=blocks, skipped=skipped,
+                                      grids=grids)
+            except UnsupportedModelError as exc:
+                unfold_error = str(exc)
+        else:
+            unfold_error = ""
+        return _ffn_plan(model, input_size, facts, blocks, residual_pairs, skipped, unfold_error)
     num_tokens = blocks[0].tokens
     prefix = _prefix_tokens(facts, block_adds[0][0], num_tokens)
     last_add = block_adds[-1][1]
@@ -450,9 +470,48 @@ def _grid_groups(facts: _GraphFacts, blocks: list[BlockMatch], block_adds: list[
             if layout is None:
                 raise UnsupportedModelError(
                     f"not supported yet: blocks see different token counts {token_counts} (a hierarchical model) "
-                    f"and {block.name} does not run on patches unfolded from a feature map "
-                    "(windowed or pooled hierarchies such as Swin are not supported yet)"
+                    f"and {block.name} does not run on patches unfolded from a feature map"
                 )
             groups.append(GridGroup(blocks=[block.name], tokens=block.tokens, grid=layout[0], patch_area=layout[1]))
         prev_out = block_out
     return groups
+
+
+def _ffn_plan(model: nn.Module, input_size: tuple[int, int], facts: _GraphFacts, blocks: list[BlockMatch],
+              pairs: list[tuple[_Residual, _Residual]], skipped: list[tuple[str, str]],
+              unfold_error: str) -> ConversionPlan:
+    """Hierarchical grid models (Swin, EfficientViT): each block merges inside its own FFN."""
+    sites, kept = [], []
+    for block, (attn_res, mlp_res) in zip(blocks, pairs):
+        site = find_ffn_site(facts, _module_path, block.name, block.attn_child,
+                             [attn_res.skip, *facts.branch(attn_res.skip, attn_res.branch_out)],
+                             mlp_res.skip, mlp_res.branch_out)
+        if isinstance(site, str):
+            skipped.append((block.name, site))
+            continue
+        if site.layout == "tokens" and _ffn_is_spatial(facts, mlp_res, site):
+            skipped.append((block.name, "its FFN lays the tokens out on the 2-D grid itself (a convolution inside "
+                                        "the MLP, as in PVTv2), which merged tokens cannot feed"))
+            continue
+        block.tokens, block.dim = site.grid[0] * site.grid[1], site.dim
+        block.index = len(kept)
+        sites.append(site)
+        kept.append(block)
+    if not sites:
+        reasons = "; ".join(f"{n}: {w}" for n, w in skipped[:2])
+        raise UnsupportedModelError(
+            f"not supported yet: {type(model).__name__} runs its blocks on 2-D grids and no block's FFN could be "
+            f"merged safely ({reasons or unfold_error})"
+        )
+    return ConversionPlan(model_class=type(model).__name__, input_size=input_size, num_tokens=kept[0].tokens,
+                          prefix_tokens=0, heads=["grid (each FFN unmerges onto its full grid)"], blocks=kept,
+                          skipped=skipped, ffn_grids=sites)
+
+
+def _ffn_is_spatial(facts: _GraphFacts, mlp_res: _Residual, site: FfnSite) -> bool:
+    h, w = site.grid
+    for n in facts.branch(mlp_res.skip, mlp_res.branch_out):
+        s = _shape(n)
+        if s and len(s) == 4 and ((s[1], s[2]) == (h, w) or (s[2], s[3]) == (h, w)):
+            return True
+    return False

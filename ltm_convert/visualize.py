@@ -182,9 +182,9 @@ def _context(model: "nn.Module"):
     if ctx is None:
         raise LtmError("visualisation needs a converted model; call ltm_convert.convert(model, ratio) first")
     plan = getattr(model, "ltm_plan", None)
-    if plan is not None and getattr(plan, "grids", None):
+    if plan is not None and (getattr(plan, "grids", None) or getattr(plan, "ffn_grids", None)):
         raise LtmError(f"visualize draws plain-sequence ViTs; {plan.model_class} merges on 2-D patch grids "
-                       "(MobileViT), which it cannot draw yet")
+                       "(MobileViT, Swin, EfficientViT), which it cannot draw yet")
     return ctx
 
 
