@@ -48,7 +48,7 @@ def grid_options(h: int, w: int) -> list[tuple[int, int]]:
     return out
 
 
-def _axis_targets(n: int, k: int) -> tuple[list[int], list[tuple[int, int]]]:
+def axis_targets(n: int, k: int) -> tuple[list[int], list[tuple[int, int]]]:
     """Target positions along one axis and, per source position, its two nearest targets."""
     targets = [min(n - 1, int(math.floor((i + 0.5) * n / k))) for i in range(k)]
     near = []
@@ -62,8 +62,8 @@ def _axis_targets(n: int, k: int) -> tuple[list[int], list[tuple[int, int]]]:
 def grid_geometry(h: int, w: int, hk: int, wk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(targets (K,), candidates (N, 4), valid (N, 4)): the token index of each target, the 2 x 2
     targets around every source token, and which of those four are distinct."""
-    rows, near_r = _axis_targets(h, hk)
-    cols, near_c = _axis_targets(w, wk)
+    rows, near_r = axis_targets(h, hk)
+    cols, near_c = axis_targets(w, wk)
     targets = torch.tensor([r * w + c for r in rows for c in cols], dtype=torch.long)
     cand, valid = [], []
     for y in range(h):
@@ -287,18 +287,25 @@ def probe_options(options: list[tuple[int, int]], tokens: int) -> list[tuple[int
     return merged if len(merged) <= 3 else [merged[0], merged[len(merged) // 2], merged[-1]]
 
 
-def fit_savings(options: list[tuple[int, int]], tokens: int, measured: dict[tuple[int, int], float]) -> list[float]:
+def quadratic_basis(option: tuple[int, int]) -> list[float]:
+    k = option[0] * option[1]
+    return [1.0, float(k), float(k * k)]
+
+
+def fit_savings(options: list[tuple[int, int]], tokens: int, measured: dict[tuple[int, int], float],
+                basis: Callable[[tuple[int, int]], list[float]] = quadratic_basis) -> list[float]:
     """FLOPs saved by each option, from the probes' measurements. Below the full grid the count
-    is exactly quadratic in the number of targets K (linear layers and merge GEMMs grow with K,
-    attention with K^2), so three measurements fix the curve; the full grid saves nothing."""
+    is exactly linear in a three-term basis of the target grid; by default 1, K, K^2 (linear
+    layers and merge GEMMs grow with K targets, attention with K^2), so three measurements fix
+    the curve; the full grid saves nothing."""
     merged = [o for o in options if o[0] * o[1] < tokens]
     if all(o in measured for o in merged):
         return [float(measured.get(o, 0.0)) for o in options]
     probes = list(measured)[:3]
-    ks = torch.tensor([[1.0, k, k * k] for k in (o[0] * o[1] for o in probes)], dtype=torch.float64)
+    ks = torch.tensor([basis(o) for o in probes], dtype=torch.float64)
     ys = torch.tensor([float(measured[o]) for o in probes], dtype=torch.float64)
     coef = torch.linalg.solve(ks, ys)
-    return [0.0 if o[0] * o[1] >= tokens else float(coef[0] + coef[1] * o[0] * o[1] + coef[2] * (o[0] * o[1]) ** 2)
+    return [0.0 if o[0] * o[1] >= tokens else float(torch.tensor(basis(o), dtype=torch.float64) @ coef)
             for o in options]
 
 

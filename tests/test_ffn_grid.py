@@ -69,7 +69,8 @@ def test_parity_at_ratio_one(kind):
 
 def test_flops_within_two_percent_and_outputs_follow_the_original(family):
     kind, model, converted = family
-    grids = check_grid_schedule(run, model, converted, images(kind), 0.8)
+    # a random HF head gives 5 logits near zero with no stable direction: compare the backbones' outputs only
+    grids = check_grid_schedule(run, model, converted, images(kind), 0.8, compare="Classification" not in kind)
     assert len(grids) == len(converted.ltm_plan.ffn_grids)
 
 
@@ -100,15 +101,40 @@ def test_unmerged_copy_is_the_original(family):
 
 
 def test_merge_and_unmerge_keep_a_constant_map():
-    """A constant token map merges to the same constant and unmerges back (weights sum to one)."""
+    """A constant map merges to the same constant and unmerges back (each token's weights sum to one)."""
     mask = FfnGridMerge(8, 4, (6, 9), "nchw")
     mask.configure(4, 6)
-    z = torch.ones(2, 6 * 9, 8) * 3.0
-    assign = mask.assignment(torch.randn(2, 54, 8))
-    assert torch.allclose(assign.sum(-1), torch.ones(2, 54))
-    merged = mask.merge(z, assign)
-    assert merged.shape == (2, 24, 8) and torch.allclose(merged, torch.full_like(merged, 3.0))
-    assert torch.allclose(mask.unmerge(merged, assign), z)
+    state = mask.assignment(torch.randn(2, 6, 9, 8))
+    z = torch.full((2, 6, 9, 8), 3.0)
+    merged = mask.merge(z, state)
+    assert merged.shape == (2, 4, 6, 8) and torch.allclose(merged, torch.full_like(merged, 3.0))
+    assert torch.allclose(mask.unmerge(merged, state), z)
+    A_w, A_h = state
+    assert torch.allclose(A_w.sum(-1), torch.ones(2 * 6, 9)) and torch.allclose(A_h.sum(1), torch.ones(2 * 6, 6))
+    assert int((A_w > 0).sum(-1).max()) <= 2 and int((A_h > 0).sum(1).max()) <= 2  # two nearest per axis
+
+
+def test_the_schedule_s_flops_fit_is_exact():
+    """ffn_grid.solve measures three options per block and fits the rest; check against counting."""
+    from ltm_convert.ffn_grid import apply_choice, model_masks
+    from ltm_convert.flops import count_flops_by_module, meta_copy
+    from ltm_convert.grid import fit_savings, grid_options, probe_options
+
+    converted = meta_copy(convert(ffn_grid_model("efficientvit-b1"), 0.8))
+    masks = model_masks(converted)
+    site, mask = converted.ltm_plan.ffn_grids[0], masks[0]
+    full = [m.grid for m in masks]
+
+    def saving(option):
+        apply_choice(masks, [option] + full[1:])
+        counts = count_flops_by_module(converted, (224, 224), [site.block])
+        apply_choice(masks, full)
+        return count_flops_by_module(converted, (224, 224), [site.block])[site.block] - counts[site.block]
+
+    options = grid_options(*site.grid)
+    measured = {o: saving(o) for o in probe_options(options, mask.tokens_in)}
+    fitted = fit_savings(options, mask.tokens_in, measured, basis=lambda g: [1.0, float(g[0] * g[1]), float(g[1])])
+    assert max(abs(f - saving(o)) for f, o in zip(fitted, options)) < 1.0
 
 
 def test_a_finetune_step_trains_only_the_masks(tmp_path):
