@@ -76,17 +76,17 @@ def _is_passthrough(node: fx.Node) -> bool:
     return node.op != "call_function" or node.target in PASSTHROUGH_OPS or node.target in _LAYOUT_ONLY
 
 
-def find_ffn_site(facts, module_path, block: str, attn_child: str, attn_branch: list[fx.Node],
-                  ffn_skip: fx.Node, ffn_out: fx.Node) -> FfnSite | str:
+def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_child: str,
+                  attn_branch: list[fx.Node], ffn_skip: fx.Node, ffn_out: fx.Node) -> FfnSite | str:
     """The hook points and grid of one block's FFN, or the reason it cannot be merged safely.
 
-    ``facts`` is the tracer's graph index, ``module_path(node)`` a node's module path,
+    ``facts`` is the tracer's graph index, ``paths`` every call node's module path (computed
+    once per model, shared by all blocks),
     ``attn_branch`` the attention residual's branch, ``ffn_skip`` / ``ffn_out`` the FFN residual's
     skip input and branch output.
     """
     branch = [n for n in facts.branch(ffn_skip, ffn_out) if n.op == "call_function"]
     in_branch = set(branch)
-    paths = {n: module_path(n) for n in facts.nodes if n.op == "call_function"}
     owned = [paths[n] for n in branch if paths.get(n) and _under(paths[n], block)]
     if not owned:
         return "its FFN is not computed inside the block's modules"

@@ -482,8 +482,9 @@ def _ffn_plan(model: nn.Module, input_size: tuple[int, int], facts: _GraphFacts,
               unfold_error: str) -> ConversionPlan:
     """Hierarchical grid models (Swin, EfficientViT): each block merges inside its own FFN."""
     sites, kept = [], []
+    paths = {n: _module_path(n) for n in facts.nodes if n.op == "call_function"}
     for block, (attn_res, mlp_res) in zip(blocks, pairs):
-        site = find_ffn_site(facts, _module_path, block.name, block.attn_child,
+        site = find_ffn_site(facts, paths, block.name, block.attn_child,
                              [attn_res.skip, *facts.branch(attn_res.skip, attn_res.branch_out)],
                              mlp_res.skip, mlp_res.branch_out)
         if isinstance(site, str):
