@@ -8,7 +8,7 @@ from torch import nn
 
 from ltm_convert import ffn_grid, grid
 from ltm_convert.block_graph import capture_block_calls
-from ltm_convert.config import LtmConfig, validate_ratio
+from ltm_convert.config import DEFAULT_TOPK, LtmConfig, validate_ratio
 from ltm_convert.errors import LtmError
 from ltm_convert.flops import count_flops, meta_copy
 from ltm_convert.heads import install_head_adapters
@@ -68,7 +68,7 @@ def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
 
 
 def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int] | int | None = None,
-            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = 0,
+            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
             method: str = "ltm", config: LtmConfig | None = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with LTM blocks.
 

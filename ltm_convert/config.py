@@ -21,6 +21,9 @@ def _version() -> str:
     return __version__
 
 
+DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1: local and cheap)
+
+
 @dataclass
 class LtmConfig:
     """How a model is converted.
@@ -29,7 +32,8 @@ class LtmConfig:
     input_size: (H, W) the static schedule is solved for; None = the model's own default.
     exclude: block names (or prefixes) to leave untouched.
     method: the mask module: "ltm" (learnable) or a baseline registered in methods.py.
-    topk: each merged-away token spreads its mass over its k most similar targets (0 = all).
+    topk: each merged-away token spreads its mass over its k most similar targets (0 = all);
+        4 (the default) keeps heat-maps local and makes merging touch only R x 4 rows.
     keep: tokens kept per converted block (the solved schedule); filled in by ``convert``.
     """
 
@@ -37,7 +41,7 @@ class LtmConfig:
     input_size: tuple[int, int] | None = None
     exclude: list[str] = field(default_factory=list)
     method: str = "ltm"
-    topk: int = 0
+    topk: int = DEFAULT_TOPK
     keep: dict[str, int] = field(default_factory=dict)
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT

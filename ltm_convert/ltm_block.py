@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm_convert.block_graph import SplitBlock
+from ltm_convert.config import DEFAULT_TOPK
 from ltm_convert.errors import LtmError
 
 
@@ -52,6 +53,67 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
 
 
+def redundancy(phi: torch.Tensor, row_blocks: int = 4) -> torch.Tensor:
+    """Each token's max cosine to an earlier token, phi (B, M, d) unit rows -> (B, M), -1 for the first.
+
+    Only the lower triangle of the M x M scores matters, so rows are taken in ``row_blocks`` bands,
+    each against the columns up to its end: 10/16 of the full GEMM for four bands. Later tokens
+    (and the token itself) are pushed below -1 by a constant bias fused into the GEMM, then clamped.
+    """
+    M = phi.shape[1]
+    bands = row_blocks if M >= 16 * row_blocks else 1
+    edges = [i * M // bands for i in range(bands + 1)]
+    parts = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        later = torch.full((r1 - r0, r1), -3.0, dtype=phi.dtype, device=phi.device).triu(r0)
+        parts.append(torch.baddbmm(later, phi[:, r0:r1], phi[:, :r1].transpose(1, 2)).amax(dim=-1))
+    return torch.cat(parts, dim=1).clamp_min(-1.0)
+
+
+def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) with rows src (B, K, C) added at rows idx (B, K), in place. A flat index_add_ is
+    several times faster than scatter_add_ along dim 1 on CPU (whole rows, not single elements), but
+    ONNX exports index_add as ScatterND, which overwrites repeated rows instead of summing them;
+    the export takes scatter_add (ScatterElements with reduction "add")."""
+    B, T, C = x.shape
+    if torch.onnx.is_in_onnx_export():
+        return x.scatter_add_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
+    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
+    return x.view(B * T, C).index_add_(0, flat, src.reshape(-1, C)).view(B, T, C)
+
+
+def merge_dense(z_rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor, mass: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x~_t = (s_t z_t + sum_i m_it z_i) / s~_t with s~_t = s_t + sum_i m_it, every token to every target.
+
+    z_rows (B, T, D) output rows, s_rows (B, T), z_o (B, R, D) merged-away tokens, mass (B, R, T).
+    The division is folded into the weights so the (B, T, D) output is written once and accumulated
+    once (in place: no copy).
+    """
+    new_sizes = s_rows + mass.sum(dim=1)
+    inv = new_sizes.reciprocal()
+    merged = z_rows * (s_rows * inv).unsqueeze(-1)
+    return merged.baddbmm_((mass * inv.unsqueeze(1)).transpose(1, 2), z_o), new_sizes
+
+
+def merge_sparse(z: torch.Tensor, rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor,
+                 mass: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same merge when every token reaches only k targets: mass (B, R, k), slot (B, R, k) output rows.
+
+    Written as x~_t = z_t + sum_i (m_it / s~_t)(z_i - z_t), only the R x k touched rows are read and
+    updated; the other output rows are plain copies. That is what makes merging cheaper than the
+    MLP rows it saves when few tokens leave a block (ratio 0.8 removes ~4% per block).
+    """
+    B, R, k = mass.shape
+    D = z.shape[-1]
+    flat_slot, flat_mass = slot.reshape(B, R * k), mass.reshape(B, R * k)
+    new_sizes = s_rows.scatter_add(1, flat_slot, flat_mass)
+    weight = (flat_mass / new_sizes.gather(1, flat_slot)).view(B, R, k, 1)
+    z_t = take_rows(z, rows.gather(1, flat_slot)).view(B, R, k, D)
+    delta = (weight * (z_o.unsqueeze(2) - z_t)).view(B, R * k, D)
+    return add_rows(take_rows(z, rows), flat_slot, delta), new_sizes
+
+
 class LtmMask(nn.Module):
     """Chooses M' target tokens per image and softly assigns every token to its k nearest targets.
 
@@ -61,11 +123,12 @@ class LtmMask(nn.Module):
     token): the first token of each group of near-duplicates is kept, the rest merge into targets.
     Merged-away tokens spread over the targets by softmax(cos / tau); tau starts at 1e-3, which is
     close to ToMe's hard merge (the best untrained choice measured on real photos), and is learned.
-    topk > 0 restricts each token to its k most similar targets (local heat-maps, a little slower
-    on CPU); 0 means all targets.
+    topk > 0 restricts each token to its k most similar targets: local heat-maps, and the merge
+    then touches only the R x k rows that receive mass (``merge_sparse``); 0 means all targets
+    (a dense GEMM over every output row, ``merge_dense``).
     """
 
-    def __init__(self, dim: int, metric_dim: int, topk: int = 0, tau: float = 1e-3, use_sizes: bool = True) -> None:
+    def __init__(self, dim: int, metric_dim: int, topk: int = DEFAULT_TOPK, tau: float = 1e-3, use_sizes: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.phi = nn.Linear(dim, metric_dim)
@@ -79,12 +142,7 @@ class LtmMask(nn.Module):
 
     def keep_score(self, learned: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """kappa (B, M) from the learned term w_kappa . LN(z) (B, M): the top-M' become targets."""
-        M = phi.shape[1]
-        # max cosine to an earlier token; later tokens (and the token itself) are pushed below -1
-        # by a constant bias fused into the GEMM, then clamped: one pass over the (B, M, M) scores
-        later = torch.full((M, M), -3.0, dtype=phi.dtype, device=phi.device).triu()
-        redundancy = torch.baddbmm(later, phi, phi.transpose(1, 2)).amax(dim=-1).clamp_min(-1.0)
-        kappa = learned - redundancy
+        kappa = learned - redundancy(phi)
         if self.size_weight is not None:
             kappa = kappa + self.size_weight * sizes.log().to(learned.dtype)
         return kappa
@@ -113,10 +171,10 @@ class LtmMask(nn.Module):
 
         # each merged-away token spreads its mass over the targets: A = softmax(phi_o . phi_t / tau)
         logits = (take_rows(phi, others) @ take_rows(phi, targets).transpose(1, 2)) / self.log_tau.exp()
-        if 0 < self.topk < keep:  # optional locality: only the k most similar targets
-            kth = logits.topk(self.topk, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        assign = torch.softmax(logits, dim=-1)  # (B, R, K)
+        near = None
+        if 0 < self.topk < keep:  # locality: only the k most similar targets (sparse merge below)
+            logits, near = logits.topk(self.topk, dim=-1)  # (B, R, k)
+        assign = torch.softmax(logits, dim=-1)  # (B, R, K) or (B, R, k)
 
         # Output rows are [prefix tokens, targets]: one row gather from z, no concatenation.
         rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
@@ -127,16 +185,19 @@ class LtmMask(nn.Module):
             st = gate - gate.detach()
             s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
             s_o = s_o * (1.0 - st.gather(1, others))
-        mass = F.pad(assign * s_o.unsqueeze(-1), (prefix, 0))  # (B, R, P + K): s_i * A_it
-        new_sizes = s_rows + mass.sum(dim=1)
-        merged = take_rows(z, rows) * s_rows.unsqueeze(-1)
-        merged = merged.baddbmm_(mass.transpose(1, 2), take_rows(z, others + prefix))  # in place: no copy
-        merged = merged.mul_(new_sizes.reciprocal().unsqueeze(-1))
+        mass = assign * s_o.unsqueeze(-1)  # s_i * A_it
+        z_o = take_rows(z, others + prefix)
+        if near is None:
+            merged, new_sizes = merge_dense(take_rows(z, rows), s_rows, z_o, F.pad(mass, (prefix, 0)))
+        else:
+            merged, new_sizes = merge_sparse(z, rows, s_rows, z_o, mass, near + prefix)
         if record is not None:  # the block put its entry last; add what this module decided
             full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
             eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
             full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
-            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), assign)
+            spread = assign if near is None else torch.zeros(B, R, keep, dtype=assign.dtype,
+                                                            device=z.device).scatter_(2, near, assign)
+            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread)
             record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
         return merged, new_sizes.to(sizes.dtype)
 

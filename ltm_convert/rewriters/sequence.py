@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ltm_convert.block_graph import bind_call, split_block
+from ltm_convert.config import DEFAULT_TOPK
 from ltm_convert.ltm_block import LtmBlock, LtmContext, LtmMask
 from ltm_convert.methods import MaskSpec, mask_factory
 from ltm_convert.tracer import BlockMatch
@@ -87,7 +88,7 @@ class SequenceBlockRewriter:
         return None
 
     def rewrite(self, block: nn.Module, match: BlockMatch, call: tuple[tuple, dict], *, context: LtmContext,
-                prefix: int, first: bool, topk: int = 0, method: str = "ltm", **_: Any) -> LtmBlock:
+                prefix: int, first: bool, topk: int = DEFAULT_TOPK, method: str = "ltm", **_: Any) -> LtmBlock:
         args, kwargs = call
         bound = bind_call(block, args, kwargs)
         split = split_block(block, match.attn_child, bound)

@@ -1,0 +1,89 @@
+"""The LTM mask's arithmetic: the fast paths must compute exactly the merge the design defines.
+
+x~_t = (s_t z_t + sum_i s_i A_it z_i) / (s_t + sum_i s_i A_it), written three ways in ltm_block:
+a dense GEMM (every token to every target), a sparse row update (k targets per token) and the
+banded redundancy score. Each is checked against the formula written out naively.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltm_convert.ltm_block import LtmMask, merge_dense, merge_sparse, redundancy
+
+
+def naive_merge(z_rows, s_rows, z_o, mass):
+    """mass (B, R, T): straight from the definition."""
+    num = s_rows.unsqueeze(-1) * z_rows + torch.einsum("brt,brd->btd", mass, z_o)
+    den = s_rows + mass.sum(dim=1)
+    return num / den.unsqueeze(-1), den
+
+
+def test_dense_and_sparse_merge_match_the_definition():
+    g = torch.Generator().manual_seed(0)
+    B, N, D, R, k = 3, 40, 16, 9, 4
+    z = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    rows = torch.stack([torch.randperm(N, generator=g)[: N - R] for _ in range(B)])  # output rows
+    T = rows.shape[1]
+    z_rows = z.gather(1, rows.unsqueeze(-1).expand(B, T, D))
+    z_o = torch.randn(B, R, D, generator=g, dtype=torch.float64)
+    s_rows = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    # k distinct slots per token, several tokens sharing slots (the case a plain scatter gets wrong)
+    slot = torch.stack([torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(R)]) for _ in range(B)])
+    mass = torch.rand(B, R, k, generator=g, dtype=torch.float64)
+    dense_mass = torch.zeros(B, R, T, dtype=torch.float64).scatter_(2, slot, mass)
+
+    want, want_s = naive_merge(z_rows, s_rows, z_o, dense_mass)
+    got, got_s = merge_dense(z_rows.clone(), s_rows, z_o, dense_mass)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_s, want_s)
+    got, got_s = merge_sparse(z, rows, s_rows, z_o, mass, slot)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_s, want_s)
+
+
+@pytest.mark.parametrize("m", [1, 7, 63, 64, 65, 257])
+def test_banded_redundancy_is_max_cosine_to_an_earlier_token(m):
+    phi = torch.nn.functional.normalize(torch.randn(2, m, 8, generator=torch.Generator().manual_seed(m)), dim=-1)
+    scores = phi @ phi.transpose(1, 2)
+    earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)
+    want = scores.masked_fill(~earlier, float("-inf")).amax(dim=-1).clamp_min(-1.0)
+    torch.testing.assert_close(redundancy(phi), want)
+
+
+def test_sparse_mask_keeps_sizes_and_gradients():
+    """topk=4 (the default): sizes add up, each token reaches at most 4 targets, every parameter
+    and the input get a gradient (the straight-through gate carries kappa's)."""
+    torch.manual_seed(0)
+    mask = LtmMask(24, 8, topk=4)
+    assert mask.topk == 4
+    with torch.no_grad():
+        mask.kappa.weight.normal_()
+        mask.size_weight.fill_(0.3)
+    z = torch.randn(2, 1 + 30, 24, requires_grad=True)
+    sizes = torch.rand(2, 31) + 1.0
+    record = [{}]
+    out, new_sizes = mask(z, sizes, 1, 20, record)
+    assert out.shape == (2, 21, 24)
+    torch.testing.assert_close(new_sizes.sum(dim=1), sizes.sum(dim=1))
+    assert int((record[-1]["assign"] > 0).sum(dim=-1).max()) <= 4
+    out.square().sum().backward()
+    for name, p in mask.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert z.grad.abs().sum() > 0
+
+
+def test_default_k_matches_all_targets_at_the_initial_temperature():
+    """At tau = 1e-3 a token's mass beyond its 4 nearest targets is below float precision when the
+    tokens are distinct, so topk=4 computes what topk=0 (all targets) computes; k >= keep is the
+    dense path itself."""
+    torch.manual_seed(1)
+    dense, sparse, full = LtmMask(24, 8, topk=0), LtmMask(24, 8, topk=4), LtmMask(24, 8, topk=20)
+    sparse.load_state_dict(dense.state_dict())
+    full.load_state_dict(dense.state_dict())
+    z = torch.randn(2, 31, 24)
+    a, sa = dense(z, None, 1, 20)
+    b, sb = sparse(z, None, 1, 20)
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(sb, sa)
+    torch.testing.assert_close(full(z, None, 1, 20)[0], a, rtol=0, atol=0)
