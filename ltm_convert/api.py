@@ -203,6 +203,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "ratio": config.ratio,
         "input_size": list(size),
         "method": config.method,
+        "topk": config.topk if config.method == "ltm" else None,
         "prefix_tokens": plan.prefix_tokens,
         "head": ", ".join(plan.heads),
         "blocks": blocks,

@@ -15,11 +15,10 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Iterator, List, Optional, Tuple
+from typing import Annotated, Any, Iterator, List, Optional
 
 import typer
 
@@ -27,6 +26,18 @@ if __name__ == "__main__":  # `python -m ltm_convert.cli`: the sub-commands impo
     sys.modules.setdefault("ltm_convert.cli", sys.modules[__name__])
 
 from ltm_convert import __version__
+from ltm_convert.cli_options import (  # the commands use these as cli.<Opt>
+    DEFAULT_RATIO,
+    CheckpointOpt,
+    ExcludeOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MethodOpt,
+    NoPretrainedOpt,
+    RatioOpt,
+    TopkOpt,
+    _join_input_size,
+)
 from ltm_convert.errors import LtmError
 
 PROG = "ltm-convert"
@@ -44,7 +55,6 @@ _ClickException = _typer_exception("ClickException")
 _UsageError = _typer_exception("UsageError")
 
 DEBUG_ENV = "LTM_DEBUG"
-DEFAULT_RATIO = 0.8
 
 app = typer.Typer(
     name=PROG,
@@ -58,132 +68,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Argument parsing helpers
-
-
-def _ratio_callback(value: Optional[str]) -> Optional[float]:
-    if value is None:
-        return None
-    from ltm_convert.config import validate_ratio
-
-    try:
-        return validate_ratio(value)
-    except LtmError as exc:
-        raise typer.BadParameter(str(exc)) from None
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:[x×X,]\s*(\d+))?\s*$")
-
-
-def parse_input_size(value: Optional[str]) -> Optional[Tuple[int, int]]:
-    """'224' -> (224, 224); '224x160' / '224,160' -> (224, 160). Two separate numbers
-    (``--input-size 224 160``) are joined into '224x160' by :func:`_join_input_size` first."""
-    if value is None:
-        return None
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise typer.BadParameter(f"expected H W, HxW or one integer (e.g. 224), got {value!r}")
-    h = int(match.group(1))
-    w = int(match.group(2)) if match.group(2) is not None else h
-    if h <= 0 or w <= 0:
-        raise typer.BadParameter(f"height and width must be positive, got {value!r}")
-    return (h, w)
-
-
-def _input_size_callback(value: Optional[str]) -> Optional[Tuple[int, int]]:
-    return parse_input_size(value)
-
-
-_INPUT_SIZE_FLAGS = ("--input-size", "-s")
-
-
-def _join_input_size(argv: List[str]) -> List[str]:
-    """Let ``--input-size 224 160`` mean ``--input-size 224x160`` (click options take a fixed
-    number of values, and ``--input-size 224`` must keep working)."""
-    out: List[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            out.extend(argv[i:])
-            break
-        if (
-            arg in _INPUT_SIZE_FLAGS
-            and i + 2 < len(argv)
-            and argv[i + 1].isdigit()
-            and argv[i + 2].isdigit()
-        ):
-            out.extend([arg, f"{argv[i + 1]}x{argv[i + 2]}"])
-            i += 3
-            continue
-        out.append(arg)
-        i += 1
-    return out
-
-
-# Shared option aliases: every command words the same flag the same way.
-RatioOpt = Annotated[
-    Optional[str],  # parsed by validate_ratio, whose message says what the number means
-    typer.Option(
-        "--ratio",
-        "-r",
-        metavar="R",
-        help="Fraction of the original FLOPs the converted model may use, in (0, 1]. "
-        f"Default {DEFAULT_RATIO}.",
-        callback=_ratio_callback,
-        show_default=False,
-    ),
-]
-NoPretrainedOpt = Annotated[
-    bool,
-    typer.Option(
-        "--no-pretrained",
-        help="Build the architecture with random weights (no download; for trying things out).",
-    ),
-]
-CheckpointOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--checkpoint",
-        "-c",
-        metavar="FILE",
-        help="Load the base model's weights from a local state-dict file (.safetensors, or a "
-        "torch file such as .pt / .bin; never unpickled) instead of downloading them.",
-        exists=True,
-        dir_okay=False,
-        readable=True,
-    ),
-]
-InputSizeOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--input-size",
-        "-s",
-        metavar="H W|HxW|N",
-        help="Input resolution the token schedule and FLOPs are computed for "
-        "(default: the model's own).",
-        callback=_input_size_callback,
-    ),
-]
-ExcludeOpt = Annotated[
-    Optional[List[str]],
-    typer.Option(
-        "--exclude",
-        "-x",
-        metavar="NAME",
-        help="Leave this block (name or name prefix, e.g. blocks.0) unconverted. Repeatable.",
-    ),
-]
-JsonOpt = Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        help="Print one JSON document on stdout (the model description) and nothing else.",
-    ),
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +122,9 @@ def render_summary(info: dict, *, title: Optional[str] = None) -> None:
     size_txt = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) and len(size) == 2 else "?"
     totals.add_row("model", f"{info.get('model', '?')}  ({_source_text(info.get('source'))})")
     totals.add_row("input size", size_txt)
+    if info.get("method"):
+        method = info["method"] + (f" (top-{info['topk']} targets)" if info.get("topk") else "")
+        totals.add_row("method", method)
     totals.add_row("FLOPs before", _fmt_flops(f0))
     totals.add_row("FLOPs after", _fmt_flops(f1))
     ratio_txt = f"{info.get('flops_ratio', float('nan')):.3f}"
@@ -384,6 +271,8 @@ def convert(
     checkpoint: CheckpointOpt = None,
     input_size: InputSizeOpt = None,
     exclude: ExcludeOpt = None,
+    method: MethodOpt = None,
+    topk: TopkOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", "-n", help="Convert in memory and print the plan; write nothing."),
@@ -405,6 +294,8 @@ def convert(
             ratio=ratio,
             input_size=input_size,  # already (H, W) or None
             exclude=list(exclude) if exclude else None,
+            method=method or "ltm",
+            **({} if topk is None else {"topk": topk}),
         )
         info = describe(converted)
         if not dry_run:

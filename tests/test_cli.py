@@ -160,7 +160,7 @@ def test_help_version_and_examples(tmp_path):
 
 
 def test_input_size_forms():
-    from ltm_convert.cli import _join_input_size, parse_input_size
+    from ltm_convert.cli_options import _join_input_size, parse_input_size
 
     assert parse_input_size("224") == (224, 224)
     assert parse_input_size("224x160") == (224, 160)
@@ -188,11 +188,13 @@ def test_readme_and_ci_run_the_same_tests():
         ["convert", TINY, "--no-pretrained", "--dry-run", "--input-size", "big"],
         ["convert", TINY, "--no-pretrained", "--dry-run", "--checkpoint", "no/such/file.safetensors"],
         ["convert", TINY, "--no-pretrained", "--dry-run", "--no-such-flag"],
+        ["convert", TINY, "--no-pretrained", "--dry-run", "--method", "magic"],
+        ["convert", TINY, "--no-pretrained", "--dry-run", "--topk", "-1"],
         ["inspect", "missing.pt"],
         ["frobnicate"],
     ],
     ids=["ratio-0", "ratio-1.5", "ratio-abc", "no-output", "bad-size", "missing-checkpoint",
-         "unknown-flag", "inspect-missing-file", "unknown-command"],
+         "unknown-flag", "unknown-method", "negative-topk", "inspect-missing-file", "unknown-command"],
 )
 def test_argument_errors_are_one_line(tmp_path, args):
     proc = run_cli(*args, cwd=tmp_path)
@@ -286,6 +288,22 @@ def test_convert_pt_then_inspect_roundtrip(tmp_path):
     proc = ok(run_cli("inspect", str(saved), "--ratio", "0.5", cwd=tmp_path))
     assert made["blocks"][-1]["name"] in proc.stdout and "FLOPs after" in proc.stdout
     assert "warning:" in proc.stderr and "--ratio" in proc.stderr
+
+
+def test_convert_with_method_and_topk_saves_them(tmp_path):
+    """--method picks a baseline mask, --topk the LTM mask's targets per token; both travel in
+    the saved config and come back with inspect."""
+    tome = parse_json(run_cli("convert", TINY, "--no-pretrained", "--method", "tome", "-o", "tome.pt", "--json",
+                              cwd=tmp_path))
+    assert tome["method"] == "tome" and tome["topk"] is None
+    assert_near_target(tome)
+    ltm = parse_json(run_cli("convert", TINY, "--no-pretrained", "--topk", "0", "-o", "dense.pt", "--json",
+                             cwd=tmp_path))
+    assert ltm["method"] == "ltm" and ltm["topk"] == 0
+    seen = parse_json(run_cli("inspect", "dense.pt", "--json", cwd=tmp_path))
+    assert (seen["method"], seen["topk"]) == ("ltm", 0)
+    default = ok(run_cli("inspect", "tome.pt", cwd=tmp_path)).stdout
+    assert "method" in default and "tome" in default
 
 
 def test_convert_to_directory_then_inspect(tmp_path):

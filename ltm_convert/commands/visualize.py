@@ -27,7 +27,7 @@ DEFAULT_VIS_RATIO = 0.5
 
 
 def _ratio(value: Optional[str]) -> Optional[float]:
-    from ltm_convert.cli import _ratio_callback
+    from ltm_convert.cli_options import _ratio_callback
 
     return _ratio_callback(value)
 
