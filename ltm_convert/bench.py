@@ -228,6 +228,8 @@ def benchmark(original: nn.Module, converted: dict[str, nn.Module], *, batches: 
         "group": group,
         "original": original_row,
         "models": list(rows.values()),
+        # every timed run, in order (pairs line up index by index when group=1): for spreads
+        "samples_ms": {str(t.batch): {k: [1e3 * v for v in vals] for k, vals in t.samples.items()} for t in timings},
     }
 
 

@@ -55,15 +55,6 @@ def load_converted(target: str, *, ratio: Optional[float], method: Optional[str]
 def register(app: typer.Typer) -> None:
     from ltm_convert import cli as _cli
 
-    def _method(value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        from ltm_convert.methods import method_names
-
-        if value not in method_names():
-            raise typer.BadParameter(f"unknown method {value!r}; choose one of {', '.join(method_names())}")
-        return value
-
     @app.command(epilog=EXPORT_EPILOG, no_args_is_help=True)
     def export(
         target: Annotated[str, typer.Argument(
@@ -72,9 +63,7 @@ def register(app: typer.Typer) -> None:
                  "memory at --ratio with --method first).", show_default=False)],
         output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.onnx", help="Where to write the ONNX file.")],
         ratio: _cli.RatioOpt = None,
-        method: Annotated[Optional[str], typer.Option(
-            "--method", "-m", metavar="M", callback=_method,
-            help="Merge method when converting: ltm (default), tome, tofu, ltmp.")] = None,
+        method: _cli.MethodOpt = None,
         opset: Annotated[int, typer.Option("--opset", min=16, help="ONNX opset (>= 16 for ScatterElements add).")] = 17,
         static_batch: Annotated[bool, typer.Option(
             "--static-batch", help="Fix the batch dimension (default: dynamic batch).")] = False,
