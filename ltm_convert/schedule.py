@@ -44,10 +44,13 @@ def solve(blocks: Sequence[LtmBlock], ratio: float, num_tokens: int, prefix: int
         apply_fraction(blocks, 1.0, num_tokens, prefix)
         return 1.0
     target = ratio * base_flops
+    seen: dict[tuple[int, ...], float] = {}  # token counts are integers: many fractions share them
 
     def error(fraction: float) -> float:
-        apply_fraction(blocks, fraction, num_tokens, prefix)
-        return (measure() - target) / base_flops
+        counts = tuple(apply_fraction(blocks, fraction, num_tokens, prefix))
+        if counts not in seen:
+            seen[counts] = (measure() - target) / base_flops
+        return seen[counts]
 
     lo, hi = 1e-9, 1.0
     e_lo, e_hi = error(lo), 1.0 - ratio
