@@ -71,7 +71,8 @@ def redundancy(phi: torch.Tensor, row_blocks: int = 4) -> torch.Tensor:
 
 
 def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C) with rows src (B, K, C) added at rows idx (B, K), in place. A flat index_add_ is
+    """x (B, T, C) with rows src (B, K, C) added at rows idx (B, K), in place when x is contiguous
+    (use the result). Shared by the LTM mask and the baselines. A flat index_add_ is
     several times faster than scatter_add_ along dim 1 on CPU (whole rows, not single elements), but
     ONNX exports index_add as ScatterND, which overwrites repeated rows instead of summing them;
     the export takes scatter_add (ScatterElements with reduction "add")."""
@@ -79,6 +80,7 @@ def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Ten
     if torch.onnx.is_in_onnx_export():
         return x.scatter_add_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
     flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
+    x = x.contiguous()  # a no-op for fresh tensors; strided inputs (ToMe's odd rows) get one copy
     return x.view(B * T, C).index_add_(0, flat, src.reshape(-1, C)).view(B, T, C)
 
 

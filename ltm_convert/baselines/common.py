@@ -2,9 +2,9 @@
 
 Everything here works on static shapes: a mask turns M mergeable tokens into exactly ``keep``
 tokens, with ``r = M - keep`` decided by the static schedule, never by the data. The merge is
-written as gathers and ``scatter_add`` (sum of size-weighted tokens, then a division by the summed
-sizes), which exports to ONNX (ScatterElements with reduction "add", opset >= 16) and compiles
-without graph breaks.
+written as row gathers and row adds (``ltm_block.take_rows`` / ``add_rows``, shared with the LTM
+mask: sum of size-weighted tokens, then a division by the summed sizes), which export to ONNX
+(Gather, ScatterElements with reduction "add", opset >= 16) and compile without graph breaks.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltm_convert.ltm_block import take_rows
+from ltm_convert.ltm_block import add_rows, take_rows
 from ltm_convert.methods import MaskSpec
 from ltm_convert.rewriters.sequence import init_mask, metric_dim
 
@@ -70,11 +70,6 @@ def bipartite_match(metric: torch.Tensor, r: int, rank: torch.Tensor | None = No
     unm = order[:, r:]
     dst = node_idx.gather(1, src)
     return Matching(src=src, dst=dst, unm=unm, score=node_max, order=order)
-
-
-def scatter_rows(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """base (B, N, C) + src (B, K, C) added at rows idx (B, K) (ONNX: ScatterElements add)."""
-    return base.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src)
 
 
 def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +154,7 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
         if src_weight is not None:
             w = w * src_weight.to(w.dtype)
         wx = w.to(x.dtype).unsqueeze(-1)
-        b_sum = scatter_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, take_rows(x, 2 * match.src) * wx)
+        b_sum = add_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, take_rows(x, 2 * match.src) * wx)
         sb_new = sb.scatter_add(1, match.dst, w)
         b_new = b_sum / sb_new.to(x.dtype).unsqueeze(-1)
         if mlerp:

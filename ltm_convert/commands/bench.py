@@ -41,13 +41,9 @@ def _ratios(values: Optional[List[str]]) -> Optional[List[float]]:
 def _methods(values: Optional[List[str]]) -> Optional[List[str]]:
     if not values:
         return None
-    from ltm_convert.methods import method_names
+    from ltm_convert.cli_options import _method_callback
 
-    known = method_names()
-    for v in values:
-        if v not in known:
-            raise typer.BadParameter(f"unknown method {v!r}; choose one of {', '.join(known)}")
-    return list(dict.fromkeys(values))
+    return list(dict.fromkeys(_method_callback(v) for v in values))
 
 
 def _batches(values: Optional[List[int]]) -> Optional[List[int]]:
