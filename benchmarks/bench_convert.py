@@ -1,85 +1,76 @@
-"""Converted vs original on the bundled real model (DINOv2 ViT-S/14 weights), in one process.
+"""How long conversion takes, phase by phase: what a user waits for before the first forward.
 
-Prints, per ratio: FLOPs ratio (torch.utils.flop_counter), parity at ratio 1.0, cosine of the
-pooled feature with the original on real photos, and CPU latency of batch B, original and converted
-timed alternately (medians), with the speed-up next to 1 / FLOPs ratio.
+Converts timm ``vit_base_patch16_224`` (random weights) and the bundled real DINOv2 ViT-S/14 a few
+times in this process and prints the median seconds of every phase (``model.ltm_timings``: trace =
+torch.export + matching, match = family choice, build = merge modules in, flops = cost model,
+solve = schedule, finish), then times the CLI dry run end to end in a fresh process (imports
+included).
 
-    python benchmarks/bench_convert.py [--batch 32] [--repeats 5] [--ratios 0.8 0.65 0.5] [--json]
+    python benchmarks/bench_convert.py [--repeats 3] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from ltm_convert.api import convert, describe
-from ltm_convert.bundled import bundled_timm, preprocess
+
+def convert_times(name: str, build, repeats: int) -> dict:
+    from ltm_convert.api import convert
+
+    model = build()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        converted = convert(model, 0.8)
+        total = time.perf_counter() - start
+        runs.append({"total": total, **converted.ltm_timings})
+    phases = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return {"model": name, "seconds": phases}
 
 
-def real_photos(n: int) -> torch.Tensor:
-    import skimage.data as skdata
-
-    photos = [skdata.chelsea(), skdata.astronaut(), skdata.coffee(), skdata.rocket()]
-    images = preprocess(photos, 224)
-    return images.repeat((n + len(photos) - 1) // len(photos), 1, 1, 1)[:n]
-
-
-def timed(model: torch.nn.Module, x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(x)
-    return time.perf_counter() - start
+def cli_dry_run(repeats: int) -> float:
+    cmd = [sys.executable, "-m", "ltm_convert.cli", "convert", "vit_base_patch16_224", "--no-pretrained", "--dry-run"]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.8, 0.65, 0.5])
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    torch.manual_seed(0)
-    original = bundled_timm()
-    photos = real_photos(4)
-    x = real_photos(args.batch)
-    with torch.inference_mode():
-        ref = original(photos)
-        parity = (convert(original, 1.0)(photos) - ref).abs().max().item()
-    rows = []
-    for ratio in args.ratios:
-        converted = convert(original, ratio)
-        info = describe(converted)
-        with torch.inference_mode():
-            cos = torch.cosine_similarity(converted(photos), ref)
-        timed(original, x), timed(converted, x)  # warm-up
-        t_orig, t_conv = [], []
-        for _ in range(args.repeats):
-            t_orig.append(timed(original, x))
-            t_conv.append(timed(converted, x))
-        m_orig, m_conv = statistics.median(t_orig), statistics.median(t_conv)
-        rows.append({
-            "ratio": ratio, "flops_ratio": round(info["flops_ratio"], 4),
-            "tokens_last_block": info["blocks"][-1]["tokens_out"],
-            "cosine_min": round(cos.min().item(), 4), "cosine_mean": round(cos.mean().item(), 4),
-            "ms_original": round(1000 * m_orig, 1), "ms_converted": round(1000 * m_conv, 1),
-            "speedup": round(m_orig / m_conv, 3), "ideal_speedup": round(1 / info["flops_ratio"], 3),
-        })
-    result = {"model": "bundled DINOv2 ViT-S/14 @224 (timm)", "batch": args.batch, "threads": torch.get_num_threads(),
-              "parity_max_abs_diff_ratio_1": parity, "rows": rows}
+    import timm
+
+    from ltm_convert.sources import load_model
+
+    results = [
+        convert_times("timm vit_base_patch16_224 (random)",
+                      lambda: timm.create_model("vit_base_patch16_224", pretrained=False).eval(), args.repeats),
+        convert_times("bundled DINOv2 ViT-S/14", lambda: load_model("bundled"), args.repeats),
+    ]
+    cli = cli_dry_run(args.repeats)
+    phases = list(results[0]["seconds"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print("| model | " + " | ".join(phases) + " |")
+    print("|---|" + "---|" * len(phases))
+    for r in results:
+        print(f"| {r['model']} | " + " | ".join(f"{r['seconds'][p]:.2f}" for p in phases) + " |")
+    print(f"\n`ltm-convert convert vit_base_patch16_224 --no-pretrained --dry-run`, end to end: {cli:.2f} s")
     if args.json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"{result['model']}, batch {args.batch}, {result['threads']} threads, CPU fp32")
-    print(f"parity at ratio 1.0: max |diff| = {parity:.2e}")
-    print(f"{'ratio':>6} {'FLOPs':>7} {'last N':>6} {'cos min':>8} {'cos mean':>8} {'orig ms':>8} {'conv ms':>8} "
-          f"{'speed-up':>8} {'1/FLOPs':>8}")
-    for r in rows:
-        print(f"{r['ratio']:>6} {r['flops_ratio']:>7} {r['tokens_last_block']:>6} {r['cosine_min']:>8} "
-              f"{r['cosine_mean']:>8} {r['ms_original']:>8} {r['ms_converted']:>8} {r['speedup']:>8} {r['ideal_speedup']:>8}")
+        with open(args.json, "w") as fh:
+            json.dump({"convert": results, "cli_dry_run_s": cli}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ltm_convert.api import convert, describe
-    from ltm_convert.bundled import bundled_timm
+    from ltm_convert.sources.bundled import bundled_timm
     from ltm_convert.finetune import FinetuneConfig, finetune
     from ltm_convert.finetune.data import fashion_mnist_available
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from ltm_convert.api import convert, describe
-from ltm_convert.bench import benchmark
+from ltm_convert.tools.bench import benchmark
 
 MODELS = ["timm:mobilevit_xxs", "timm:mobilevit_xs", "timm:mobilevit_s", "hf:MobileViTForImageClassification",
           "timm:swin_tiny_patch4_window7_224", "hf:SwinForImageClassification", "timm:efficientvit_b1"]

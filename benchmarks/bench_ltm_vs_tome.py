@@ -20,8 +20,8 @@ import time
 import torch
 
 from ltm_convert.api import convert, describe
-from ltm_convert.bench import benchmark
-from ltm_convert.bundled import bundled_timm
+from ltm_convert.tools.bench import benchmark
+from ltm_convert.sources.bundled import bundled_timm
 
 
 def mask_times(ltm: torch.nn.Module, tome: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from ltm_convert.bench import benchmark, convert_all, markdown_table, real_images
-from ltm_convert.bundled import bundled_timm
+from ltm_convert.tools.bench import benchmark, convert_all, markdown_table
+from ltm_convert.tools.images import sample_photos
+from ltm_convert.sources.bundled import bundled_timm
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     original = bundled_timm()
     converted = convert_all(original, args.ratios, args.methods, log=log)
     result = benchmark(original, converted, batches=args.batches, repeats=args.repeats, warmup=args.warmup,
-                       device=args.device, dtype=args.dtype, compile=args.compile, images=real_images(224), group=args.group,
+                       device=args.device, dtype=args.dtype, compile=args.compile, images=sample_photos(224), group=args.group,
                        log=log)
     if args.json:
         with open(args.json, "w") as f:

@@ -14,8 +14,9 @@ import argparse
 
 import torch
 
-from ltm_convert.bench import benchmark, convert_all, markdown_table, real_images
-from ltm_convert.bundled import bundled_timm
+from ltm_convert.tools.bench import benchmark, convert_all, markdown_table
+from ltm_convert.tools.images import sample_photos
+from ltm_convert.sources.bundled import bundled_timm
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     original = bundled_timm(img_size=args.size)
     models = convert_all(original, [args.ratio], ["ltm", "tome", "tofu", "ltmp"])
     result = benchmark(original, models, batches=[args.batch], repeats=3, warmup=1,
-                       images=real_images(args.size))
+                       images=sample_photos(args.size))
     print(markdown_table(result, args.batch))
     print("ok")
 

@@ -1,10 +1,13 @@
-"""Teach ltm_convert a block family of your own with a custom rewriter.
+"""Teach ltm_convert a model family of your own: one class, registered with ``register_family``.
 
-A rewriter says whether it can handle a block (``reason_unsupported`` -> None) and builds its LTM
-form (``rewrite``). ``register_rewriter(r)`` puts it ahead of the built-in generic rewriter, so it
-claims its blocks first. Here a home-made ViT block ("MixerBlock", attention in ``mix``) is
-claimed by a rewriter that reuses the generic graph cut but gives every mask a wider top-k and
-logs what it did; it refuses every other block, which the generic rewriter then takes.
+A family (ltm_convert/rewriters/base.py) reads the model analysis and returns a plan or the reason
+it does not apply (``find``), builds its merge modules into the model (``build``), lists its merge
+sites for the schedule solver (``sites``, ``cost_model``), applies a schedule (``apply``) and
+describes itself (``describe``). ``register_family(f)`` puts it ahead of the built-in families, so
+it claims its models first. Here a home-made ViT whose blocks are "MixerBlock"s (attention in
+``mix``) is claimed by a family that reuses the token-sequence family's graph cut and schedule
+but gives every mask a wider top-k and logs what it did; any other model falls through to the
+built-in families.
 
 Run: python examples/custom_rewriter.py   (random weights, offline, a few seconds)
 """
@@ -14,8 +17,8 @@ import torch
 from torch import nn
 
 from ltm_convert.api import convert, describe, ltm_blocks
-from ltm_convert.rewriters import register_rewriter
-from ltm_convert.rewriters.sequence import SequenceBlockRewriter
+from ltm_convert.rewriters import register_family, unregister_family
+from ltm_convert.rewriters.sequence import SequenceFamily
 
 
 class SelfAttention(nn.Module):
@@ -65,33 +68,35 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
-class MixerRewriter(SequenceBlockRewriter):
-    """Claims MixerBlocks only; same graph cut as the generic rewriter, top-k 8 for every mask."""
+class MixerFamily(SequenceFamily):
+    """Claims models built from MixerBlocks only; the token-sequence family's cut, top-k 8 for every mask."""
 
     name = "mixer"
 
     def __init__(self) -> None:
         self.rewritten: list[str] = []
 
-    def reason_unsupported(self, block: nn.Module, match) -> str | None:
-        if not isinstance(block, MixerBlock):
-            return f"not a MixerBlock ({type(block).__name__})"
-        return super().reason_unsupported(block, match)
+    def find(self, analysis):
+        if not all(isinstance(analysis.modules.get(b.name), MixerBlock) for b in analysis.blocks):
+            return f"{analysis.model_class} is not built from MixerBlocks"
+        return super().find(analysis)
 
-    def rewrite(self, block: nn.Module, match, call, **options):
-        options["topk"] = 8
-        self.rewritten.append(match.name)
-        return super().rewrite(block, match, call, **options)
+    def build(self, model, plan, analysis, config):
+        config.topk = 8
+        self.rewritten += plan.block_names
+        super().build(model, plan, analysis, config)
 
 
 def main() -> None:
     torch.manual_seed(0)
     model = TinyViT().eval()
-    rewriter = register_rewriter(MixerRewriter())
-
-    converted = convert(model, ratio=0.6, input_size=64)
+    family = register_family(MixerFamily())
+    try:
+        converted = convert(model, ratio=0.6, input_size=64)
+    finally:
+        unregister_family(family)
     info = describe(converted)
-    print(f"rewritten by {rewriter.name!r}: {', '.join(rewriter.rewritten)}")
+    print(f"rewritten by {family.name!r}: {', '.join(family.rewritten)}")
     for name, blk in ltm_blocks(converted):
         print(f"  {name}: {blk.ltm_tokens_in} tokens in -> keeps {blk.ltm_keep} (+{blk.ltm_prefix} prefix), "
               f"top-k {blk.ltm_mask.topk}")
@@ -100,7 +105,7 @@ def main() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         print("logits", tuple(converted(x).shape), "vs original", tuple(model(x).shape))
-    assert rewriter.rewritten == [f"blocks.{i}" for i in range(4)]
+    assert family.rewritten == [f"blocks.{i}" for i in range(4)]
     assert all(blk.ltm_mask.topk == 8 for _, blk in ltm_blocks(converted))
     assert abs(info["flops_ratio"] - 0.6) < 0.05
     print("ok")

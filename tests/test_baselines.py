@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import hf_model, images_for, timm_model
 
 from ltm_convert.api import convert, describe, ltm_blocks, ltm_parameters
-from ltm_convert.baselines import LtmpMask, ToMeMask
-from ltm_convert.baselines.common import rounds
 from ltm_convert.flops import count_flops
-from ltm_convert.methods import MaskSpec, mask_factory, method_names
+from ltm_convert.merge.baselines import LtmpMask, ToMeMask
+from ltm_convert.merge.baselines.common import rounds
+from ltm_convert.merge.methods import MaskSpec, mask_factory, method_names
 from ltm_convert.model_inputs import all_outputs, run_model
-from model_zoo import hf_model, images_for, timm_model
 
 BASELINES = ["tome", "tofu", "ltmp"]
 
@@ -45,16 +45,13 @@ def test_parity_flops_and_static_shapes(method, family):
     for key in ref:
         assert torch.isfinite(out[key]).all()
     # static shapes: every merging block emits exactly prefix + keep tokens, whatever the images
-    ctx = merged.__dict__["_ltm_context"]
-    ctx.record = True
-    try:
-        with torch.no_grad():
-            run_model(merged, x)
-    finally:
-        ctx.record = False
+    from ltm_convert.merge.state import recording
+
+    with torch.no_grad(), recording() as records:
+        run_model(merged, x)
     blocks = dict(ltm_blocks(merged))
-    assert ctx.records
-    for rec in ctx.records:
+    assert records
+    for rec in records:
         blk = blocks[rec["block"]]
         m = rec["tokens_in"] - blk.ltm_prefix
         assert rec["assign"].shape == (3, m, blk.keep_for(rec["tokens_in"]))
@@ -103,12 +100,12 @@ def test_save_load_round_trip(tmp_path):
 
 # -- the mask modules alone ---------------------------------------------------------------------
 
-def _spec(first: bool = False) -> MaskSpec:
+def _spec(first: bool = False, index: int = 0) -> MaskSpec:
     from timm.models.vision_transformer import Block
 
     torch.manual_seed(0)
     block = Block(dim=32, num_heads=4).eval()
-    return MaskSpec(dim=32, block=block, attn=block.attn, pre_norm="norm1", first=first, topk=0)
+    return MaskSpec(dim=32, block=block, attn=block.attn, pre_norm="norm1", first=first, topk=0, index=index)
 
 
 def _tokens(b=2, n=21, d=32, seed=0):
@@ -121,7 +118,7 @@ def test_tome_conserves_size_and_averages(keep):
     mask = ToMeMask(_spec())
     z = _tokens()
     sizes = torch.rand(2, 21) * 3 + 0.5
-    out, out_sizes = mask(z, sizes, 1, keep)
+    out, out_sizes, _ = mask(z, sizes, 1, keep)
     assert out.shape == (2, 1 + keep, 32) and out_sizes.shape == (2, 1 + keep)
     assert torch.equal(out[:, 0], z[:, 0]) and torch.equal(out_sizes[:, 0], sizes[:, 0])  # prefix untouched
     assert torch.allclose(out_sizes.sum(1), sizes.sum(1), atol=1e-4)  # merging conserves total size
@@ -135,7 +132,7 @@ def test_tome_merges_duplicates_first():
     mask = ToMeMask(_spec())
     z = _tokens(n=10)
     z[:, 3] = z[:, 4]  # token 3 (A) duplicates token 4 (B): the strongest edge
-    out, sizes = mask(z, None, 0, 9)
+    out, sizes, _ = mask(z, None, 0, 9)
     assert sizes.max().item() == 2.0
     assert torch.allclose(out[sizes == 2.0], z[:, 4], atol=1e-5)
 
@@ -152,17 +149,17 @@ def test_rounds_cover_any_keep():
 
 
 def test_tofu_prunes_early_and_mlerps_later():
-    specs = [_spec(first=True)] + [_spec() for _ in range(4)]
+    specs = [_spec(first=True)] + [_spec(index=i) for i in range(1, 5)]
     masks = [mask_factory("tofu")(s) for s in specs]
     assert [m.prune for m in masks] == [True, True, True, False, False]
     z = _tokens()
-    out, sizes = masks[0](z, None, 1, 12)
+    out, sizes, _ = masks[0](z, None, 1, 12)
     # pruning: every output token is an input token unchanged; sizes do not grow
     for b in range(2):
         for t in range(out.shape[1]):
             assert (out[b, t] - z[b]).abs().amax(-1).min().item() == 0.0
     assert sizes.max().item() == 1.0
-    out, sizes = masks[-1](z, None, 1, 12)
+    out, sizes, _ = masks[-1](z, None, 1, 12)
     # MLERP: a merged token takes the largest norm among the tokens merged into it
     norms = z[:, 1:].norm(dim=-1)
     assert torch.all(out[:, 1:].norm(dim=-1) <= norms.max(dim=1, keepdim=True).values + 1e-4)
@@ -174,11 +171,11 @@ def test_ltmp_thresholds_choose_merge_or_prune():
     z = _tokens()
     with torch.no_grad():
         mask.theta_prune.fill_(10.0)  # everything below the prune threshold: the removed tokens are dropped
-        _, sizes = mask(z, None, 0, 12)
+        _, sizes, _ = mask(z, None, 0, 12)
     assert torch.allclose(sizes.sum(1), torch.full((2,), 12.0))
     with torch.no_grad():
         mask.theta_prune.fill_(-10.0)  # nothing prunable: the removed tokens are merged
-        _, sizes = mask(z, None, 0, 12)
+        _, sizes, _ = mask(z, None, 0, 12)
     assert torch.allclose(sizes.sum(1), torch.full((2,), 21.0))
 
 
@@ -186,8 +183,11 @@ def test_ltmp_thresholds_choose_merge_or_prune():
 def test_record_assign_rows(cls):
     mask = cls(_spec())
     z = _tokens()
-    record = [{"block": "b", "tokens_in": 21}]
-    out, sizes = mask(z, None, 1, 7, record)
+    from ltm_convert.merge.state import recording
+
+    with recording() as record:
+        record.append({"block": "b", "tokens_in": 21})
+        out, sizes, _ = mask(z, None, 1, 7)
     rec = record[-1]
     assign = rec["assign"]
     assert assign.shape == (2, 20, 7)

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 import typer
+from model_zoo import images_for, timm_model
 from typer.testing import CliRunner
 
 from ltm_convert.api import convert
-from ltm_convert.bench import benchmark, markdown_table, time_against_original
-from ltm_convert.export import export_onnx, verify_onnx
 from ltm_convert.sources import load_model
-from model_zoo import images_for, timm_model
+from ltm_convert.tools.bench import benchmark, markdown_table, time_against_original
+from ltm_convert.tools.export import export_onnx, verify_onnx
 
 EXPORT_METHODS = ["ltm", "tome"]
 
@@ -86,7 +86,8 @@ def test_onnx_export_matches_pytorch(converted, method, tmp_path):
 
 
 def _app():
-    from ltm_convert.commands import bench as bench_cmd, export as export_cmd
+    from ltm_convert.commands import bench as bench_cmd
+    from ltm_convert.commands import export as export_cmd
 
     app = typer.Typer()
     bench_cmd.register(app)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ltm_convert.api import convert, describe
-from ltm_convert.bundled import bundled_hf, bundled_timm, preprocess
+from ltm_convert.sources.bundled import bundled_hf, bundled_timm
+from ltm_convert.tools.images import preprocess
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_help_version_and_examples(tmp_path):
 
 
 def test_input_size_forms():
-    from ltm_convert.cli_options import _join_input_size, parse_input_size
+    from ltm_convert.commands._common import _join_input_size, parse_input_size
 
     assert parse_input_size("224") == (224, 224)
     assert parse_input_size("224x160") == (224, 160)
@@ -213,16 +213,18 @@ def test_debug_env_shows_traceback(tmp_path):
 
 def test_unexpected_error_is_one_line_exit_1(monkeypatch, capsys):
     import ltm_convert.cli as cli
+    import ltm_convert.commands.convert as command
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.delenv("LTM_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "_load_source", boom)
+    monkeypatch.setattr(command, "resolve_model", boom)
     assert cli.main(["convert", TINY, "--dry-run", "--json"]) == 1
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err == "error: RuntimeError: boom second line (set LTM_DEBUG=1 for the traceback)\n"
+    line = "RuntimeError: boom second line (set LTM_DEBUG=1 for the traceback)"
+    assert json.loads(captured.out) == {"error": line}  # --json: the error is the one document on stdout
+    assert captured.err == f"error: {line}\n"
 
     monkeypatch.setenv("LTM_DEBUG", "1")
     with pytest.raises(RuntimeError, match="boom"):
@@ -342,11 +344,12 @@ def test_unsupported_family(tmp_path):
         "convert", "convnext_atto", "--no-pretrained", "--dry-run", "-s", "64", cwd=tmp_path))
 
 
-def test_json_mode_errors_keep_stdout_empty(tmp_path):
+def test_json_mode_errors_are_one_json_document(tmp_path):
+    """--json: stdout holds exactly one document, {"error": <the same line as on stderr>}."""
     proc = run_cli("convert", "definitely_not_a_model_xyz", "--no-pretrained", "--dry-run",
                    "--json", cwd=tmp_path)
-    assert_one_line_error(proc)
-    assert proc.stdout == ""
+    line = assert_one_line_error(proc)
+    assert json.loads(proc.stdout) == {"error": line[len("error: "):]}
 
 
 def test_inspect_corrupt_file(tmp_path):

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_zoo import HF_FAMILIES, TIMM_FAMILIES, hf_model, images_for, timm_model
 
 from ltm_convert.api import convert, describe, find_blocks, ltm_blocks, ltm_parameters
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.flops import count_flops
 from ltm_convert.model_inputs import all_outputs, run_model
-from model_zoo import HF_FAMILIES, TIMM_FAMILIES, hf_model, images_for, timm_model
 
 
 def _model(kind: str):
@@ -79,8 +79,9 @@ def test_batch_independence_and_any_batch_size():
 
 
 def test_prefix_tokens_survive_and_sizes_add_up():
+    from ltm_convert.merge.state import state_of
+
     model = convert(timm_model("dinov2-registers"), 0.5)
-    ctx = model.__dict__["_ltm_context"]
     x = images_for(model, batch=2)
     seen = {}
 
@@ -96,7 +97,7 @@ def test_prefix_tokens_survive_and_sizes_add_up():
         h.remove()
     prefix = model.num_prefix_tokens
     assert prefix == 5
-    sizes = ctx.sizes
+    sizes = state_of(feats).sizes
     n_patches = (98 // 14) ** 2
     assert feats.shape[1] == sizes.shape[1] < prefix + n_patches
     assert torch.equal(sizes[:, :prefix], torch.ones(2, prefix))
@@ -117,11 +118,13 @@ def test_proportional_attention_is_applied():
 
 
 def test_average_pool_is_size_weighted():
+    from ltm_convert.merge.state import state_of
+
     model = convert(timm_model("vit-avg"), 0.5)
     x = images_for(model)
     with torch.no_grad():
         feats = model.forward_features(x)
-        sizes = model.__dict__["_ltm_context"].sizes
+        sizes = state_of(feats).sizes
         pooled = model.pool(feats)
     weighted = (feats * sizes.unsqueeze(-1)).sum(1) / sizes.sum(1, keepdim=True)
     assert torch.allclose(pooled, weighted, atol=1e-5)

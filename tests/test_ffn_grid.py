@@ -7,15 +7,24 @@ import warnings
 
 import pytest
 import torch
+from model_zoo import (
+    FFN_GRID_HF,
+    FFN_GRID_SIZES,
+    FFN_GRID_TIMM,
+    check_batch_independence,
+    check_closest_reachable,
+    check_grid_schedule,
+    check_ltm_gradients,
+    check_mask_finetune_step,
+    check_save_load,
+    ffn_grid_model,
+)
 
 from ltm_convert.api import convert, describe, find_blocks, unmerged_copy
 from ltm_convert.errors import LtmError
-from ltm_convert.ffn_grid import FfnGridMerge
 from ltm_convert.io import load, save
+from ltm_convert.rewriters.ffn_grid import FfnGridMerge
 from ltm_convert.sources import load_model
-from model_zoo import (FFN_GRID_HF, FFN_GRID_SIZES, FFN_GRID_TIMM, check_batch_independence,
-                        check_closest_reachable, check_grid_schedule, check_ltm_gradients,
-                        check_mask_finetune_step, check_save_load, ffn_grid_model)
 
 ALL = list(FFN_GRID_TIMM) + FFN_GRID_HF
 
@@ -106,7 +115,7 @@ def test_merge_and_unmerge_keep_a_constant_map():
     mask.configure(4, 6)
     state = mask.assignment(torch.randn(2, 6, 9, 8))
     z = torch.full((2, 6, 9, 8), 3.0)
-    merged = mask.merge(z, state)
+    merged, _ = mask.merge(z, state)
     assert merged.shape == (2, 4, 6, 8) and torch.allclose(merged, torch.full_like(merged, 3.0))
     assert torch.allclose(mask.unmerge(merged, state), z)
     A_w, A_h = state
@@ -115,26 +124,24 @@ def test_merge_and_unmerge_keep_a_constant_map():
 
 
 def test_the_schedule_s_flops_fit_is_exact():
-    """ffn_grid.solve measures three options per block and fits the rest; check against counting."""
-    from ltm_convert.ffn_grid import apply_choice, model_masks
-    from ltm_convert.flops import count_flops_by_module, meta_copy
-    from ltm_convert.grid import fit_savings, grid_options, probe_options
+    """The cost model counts three options per block and fits the rest; check against counting."""
+    from ltm_convert.flops import count_flops, meta_copy
+    from ltm_convert.rewriters import family_named
+    from ltm_convert.schedule import full_keep
 
     converted = meta_copy(convert(ffn_grid_model("efficientvit-b1"), 0.8))
-    masks = model_masks(converted)
-    site, mask = converted.ltm_plan.ffn_grids[0], masks[0]
-    full = [m.grid for m in masks]
+    plan = converted.ltm_plan
+    family = family_named(plan.family)
+    cost = family.cost_model(converted, plan)
+    sites = family.sites(converted, plan)
+    full = full_keep(sites)
+    site = sites[0]
 
-    def saving(option):
-        apply_choice(masks, [option] + full[1:])
-        counts = count_flops_by_module(converted, (224, 224), [site.block])
-        apply_choice(masks, full)
-        return count_flops_by_module(converted, (224, 224), [site.block])[site.block] - counts[site.block]
+    def counted(k):
+        family.apply(converted, plan, {**full, site.name: k})
+        return count_flops(converted, (224, 224))
 
-    options = grid_options(*site.grid)
-    measured = {o: saving(o) for o in probe_options(options, mask.tokens_in)}
-    fitted = fit_savings(options, mask.tokens_in, measured, basis=lambda g: [1.0, float(g[0] * g[1]), float(g[1])])
-    assert max(abs(f - saving(o)) for f, o in zip(fitted, options)) < 1.0
+    assert max(abs(cost.flops({**full, site.name: k}) - counted(k)) for k in site.options) < 1.0
 
 
 def test_a_finetune_step_trains_only_the_masks(tmp_path):
@@ -169,7 +176,7 @@ def test_clear_errors():
     effvit = quiet_convert(ffn_grid_model("efficientvit-b1"), 0.8)  # timm's Swin itself refuses other sizes
     with pytest.raises(LtmError, match="--input-size"):
         effvit(torch.randn(1, 3, 192, 192))
-    from ltm_convert.visualize import trace_model
+    from ltm_convert.tools.visualize import trace_model
 
     with pytest.raises(LtmError, match="2-D patch grids"):
         trace_model(converted, images("swin", 1))

@@ -312,9 +312,9 @@ def test_fashion_mnist_end_to_end(tiny_file, tmp_path):
     data = build_data("fashion-mnist", model, input_size=(64, 64), train_samples=4, val_samples=4)
     x, y = data.train[0]
     assert x.shape == (3, 64, 64) and 0 <= y < 10 and data.num_classes == 10
-    from ltm_convert.finetune.data import model_normalisation
+    from ltm_convert.tools.images import normalisation
 
-    mean, std = model_normalisation(model)
+    mean, std = normalisation(model)
     assert x.min() >= (0 - max(mean)) / min(std) - 1e-4 and x.min() < 0 < x.max()  # model's mean / std
     evals = [h for h in history if h["type"] == "eval"]
     assert evals[0]["when"] == "before" and "accuracy" in evals[-1]
@@ -344,3 +344,73 @@ def test_freeze_keeps_named_parameters_out_of_the_optimizer(tiny):
     trained = {id(p) for g in groups for p in g["params"]}
     for name, p in student.named_parameters():
         assert (id(p) in trained) == (".ltm_" in name and "ltm_mask.kappa" not in name), name
+
+
+def test_diverging_weights_never_reach_a_checkpoint(tiny, tmp_path):
+    """--mask-lr 1e30 after two good steps: the weights blow up; the checkpoint the message names
+    holds the last weights that gave a finite loss, the log stays valid JSON, and a resume with a
+    sane learning rate takes it (and says so) instead of bringing the 1e30 back."""
+    import json
+    import warnings
+
+    Trainer(fresh(tiny), synthetic(48), quiet(epochs=1, max_steps=2), tmp_path).fit()
+    wild = Trainer(fresh(tiny), synthetic(48), quiet(epochs=1, mask_lr=1e30), tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wild.resume()
+    assert any("--mask-lr 0.001 -> 1e+30" in str(w.message) for w in caught)
+    with pytest.raises(LtmError) as e:
+        wild.fit()
+    msg = _one_line(e)
+    assert "NaN" in msg and "checkpoint.pt (step 2)" in msg and "at step 4" in msg
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["position"]["global_step"] == 2
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e6 for v in ck["model"].values() if v.is_floating_point())
+    for line in (tmp_path / "log.jsonl").read_text().splitlines():
+        json.loads(line)  # strict JSON: no bare NaN
+    sane = Trainer(fresh(tiny), synthetic(48), quiet(epochs=1, max_steps=4), tmp_path)
+    sane.resume()
+    assert all(g["lr"] < 1 for g in sane.optimizer.param_groups)
+    sane.fit()
+    assert all(torch.isfinite(p).all() for p in sane.student.parameters())
+
+
+def test_log_lines_are_valid_json_even_with_nan_values(tmp_path, tiny):
+    import json
+
+    from ltm_convert.finetune.loop import finite_json
+
+    tr = Trainer(fresh(tiny), synthetic(16), quiet(), tmp_path)
+    tr._log({"type": "train", "step": 1, "loss": float("nan"), "grad_norm": float("inf"), "nested": [float("-inf")]})
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert rec["loss"] == "nan" and rec["grad_norm"] == "inf" and rec["nested"] == ["-inf"]
+    assert finite_json({"a": 1.5}) == {"a": 1.5}
+
+
+def test_truncated_jpegs_are_counted_and_reported(tmp_path, capsys):
+    """A truncated JPEG passes PIL's verify() and fails when decoded: it is replaced by the next
+    readable image and counted; the count is printed at the end of every epoch."""
+    from PIL import Image
+
+    from ltm_convert.finetune import finetune
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (48, 48), (30 * i, 100, 20)).save(root / c / f"{i}.jpg", quality=95)
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "bad.jpg").write_bytes(good[: len(good) // 2])  # truncated: verify() passes
+    (root / "b" / "junk.jpg").write_bytes(b"not an image")  # caught when indexing
+    _, history = finetune(fresh_tiny_model(), str(root), workdir=tmp_path / "run", config=quiet(epochs=1, batch_size=4),
+                          val_fraction=0.2)
+    out = capsys.readouterr().out
+    data = [h for h in history if h.get("type") == "data"]
+    assert data and data[-1]["skipped_images"] >= 2 and data[-1]["unreadable_at_scan"] >= 1
+    assert "skipped" in out and "unreadable" in out
+
+
+def fresh_tiny_model():
+    torch.manual_seed(0)
+    model = load_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    return convert(model, 0.5)

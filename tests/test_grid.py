@@ -6,13 +6,22 @@ import warnings
 
 import pytest
 import torch
+from model_zoo import (
+    GRID_HF,
+    GRID_TIMM,
+    check_batch_independence,
+    check_closest_reachable,
+    check_grid_schedule,
+    check_ltm_gradients,
+    check_mask_finetune_step,
+    check_save_load,
+    grid_model,
+)
 
 from ltm_convert.api import convert, describe, find_blocks
 from ltm_convert.errors import LtmError, UnsupportedModelError
-from ltm_convert.grid import grid_geometry, grid_options
+from ltm_convert.merge.grid import grid_geometry, grid_options
 from ltm_convert.sources import load_model
-from model_zoo import (GRID_HF, GRID_TIMM, check_batch_independence, check_closest_reachable, check_grid_schedule,
-                        check_ltm_gradients, check_mask_finetune_step, check_save_load, grid_model)
 
 ALL = list(GRID_TIMM) + GRID_HF
 
@@ -103,7 +112,7 @@ def test_clear_errors():
     converted = convert(model, 0.8)
     with pytest.raises(LtmError, match="--input-size"):
         converted(torch.randn(1, 3, 192, 192))
-    from ltm_convert.visualize import trace_model
+    from ltm_convert.tools.visualize import trace_model
 
     with pytest.raises(LtmError, match="2-D patch grids"):
         trace_model(converted, images(1))
@@ -125,23 +134,23 @@ def test_a_finetune_step_trains_the_grid_masks(tmp_path):
 
 
 def test_the_schedule_s_quadratic_flops_curve_is_exact():
-    """solve_grids measures three options per group and fits the rest; check it against counting all."""
-    from ltm_convert import grid
+    """The cost model counts three options per group and fits the rest; check it against counting all."""
     from ltm_convert.flops import count_flops, meta_copy
+    from ltm_convert.rewriters import family_named
+    from ltm_convert.schedule import full_keep
 
     model = grid_model("mobilevit-xxs")
     converted = convert(model, 0.8)
     plan = converted.ltm_plan
     counted = meta_copy(converted)
-    blocks = [counted.get_submodule(n) for n in plan.block_names]
-    base = count_flops(model, (256, 256))
-    full = [g.grid for g in plan.grids]
-    gi, group = 1, plan.grids[1]  # the 8 x 8 group: 8 options, 5 of them fitted
+    family = family_named(plan.family)
+    cost = family.cost_model(counted, plan)
+    sites = family.sites(counted, plan)
+    full = full_keep(sites)
+    site = sites[1]  # the 8 x 8 group: 8 options, 5 of them fitted
 
-    def saving(option):
-        grid.apply_grid_choice(blocks, plan, [option if j == gi else full[j] for j in range(len(full))])
-        return base - count_flops(counted, (256, 256))
+    def flops(k):
+        family.apply(counted, plan, {**full, site.name: k})
+        return count_flops(counted, (256, 256))
 
-    options = grid.grid_options(*group.grid)
-    fitted = grid._savings_curve(options, group.tokens, saving)
-    assert max(abs(f - saving(o)) for f, o in zip(fitted, options)) < 1.0
+    assert max(abs(cost.flops({**full, site.name: k}) - flops(k)) for k in site.options) < 1.0

@@ -6,12 +6,12 @@ import pickle
 
 import pytest
 import torch
+from model_zoo import hf_model, images_for
 
 from ltm_convert.api import convert, describe
 from ltm_convert.errors import LtmError
 from ltm_convert.io import load, save
 from ltm_convert.sources import load_model
-from model_zoo import hf_model, images_for
 
 
 @pytest.fixture(scope="module")

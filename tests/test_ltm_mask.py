@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ltm_convert.ltm_block import LtmMask, merge_dense, merge_sparse, redundancy
+from ltm_convert.merge.ltm_mask import LtmMask, merge_dense, merge_sparse, redundancy
 
 
 def naive_merge(z_rows, s_rows, z_o, mass):
@@ -62,8 +62,11 @@ def test_sparse_mask_keeps_sizes_and_gradients():
         mask.size_weight.fill_(0.3)
     z = torch.randn(2, 1 + 30, 24, requires_grad=True)
     sizes = torch.rand(2, 31) + 1.0
-    record = [{}]
-    out, new_sizes = mask(z, sizes, 1, 20, record)
+    from ltm_convert.merge.state import recording
+
+    with recording() as record:
+        record.append({})
+        out, new_sizes, _ = mask(z, sizes, 1, 20)
     assert out.shape == (2, 21, 24)
     torch.testing.assert_close(new_sizes.sum(dim=1), sizes.sum(dim=1))
     assert int((record[-1]["assign"] > 0).sum(dim=-1).max()) <= 4
@@ -82,8 +85,8 @@ def test_default_k_matches_all_targets_at_the_initial_temperature():
     sparse.load_state_dict(dense.state_dict())
     full.load_state_dict(dense.state_dict())
     z = torch.randn(2, 31, 24)
-    a, sa = dense(z, None, 1, 20)
-    b, sb = sparse(z, None, 1, 20)
+    a, sa, _ = dense(z, None, 1, 20)
+    b, sb, _ = sparse(z, None, 1, 20)
     torch.testing.assert_close(b, a)
     torch.testing.assert_close(sb, sa)
     torch.testing.assert_close(full(z, None, 1, 20)[0], a, rtol=0, atol=0)

@@ -5,7 +5,14 @@ import fnmatch
 import re
 from pathlib import Path
 
-from model_zoo import FFN_GRID_HF, FFN_GRID_TIMM, GRID_HF, GRID_TIMM, HF_FAMILIES, TIMM_FAMILIES
+from model_zoo import (
+    FFN_GRID_HF,
+    FFN_GRID_TIMM,
+    GRID_HF,
+    GRID_TIMM,
+    HF_FAMILIES,
+    TIMM_FAMILIES,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltm_convert import bundled
 from ltm_convert.errors import LtmError
 from ltm_convert.sources import (
     ModelSource,
     build_model,
+    bundled,
     load_model,
     parse_source,
     read_checkpoint,
@@ -152,9 +152,12 @@ def test_preprocess_normalises_like_imagenet() -> None:
     import numpy as np
 
     img = np.full((300, 400, 3), 255, dtype=np.uint8)
-    x = bundled.preprocess([img, img[:, :, :]], 224)
+    from ltm_convert.config import IMAGENET_MEAN, IMAGENET_STD
+    from ltm_convert.tools.images import preprocess
+
+    x = preprocess([img, img[:, :, :]], 224)
     assert x.shape == (2, 3, 224, 224)
-    expect = (1 - torch.tensor(bundled.IMAGENET_MEAN)) / torch.tensor(bundled.IMAGENET_STD)
+    expect = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[0, :, 100, 100], expect, atol=1e-4)
 
 
@@ -208,7 +211,7 @@ def test_model_source_json_round_trip() -> None:
 
 
 def test_pretrained_download_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ltm_convert import sources
+    from ltm_convert.sources import build as sources
 
     if sources._hub_reachable():  # keep the test offline on machines that do have a network
         import huggingface_hub.constants as hc

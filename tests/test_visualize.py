@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ltm_convert.errors import LtmError
-from ltm_convert.visualize import merge_trace, render, source_maps, visualize
+from ltm_convert.tools.visualize import merge_trace, render, source_maps, visualize
 
 
 def _records() -> list[dict]:
@@ -77,7 +77,7 @@ def test_render_synthetic_trace():
 def bundled_half():
     pytest.importorskip("skimage")
     from ltm_convert.api import convert
-    from ltm_convert.bundled import bundled_timm
+    from ltm_convert.sources.bundled import bundled_timm
 
     return convert(bundled_timm(), 0.5)
 
@@ -85,12 +85,18 @@ def bundled_half():
 def test_bundled_real_model_on_chelsea(bundled_half, tmp_path):
     from skimage.data import chelsea
 
-    from ltm_convert.visualize import save_png
+    from ltm_convert.tools.visualize import save_png
 
     fig, trace = visualize(bundled_half, [chelsea()], targets=3)
     out = save_png(fig, tmp_path / "chelsea.png")
-    ctx = bundled_half.__dict__["_ltm_context"]
-    records = ctx.records
+    from types import SimpleNamespace
+
+    from ltm_convert.merge.state import recording, state_of
+    from ltm_convert.tools.images import model_input
+
+    with torch.no_grad(), recording() as records:  # the same forward, its records and final sizes
+        feats = bundled_half.forward_features(model_input(bundled_half, [chelsea()]))
+    ctx = SimpleNamespace(sizes=state_of(feats).sizes)
 
     # the PNG: one row, image + 3 heat-maps + partition panels of 224 px, colour bar; varied content
     png = Image.open(out)
@@ -143,7 +149,7 @@ def photo(tmp_path_factory):
 def saved_files(tmp_path_factory):
     """Small saved LTM files (what `convert -o` / fine-tuning write), one per method."""
     from ltm_convert import convert, load_model, save
-    from ltm_convert.methods import method_names
+    from ltm_convert.merge.methods import method_names
 
     folder = tmp_path_factory.mktemp("saved")
     base = load_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3)

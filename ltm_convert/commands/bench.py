@@ -10,6 +10,16 @@ from typing import Annotated, Any, List, Optional
 
 import typer
 
+from ltm_convert.commands._common import (
+    CheckpointOpt,
+    InputSizeOpt,
+    NoPretrainedOpt,
+    emit_json,
+    method_callback,
+    quiet_stdout,
+    resolve_model,
+    say,
+)
 from ltm_convert.errors import LtmError
 
 BENCH_EPILOG = """\
@@ -41,9 +51,7 @@ def _ratios(values: Optional[List[str]]) -> Optional[List[float]]:
 def _methods(values: Optional[List[str]]) -> Optional[List[str]]:
     if not values:
         return None
-    from ltm_convert.cli_options import _method_callback
-
-    return list(dict.fromkeys(_method_callback(v) for v in values))
+    return list(dict.fromkeys(method_callback(v) for v in values))
 
 
 def _batches(values: Optional[List[int]]) -> Optional[List[int]]:
@@ -54,38 +62,20 @@ def _batches(values: Optional[List[int]]) -> Optional[List[int]]:
     return sorted(set(values))
 
 
-def _is_saved(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "ltm_config.json").is_file()
-    return path.suffix in (".pt", ".pth")
-
-
 def load_models(target: str, *, ratios: Optional[List[float]], methods: Optional[List[str]], no_pretrained: bool,
                 checkpoint: Optional[Path], input_size: Optional[tuple], log=None) -> tuple[Any, dict[str, Any]]:
     """(original, {name: converted}). A saved file is compared with itself with merging switched off."""
-    path = Path(target)
-    if _is_saved(path):
-        if not path.exists():
-            raise LtmError(f"no such file or directory: {target}")
-        ignored = [flag for flag, given in (("--ratio", bool(ratios)), ("--method", bool(methods)),
-                                            ("--no-pretrained", no_pretrained), ("--checkpoint", checkpoint is not None),
-                                            ("--input-size", input_size is not None)) if given]
-        if ignored:
-            warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
-                          UserWarning, stacklevel=1)
-        from ltm_convert.io import load
-
-        model = load(str(path))
-        config = model.ltm_config
+    model, saved = resolve_model(target, no_pretrained=no_pretrained, checkpoint=checkpoint,
+                                 given={"--ratio": bool(ratios), "--method": bool(methods),
+                                        "--input-size": input_size is not None})
+    if saved:
         from ltm_convert.api import unmerged_copy
 
+        config = model.ltm_config
         return unmerged_copy(model), {f"{config.method}@{config.ratio:g}": model}
-    from ltm_convert.bench import convert_all
-    from ltm_convert.sources import load_model
+    from ltm_convert.tools.bench import convert_all
 
-    base = load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None)
-    converted = convert_all(base, ratios or DEFAULT_BENCH_RATIOS, methods or ["ltm"], input_size=input_size, log=log)
-    return base, converted
+    return model, convert_all(model, ratios or DEFAULT_BENCH_RATIOS, methods or ["ltm"], input_size=input_size, log=log)
 
 
 def render(result: dict) -> None:
@@ -121,8 +111,6 @@ def render(result: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from ltm_convert import cli as _cli
-
     @app.command(epilog=BENCH_EPILOG, no_args_is_help=True)
     def bench(
         target: Annotated[str, typer.Argument(
@@ -148,22 +136,26 @@ def register(app: typer.Typer) -> None:
             "--compile", help="Time torch.compile(fullgraph=True) versions of both models.")] = False,
         no_images: Annotated[bool, typer.Option(
             "--no-agreement", help="Skip the agreement column (cosine with the original on real photos).")] = False,
-        no_pretrained: _cli.NoPretrainedOpt = False,
-        checkpoint: _cli.CheckpointOpt = None,
-        input_size: _cli.InputSizeOpt = None,
+        no_pretrained: NoPretrainedOpt = False,
+        checkpoint: CheckpointOpt = None,
+        input_size: InputSizeOpt = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")] = False,
     ) -> None:
         """Measure FLOPs, parameters, latency, throughput and agreement of converted models against the original."""
         if dtype is not None and dtype.lower() not in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
             raise typer.BadParameter(f"expected bf16, fp16 or fp32, got {dtype!r}", param_hint="--dtype")
-        with _cli._quiet_stdout(json_out):
-            from ltm_convert.bench import benchmark, real_images
+        with quiet_stdout(json_out):
+            from ltm_convert.tools.bench import pick_device
+
+            pick_device(device)  # an impossible device is refused before anything loads
             from ltm_convert.model_inputs import default_input_size
+            from ltm_convert.tools.bench import benchmark, pick_device
+            from ltm_convert.tools.images import sample_photos
 
             def log(msg: str) -> None:
-                _cli._say(msg, json_out)
+                say(msg, json_out)
 
-            _cli._say(f"loading {target} ...", json_out)
+            say(f"loading {target} ...", json_out)
             original, converted = load_models(target, ratios=ratio, methods=method, no_pretrained=no_pretrained,
                                               checkpoint=checkpoint, input_size=input_size, log=log)
             images = None
@@ -171,12 +163,12 @@ def register(app: typer.Typer) -> None:
                 first = next(iter(converted.values()))
                 size = tuple(first.ltm_config.input_size or default_input_size(original))
                 try:
-                    images = real_images(size[0]) if size[0] == size[1] else None
+                    images = sample_photos(size)
                 except LtmError as exc:
                     warnings.warn(f"{exc}; agreement column skipped", UserWarning, stacklevel=1)
             result = benchmark(original, converted, batches=batch_size, repeats=repeats, warmup=warmup,
                                device=device, dtype=dtype, compile=compile, images=images, log=log)
         if json_out:
-            _cli._emit_json(result)
+            emit_json(result)
             return
         render(result)

@@ -4,12 +4,25 @@ Wire into the CLI with ``register(app)``. The export and the onnxruntime check l
 :mod:`ltm_convert.export`; errors a user can fix are :class:`LtmError` (one line, exit 2).
 """
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
+from ltm_convert.commands._common import (
+    DEFAULT_RATIO,
+    CheckpointOpt,
+    InputSizeOpt,
+    JsonOpt,
+    MethodOpt,
+    NoPretrainedOpt,
+    RatioOpt,
+    check_output,
+    emit_json,
+    quiet_stdout,
+    resolve_model,
+    say,
+)
 from ltm_convert.errors import LtmError
 
 EXPORT_EPILOG = """\
@@ -23,38 +36,19 @@ EXPORT_EPILOG = """\
 """
 
 
-def _is_saved(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "ltm_config.json").is_file()
-    return path.suffix in (".pt", ".pth")
-
-
 def load_converted(target: str, *, ratio: Optional[float], method: Optional[str], no_pretrained: bool,
                    checkpoint: Optional[Path], input_size: Optional[tuple]) -> Any:
-    path = Path(target)
-    if _is_saved(path):
-        if not path.exists():
-            raise LtmError(f"no such file or directory: {target}")
-        ignored = [flag for flag, given in (("--ratio", ratio is not None), ("--method", method is not None),
-                                            ("--no-pretrained", no_pretrained), ("--checkpoint", checkpoint is not None),
-                                            ("--input-size", input_size is not None)) if given]
-        if ignored:
-            warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
-                          UserWarning, stacklevel=1)
-        from ltm_convert.io import load
-
-        return load(str(path))
+    model, saved = resolve_model(target, no_pretrained=no_pretrained, checkpoint=checkpoint,
+                                 given={"--ratio": ratio is not None, "--method": method is not None,
+                                        "--input-size": input_size is not None})
+    if saved:
+        return model
     from ltm_convert.api import convert
-    from ltm_convert.cli import DEFAULT_RATIO
-    from ltm_convert.sources import load_model
 
-    base = load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None)
-    return convert(base, DEFAULT_RATIO if ratio is None else ratio, method=method or "ltm", input_size=input_size)
+    return convert(model, DEFAULT_RATIO if ratio is None else ratio, method=method or "ltm", input_size=input_size)
 
 
 def register(app: typer.Typer) -> None:
-    from ltm_convert import cli as _cli
-
     @app.command(epilog=EXPORT_EPILOG, no_args_is_help=True)
     def export(
         target: Annotated[str, typer.Argument(
@@ -62,28 +56,34 @@ def register(app: typer.Typer) -> None:
             help="A saved LTM model (.pt or a directory), or a model source as for convert (converted in "
                  "memory at --ratio with --method first).", show_default=False)],
         output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.onnx", help="Where to write the ONNX file.")],
-        ratio: _cli.RatioOpt = None,
-        method: _cli.MethodOpt = None,
-        opset: Annotated[int, typer.Option("--opset", min=16, help="ONNX opset (>= 16 for ScatterElements add).")] = 17,
+        ratio: RatioOpt = None,
+        method: MethodOpt = None,
+        opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 16..20 (>= 16 for ScatterElements add).")] = 17,
         static_batch: Annotated[bool, typer.Option(
             "--static-batch", help="Fix the batch dimension (default: dynamic batch).")] = False,
         verify: Annotated[bool, typer.Option(
             "--verify/--no-verify", help="Run the file with onnxruntime and compare with PyTorch (default on).")] = True,
-        no_pretrained: _cli.NoPretrainedOpt = False,
-        checkpoint: _cli.CheckpointOpt = None,
-        input_size: _cli.InputSizeOpt = None,
-        json_out: _cli.JsonOpt = False,
+        no_pretrained: NoPretrainedOpt = False,
+        checkpoint: CheckpointOpt = None,
+        input_size: InputSizeOpt = None,
+        json_out: JsonOpt = False,
     ) -> None:
         """Export a converted model to ONNX (static token schedule, dynamic batch) and verify it with onnxruntime."""
         if output.suffix != ".onnx":
             raise typer.BadParameter(f"the file name must end in .onnx, got {str(output)!r}", param_hint="--output")
-        with _cli._quiet_stdout(json_out):
-            from ltm_convert.export import export_onnx, verify_onnx
+        check_output(output)
+        from ltm_convert.tools.export import MAX_OPSET, MIN_OPSET
 
-            _cli._say(f"loading {target} ...", json_out)
+        if not MIN_OPSET <= opset <= MAX_OPSET:
+            raise LtmError(f"--opset {opset} is not supported: the merge needs opset >= {MIN_OPSET} and this torch "
+                           f"exports up to {MAX_OPSET}; choose {MIN_OPSET}..{MAX_OPSET}")
+        with quiet_stdout(json_out):
+            from ltm_convert.tools.export import export_onnx, verify_onnx
+
+            say(f"loading {target} ...", json_out)
             model = load_converted(target, ratio=ratio, method=method, no_pretrained=no_pretrained,
                                    checkpoint=checkpoint, input_size=input_size)
-            _cli._say(f"exporting to {output} (opset {opset}) ...", json_out)
+            say(f"exporting to {output} (opset {opset}) ...", json_out)
             path = export_onnx(model, output, opset=opset, dynamic_batch=not static_batch)
             info: dict[str, Any] = {"output": str(path), "opset": opset, "dynamic_batch": not static_batch,
                                     "method": model.ltm_config.method, "ratio": model.ltm_config.ratio,
@@ -95,10 +95,10 @@ def register(app: typer.Typer) -> None:
                     raise LtmError(f"the exported model differs from PyTorch (max abs diff {check['max_abs_diff']:.3g}, "
                                    f"cosine {check['cosine_min']:.6f}); {path} was written anyway")
         if json_out:
-            _cli._emit_json(info)
+            emit_json(info)
             return
         msg = f"wrote {path}"
         if verify:
             msg += (f"; onnxruntime matches PyTorch (max abs diff {info['verify']['max_abs_diff']:.2e}, "
                     f"batch {info['verify']['batch']})")
-        _cli._say(msg, json_out)
+        say(msg, json_out)

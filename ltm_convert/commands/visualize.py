@@ -5,12 +5,12 @@ exit 2) through the CLI's own ``main``. The drawing lives in :mod:`ltm_convert.v
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
+from ltm_convert.commands._common import check_output, ratio_callback, resolve_model
 from ltm_convert.errors import LtmError
 
 VISUALIZE_EPILOG = """\
@@ -27,9 +27,7 @@ DEFAULT_VIS_RATIO = 0.5
 
 
 def _ratio(value: Optional[str]) -> Optional[float]:
-    from ltm_convert.cli_options import _ratio_callback
-
-    return _ratio_callback(value)
+    return ratio_callback(value)
 
 
 def _block(value: Optional[str]) -> Optional[str]:
@@ -41,35 +39,18 @@ def _block(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _is_saved(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "ltm_config.json").is_file()
-    return path.suffix in (".pt", ".pth")
-
-
 def load_for_visualize(target: str, *, ratio: Optional[float] = None, no_pretrained: bool = False,
                        checkpoint: Optional[Path] = None, input_size: Optional[int] = None,
                        method: Optional[str] = None):
     """A saved LTM file (loaded as is), or a model source converted in memory at ``ratio``."""
-    path = Path(target)
-    if _is_saved(path):
-        if not path.exists():
-            raise LtmError(f"no such file or directory: {target}")
-        ignored = [flag for flag, given in (("--ratio", ratio is not None), ("--no-pretrained", no_pretrained),
-                                            ("--checkpoint", checkpoint is not None),
-                                            ("--input-size", input_size is not None), ("--method", method is not None))
-                   if given]
-        if ignored:
-            warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
-                          UserWarning, stacklevel=1)
-        from ltm_convert.io import load
-
-        return load(str(path))
+    model, saved = resolve_model(target, no_pretrained=no_pretrained, checkpoint=checkpoint,
+                                 given={"--ratio": ratio is not None, "--input-size": input_size is not None,
+                                        "--method": method is not None})
+    if saved:
+        return model
     from ltm_convert.api import convert
-    from ltm_convert.sources import load_model
 
-    base = load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None)
-    return convert(base, ratio=DEFAULT_VIS_RATIO if ratio is None else ratio, input_size=input_size,
+    return convert(model, ratio=DEFAULT_VIS_RATIO if ratio is None else ratio, input_size=input_size,
                    method=method or "ltm")
 
 
@@ -113,12 +94,13 @@ def register(app: typer.Typer) -> None:
         """Draw which tokens a converted model merges: targets, heat-maps and the final partition."""
         from rich.console import Console
 
-        from ltm_convert.visualize import save_png
-        from ltm_convert.visualize import visualize as draw
+        from ltm_convert.tools.visualize import save_png
+        from ltm_convert.tools.visualize import visualize as draw
 
         console = Console(highlight=False, soft_wrap=True)
         if output.suffix.lower() != ".png":
             raise LtmError(f"--output must end in .png, got {output}")
+        check_output(output)
         console.print(f"loading {target} ...")
         model = load_for_visualize(target, ratio=ratio, no_pretrained=no_pretrained, checkpoint=checkpoint,
                                    input_size=input_size, method=method)

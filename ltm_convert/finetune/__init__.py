@@ -65,6 +65,14 @@ def finetune(model: Any, data: Any, *, output: str | os.PathLike | None = None, 
             raise LtmError(f"unknown fine-tuning option {key!r}")
         setattr(cfg, key, value)
     cfg.validate()
+    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
+        raise LtmError(f"--val-fraction must be a fraction in [0, 1), got {val_fraction}")
+    for flag, n in (("--train-samples", train_samples), ("--val-samples", val_samples)):
+        if n is not None and n < 1:
+            raise LtmError(f"{flag} must be >= 1 (leave it out to use every image), got {n}")
+    from ltm_convert.tools.device import pick_device
+
+    pick_device(cfg.device)  # a device this machine does not have: refused before any work
     student = prepare_model(model, ratio=ratio, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size)
     size = tuple(student.ltm_config.input_size)
     bundle = data if isinstance(data, DataBundle) else build_data(

@@ -78,16 +78,122 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    from ltm_convert.sources.checkpoints import load_weights_only
+
     path = Path(path)
     if not path.is_file():
         raise LtmError(f"no checkpoint at {path}; start without --resume")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise LtmError(f"{path} is not a readable training checkpoint ({str(exc).splitlines()[0][:120]})") from None
+    data = load_weights_only(path, what="training checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
         raise LtmError(f"{path} is not an ltm_convert training checkpoint")
     if data.get("fingerprint") != fingerprint(model):
         raise LtmError(f"{path} was written for another model (its parameters or token schedule differ); "
                        "resume with the model it was trained from, or start a new run")
     return data
+
+
+# --------------------------------------------------------------------------------------------
+# a trainer's run
+
+
+def save_run(trainer: Any, rng: dict[str, Any] | None = None) -> None:
+    """Write everything the next step reads; ``rng`` is the RNG state that step starts from
+    (taken before its forward when the save happens inside a step)."""
+    import json
+    from dataclasses import asdict
+
+    st = trainer.state
+    if trainer.dist.main:
+        save_checkpoint(trainer.ckpt_path, {
+            "fingerprint": fingerprint(trainer.student),
+            "model": trainer.student.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
+            "ema": trainer.ema.model.state_dict() if trainer.ema else None,
+            "ib": trainer.ib.state_dict() if trainer.ib is not None else None,
+            "rng": rng if rng is not None else rng_state(),
+            "position": {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step},
+            "config": json.dumps(asdict(trainer.cfg)),
+        })
+    trainer.saved_step = st.global_step
+    from ltm_convert.finetune import distributed as D
+
+    D.barrier()
+
+
+# options that change what is optimised, not how: a run resumed with other values would not be
+# the same run, so they must match; everything else (learning rates, schedule, losses) may change
+_FIXED = ("train", "batch_size", "seed", "freeze", "amp")
+
+
+def resume_run(trainer: Any, path: Path) -> bool:
+    import json
+    import warnings
+
+    from ltm_convert.finetune import distributed as D
+
+    data = load_checkpoint(path, trainer.student)
+    try:
+        saved_cfg = json.loads(data.get("config") or "{}")
+    except (TypeError, ValueError):
+        saved_cfg = {}
+    for key in _FIXED:
+        old, new = saved_cfg.get(key), getattr(trainer.cfg, key)
+        if key in saved_cfg and (list(old) if isinstance(old, (list, tuple)) else old) != \
+                (list(new) if isinstance(new, (list, tuple)) else new):
+            raise LtmError(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} {old}, this run asks "
+                           f"for {new}; resume with the same value, or start a new run (another --workdir)")
+    trainer.student.load_state_dict(data["model"])
+    try:
+        trainer.optimizer.load_state_dict(data["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise LtmError(f"--resume: the checkpoint's optimiser state does not fit this run ({exc}); start a new run") from None
+    trainer.scheduler.load_state_dict(data["scheduler"])
+    trainer.scaler.load_state_dict(data["scaler"])
+    changed = _take_new_rates(trainer, saved_cfg)
+    if changed and trainer.dist.main:
+        warnings.warn("--resume takes this run's optimisation flags: " + ", ".join(changed), UserWarning, stacklevel=3)
+    if trainer.ema is not None and data.get("ema") is not None:
+        trainer.ema.model.load_state_dict(data["ema"])
+    if trainer.ib is not None and data.get("ib") is not None:
+        trainer.ib.load_state_dict(data["ib"])
+    set_rng_state(data["rng"])
+    pos = data["position"]
+    st = trainer.state
+    st.epoch, st.step_in_epoch, st.global_step = int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"])
+    trainer.saved_step = st.global_step
+    if trainer.dist.main and trainer.log_path.is_file():  # drop log lines written after the checkpoint
+        keep = []
+        for line in trainer.log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if int(rec.get("step", 0)) <= st.global_step:
+                keep.append(line)
+        trainer.log_path.write_text("".join(k + "\n" for k in keep))
+    D.barrier()
+    return True
+
+
+def _take_new_rates(trainer: Any, saved: dict[str, Any]) -> list[str]:
+    """Learning rates and weight decay come from this run's flags, not from the checkpoint (whose
+    optimiser state would otherwise bring the old ones back); returns what changed."""
+    changed = []
+    for key in ("lr", "mask_lr", "weight_decay", "warmup", "epochs", "clip_grad", "ib_weight", "temperature"):
+        if key in saved and saved[key] != getattr(trainer.cfg, key):
+            changed.append(f"--{key.replace('_', '-')} {saved[key]} -> {getattr(trainer.cfg, key)}")
+    rate = {"ltm": trainer.cfg.mask_lr, "decay": trainer.cfg.lr, "no_decay": trainer.cfg.lr}
+    decay = {"ltm": 0.0, "decay": trainer.cfg.weight_decay, "no_decay": 0.0}
+    base = []
+    for group in trainer.optimizer.param_groups:
+        name = group.get("name", "ltm")
+        group["initial_lr"] = rate.get(name, group.get("initial_lr", group["lr"]))
+        group["weight_decay"] = decay.get(name, group["weight_decay"])
+        base.append(group["initial_lr"])
+    trainer.scheduler.base_lrs = base
+    step = trainer.scheduler.last_epoch
+    for group, lam, b in zip(trainer.optimizer.param_groups, trainer.scheduler.lr_lambdas, base):
+        group["lr"] = b * lam(step)
+    return changed

@@ -11,61 +11,20 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ltm_convert.errors import LtmError
+from ltm_convert.tools.images import Preprocess, normalisation
 
 FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                          "sneaker", "bag", "ankle boot"]
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def model_normalisation(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The model's own mean/std (timm pretrained_cfg, HF config), else ImageNet's."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("mean") and cfg.get("std"):
-        return tuple(cfg["mean"]), tuple(cfg["std"])
-    config = getattr(model, "config", None)
-    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
-    if mean and std:
-        return tuple(mean), tuple(std)
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-class Preprocess:
-    """uint8/float image (H, W[, C]) or (C, H, W) -> normalised (3, size) float tensor."""
-
-    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
-        self.size = tuple(size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, arr: np.ndarray) -> torch.Tensor:
-        a = np.asarray(arr)
-        if a.ndim == 2:
-            a = a[..., None]
-        t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float()
-        if a.dtype == np.uint8:
-            t = t / 255.0
-        if t.shape[0] == 1:
-            t = t.expand(3, -1, -1)
-        elif t.shape[0] == 4:
-            t = t[:3]
-        if tuple(t.shape[-2:]) != self.size:
-            t = F.interpolate(t[None], size=self.size, mode="bilinear", align_corners=False,
-                              antialias=True)[0].clamp(0, 1)
-        return (t - self.mean) / self.std
-
-
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST (Debian package dataset-fashion-mnist)
 
@@ -156,7 +115,9 @@ class ImageFolder(Dataset):
         if empty:
             raise LtmError(f"class folder(s) {', '.join(empty[:3])} in {self.root} have no readable images; "
                            "add images or remove the folder")
-        self.late_failures = 0
+        # images that pass verify() yet fail to decode (truncated JPEGs) are counted per DataLoader
+        # worker in shared memory, so the count reaches the main process
+        self.failures = torch.zeros(64, dtype=torch.long).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,8 +133,9 @@ class ImageFolder(Dataset):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
                 return self.transform(self._load(path)), label
-            except Exception:  # noqa: BLE001
-                self.late_failures += 1
+            except Exception:  # noqa: BLE001 - any decoder error means a bad file
+                info = torch.utils.data.get_worker_info()
+                self.failures[(info.id if info is not None else 0) % 64] += 1
         raise LtmError(f"no image in {self.root} can be decoded")
 
 
@@ -234,6 +196,15 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def late_failures(self) -> int:
+        """Images that could not be decoded while training (replaced by the next readable one)."""
+        seen: dict[int, Any] = {}
+        for ds in (self.train, self.val):
+            while isinstance(ds, Subset):
+                ds = ds.dataset
+            seen[id(ds)] = ds
+        return sum(int(ds.failures.sum()) for ds in seen.values() if getattr(ds, "failures", None) is not None)
+
 
 def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     if n is None or n >= len(ds):
@@ -253,7 +224,7 @@ def build_data(spec: str | os.PathLike, model: Any, *, input_size: tuple[int, in
                train_samples: int | None = None, val_samples: int | None = None, seed: int = 0) -> DataBundle:
     """``spec``: 'fashion-mnist', an ImageFolder dir (with train/ and val/ inside, or one folder
     that is split), or a local HF datasets dir."""
-    mean, std = model_normalisation(model)
+    mean, std = normalisation(model)
     tf = Preprocess(input_size, mean, std)
     skipped = 0
     if str(spec).lower() in FASHION_MNIST_NAMES:

@@ -11,7 +11,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,57 +23,21 @@ from torch.utils.data import DataLoader
 from ltm_convert.errors import LtmError
 from ltm_convert.finetune import checkpoint as ckpt
 from ltm_convert.finetune import distributed as D
+from ltm_convert.finetune.config import FinetuneConfig
 from ltm_convert.finetune.data import DataBundle, ResumableSampler, shard
 from ltm_convert.finetune.losses import IBLoss, distill, pool_tokens
 from ltm_convert.model_inputs import call_kwargs, main_output
 
 
-@dataclass
-class FinetuneConfig:
-    epochs: float = 1.0
-    batch_size: int = 32  # global: split evenly over ranks
-    lr: float = 1e-4  # for the non-mask weights with --train all
-    mask_lr: float = 1e-4  # ltm_* parameters (no weight decay)
-    weight_decay: float = 0.05
-    warmup: float = 0.1  # fraction of all steps with linear warm-up
-    min_lr_ratio: float = 0.01
-    clip_grad: float | None = 1.0
-    amp: str = "auto"  # auto | none | bf16 | fp16
-    train: str = "mask"  # mask | all
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    ib_weight: float = 0.1
-    ib_warmup: float = 0.3  # IB term switched on after this fraction of the steps
-    ib_clusters: int = 64
-    ib_beta: float = 1.0
-    ema: float | None = None  # EMA decay, e.g. 0.999
-    # substrings of parameter names kept frozen. Default: the keep score (kappa, size weight), whose
-    # straight-through gradient made teacher agreement worse on the bundled ViT-S at every lr tried
-    # (benchmarks/bench_finetune.py); pass () to train every ltm_ parameter.
-    freeze: tuple[str, ...] = ("ltm_mask.kappa", "ltm_mask.size_weight")
-    seed: int = 0
-    max_steps: int | None = None  # stop early (tests, smoke runs)
-    save_every: int = 50  # steps; also at the end of each epoch
-    log_every: int = 10
-    eval_before: bool = True
-    num_workers: int = 0
-    progress: bool = True
-    device: str | None = None
-
-    def validate(self) -> None:
-        if self.train not in ("mask", "all"):
-            raise LtmError(f"--train must be 'mask' or 'all', got {self.train!r}")
-        if self.amp not in ("auto", "none", "bf16", "fp16"):
-            raise LtmError(f"--amp must be auto, none, bf16 or fp16, got {self.amp!r}")
-        if self.epochs <= 0:
-            raise LtmError(f"--epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise LtmError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.lr < 0 or self.mask_lr < 0:
-            raise LtmError("learning rates must be >= 0")
-        if not 0 <= self.warmup < 1 or not 0 <= self.ib_warmup <= 1:
-            raise LtmError("--warmup and --ib-warmup are fractions of training in [0, 1)")
+def finite_json(value: Any) -> Any:
+    """A log record with NaN / inf numbers written as strings, so every line is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def is_ltm_name(name: str) -> bool:
@@ -227,6 +191,12 @@ class Trainer:
             head = head_module(self.student)
             out_dim = getattr(head, "out_features", None)
         self.use_ce = cfg.ce_weight > 0 and self.labelled and self.logits and out_dim == data.num_classes
+        if cfg.ce_weight > 0 and self.labelled and self.logits and out_dim != data.num_classes and self.dist.main:
+            import warnings
+
+            warnings.warn(f"the model's head has {out_dim} classes and the data {data.num_classes}: cross-entropy is "
+                          "off, the head is trained by distillation only (convert a model whose head fits the data, "
+                          "e.g. --num-classes)", UserWarning, stacklevel=2)
         self.use_ib = cfg.ib_weight > 0 and self.labelled
         self.ib = IBLoss(data.num_classes, clusters=cfg.ib_clusters, beta=cfg.ib_beta, seed=cfg.seed).to(dev) \
             if self.use_ib else None
@@ -259,6 +229,8 @@ class Trainer:
         self.state = RunState()
         self.ckpt_path = self.workdir / "checkpoint.pt"
         self.log_path = self.workdir / "log.jsonl"
+        self.save_due = False
+        self.saved_step: int | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -266,52 +238,15 @@ class Trainer:
         if self.dist.main:
             self.workdir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
-    def save(self) -> None:
-        if self.dist.main:
-            ckpt.save_checkpoint(self.ckpt_path, {
-                "fingerprint": ckpt.fingerprint(self.student),
-                "model": self.student.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "ema": self.ema.model.state_dict() if self.ema else None,
-                "ib": self.ib.state_dict() if self.ib is not None else None,
-                "rng": ckpt.rng_state(),
-                "position": {"epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
-                             "global_step": self.state.global_step},
-                "config": json.dumps(asdict(self.cfg)),
-            })
-        D.barrier()
+    def save(self, rng: dict[str, Any] | None = None) -> None:
+        """Checkpoint the run at the current step boundary (see checkpoint.save_run)."""
+        ckpt.save_run(self, rng)
 
     def resume(self, path: Path | None = None) -> bool:
-        path = Path(path) if path else self.ckpt_path
-        data = ckpt.load_checkpoint(path, self.student)
-        self.student.load_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
-        self.scaler.load_state_dict(data["scaler"])
-        if self.ema is not None and data.get("ema") is not None:
-            self.ema.model.load_state_dict(data["ema"])
-        if self.ib is not None and data.get("ib") is not None:
-            self.ib.load_state_dict(data["ib"])
-        ckpt.set_rng_state(data["rng"])
-        pos = data["position"]
-        self.state.epoch, self.state.step_in_epoch, self.state.global_step = (
-            int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"]))
-        if self.dist.main and self.log_path.is_file():  # drop log lines written after the checkpoint
-            keep = []
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if int(rec.get("step", 0)) <= self.state.global_step:
-                    keep.append(line)
-            self.log_path.write_text("".join(k + "\n" for k in keep))
-        D.barrier()
-        return True
+        """Continue exactly from a checkpoint; changed optimisation flags take effect (with a warning)."""
+        return ckpt.resume_run(self, Path(path) if path else self.ckpt_path)
 
     # -- steps ----------------------------------------------------------------------------------
     def _autocast(self):
@@ -336,8 +271,9 @@ class Trainer:
             parts["ib"], parts["ib_term_x"] = ib, term_x
             if step >= self.ib_start:
                 loss = loss + self.cfg.ib_weight * ib
+            self._ib_batch = (s_feat.detach(), t_feat.detach(), labels)
             if update_ib:
-                self.ib.update(s_feat, t_feat, labels)
+                self.apply_ib_update()
         parts["loss"] = loss
         return parts
 
@@ -352,12 +288,28 @@ class Trainer:
         else:
             self.model.train()
 
+    def apply_ib_update(self) -> None:
+        batch, self._ib_batch = getattr(self, "_ib_batch", None), None
+        if batch is not None and self.ib is not None:
+            self.ib.update(*batch)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One optimiser step. A checkpoint that is due is written here, after this step's loss
+        came out finite and before the weights change: a checkpoint only ever holds weights
+        that produced a finite loss."""
         self.set_train_mode()
-        parts = self.losses(images, labels)
+        rng = ckpt.rng_state() if self.save_due else None  # the state this step starts from
+        parts = self.losses(images, labels, update_ib=False)
         loss = parts["loss"]
         if D.any_flag(not bool(torch.isfinite(loss.detach())), self.dist.device):
+            if self.save_due and self._weights_gave_finite_loss():
+                self.save(rng)  # the batch was bad, not the weights: they are the last good checkpoint
             raise self._nan_error("loss")
+        if self.save_due:
+            self.save(rng)
+            self.save_due = False
+        self._last_batch = (images, labels)
+        self.apply_ib_update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -371,16 +323,29 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if D.any_flag(not all(bool(torch.isfinite(p).all()) for p in params), self.dist.device):
+            raise self._nan_error("weights")
         if self.ema is not None:
             self.ema.update(self.student)
         out = {k: float(v.detach()) for k, v in parts.items()}
         out["grad_norm"] = float(norm)
         return out
 
+    def _weights_gave_finite_loss(self) -> bool:
+        """Whether the current weights give a finite loss on the previous batch (which gave one before
+        the last step): tells a NaN from bad data from a NaN from diverged weights."""
+        batch = getattr(self, "_last_batch", None)
+        if batch is None:
+            return False
+        with torch.no_grad():
+            loss = self.losses(*batch, update_ib=False)["loss"]
+        self._ib_batch = None
+        return not D.any_flag(not bool(torch.isfinite(loss)), self.dist.device)
+
     def _nan_error(self, what: str) -> LtmError:
-        where = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
+        where = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})" if self.ckpt_path.is_file()
                  else "no checkpoint was written yet")
-        return LtmError(f"the {what} became NaN/inf at step {self.state.global_step} (epoch {self.state.epoch}); "
+        return LtmError(f"the {what} became NaN/inf at step {self.state.global_step + 1} (epoch {self.state.epoch + 1}); "
                         f"training stopped; {where}; lower --lr/--mask-lr or turn off --amp")
 
     # -- eval -----------------------------------------------------------------------------------
@@ -450,24 +415,43 @@ class Trainer:
                     if on_step is not None:
                         on_step(self, rec)
                     if cfg.save_every and st.global_step % cfg.save_every == 0:
-                        self.save()
+                        self.save_due = True  # written by the next step once its loss is finite
                 finished_epoch = st.step_in_epoch >= self.steps_per_epoch
                 if finished_epoch:
                     st.epoch += 1
                     st.step_in_epoch = 0
+                result = self.evaluate(self.ema.model if self.ema else None)
                 self._log({"type": "eval", "epoch": st.epoch if finished_epoch else st.epoch + 1,
-                           "step": st.global_step, "when": "epoch_end" if finished_epoch else "stop",
-                           **self.evaluate(self.ema.model if self.ema else None)})
+                           "step": st.global_step, "when": "epoch_end" if finished_epoch else "stop", **result})
+                if not math.isfinite(result["kd"]):
+                    raise self._nan_error("evaluation loss")
+                self.save_due = False
                 self.save()
+                self._report_skipped()
         finally:
             if progress:
                 progress.stop()
         return st.history
 
+    def _report_skipped(self) -> None:
+        """Images that could not be read are skipped, never silently: counted at every epoch end."""
+        early, late = self.data.skipped, self.data.late_failures()
+        if (early or late) and self.dist.main:
+            self._log({"type": "data", "step": self.state.global_step, "skipped_images": early + late,
+                       "unreadable_at_scan": early, "unreadable_while_training": late})
+            print(f"skipped {early + late} unreadable image(s) so far ({early} found when the data was indexed, "
+                  f"{late} while training; each was replaced by the next readable one)", flush=True)
+
     def _progress(self):
         if not (self.cfg.progress and self.dist.main):
             return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      transient=False)

@@ -1,4 +1,12 @@
-"""Block rewriters: one per block family, tried in order (see base.py)."""
-from ltm_convert.rewriters.base import pick_rewriter, register_rewriter, rewriters
+"""Model families (one file each) and their registry; see base.py."""
+from ltm_convert.rewriters.base import (
+    Family,
+    Site,
+    families,
+    family_named,
+    plan_for,
+    register_family,
+    unregister_family,
+)
 
-__all__ = ["pick_rewriter", "register_rewriter", "rewriters"]
+__all__ = ["Family", "Site", "families", "family_named", "plan_for", "register_family", "unregister_family"]

@@ -1,110 +1,246 @@
-"""The generic rewriter for blocks that work on a (batch, tokens, dim) sequence.
+"""The token-sequence family: ViT, DeiT, DeiT-III, DINOv2, SigLIP, CLIP (timm and HF).
 
-It covers every "x + attn(...); x + mlp(...)" block whose halves can be cut by graph analysis
-(block_graph.py): timm ViT / DeiT / DeiT-III / DINOv2 / SigLIP blocks and the HF ViT, DeiT,
-Dinov2, CLIP and SigLIP layers, without a per-class table.
+It covers every "x + attn(...); x + mlp(...)" block that works on a (batch, tokens, dim)
+sequence whose halves can be cut by graph analysis (analysis/block_split.py), without a
+per-class table. Each block is converted in place (ltm_block.py): after its attention the mask
+chosen by ``config.method`` merges the mergeable tokens down to the scheduled count, and every
+later block runs on the shorter sequence. What follows the blocks is adapted by heads.py.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ltm_convert.block_graph import bind_call, split_block
-from ltm_convert.config import DEFAULT_TOPK
-from ltm_convert.ltm_block import LtmBlock, LtmContext, LtmMask
-from ltm_convert.methods import MaskSpec, mask_factory
-from ltm_convert.tracer import BlockMatch
+from ltm_convert.analysis.block_split import bind_call, split_block
+from ltm_convert.analysis.heads import classify_heads, prefix_tokens, read_as_grid
+from ltm_convert.errors import LtmError, UnsupportedModelError
+from ltm_convert.ltm_block import LtmBlockMixin, ltm_class
+from ltm_convert.merge.methods import MaskSpec, mask_factory
+from ltm_convert.rewriters.base import Site, chain_keep
+from ltm_convert.rewriters.heads import install_head_adapters
 
-_KEY_NAMES = ("k_proj", "key", "k", "to_k", "wk")
-
-
-def _num_heads(attn: nn.Module, dim: int) -> int:
-    for holder in [attn, *attn.modules()]:
-        for name in ("num_heads", "num_attention_heads", "heads", "n_heads"):
-            value = getattr(holder, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    config = getattr(attn, "config", None)
-    value = getattr(config, "num_attention_heads", None)
-    return value if isinstance(value, int) and value > 0 else max(1, dim // 64)
+if TYPE_CHECKING:  # pragma: no cover
+    from ltm_convert.config import LtmConfig
+    from ltm_convert.tracer import Analysis, ConversionPlan
 
 
-def key_projection(attn: nn.Module, dim: int) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
-    """The attention's key projection as (weight (H*hd, D), bias, H), or None if not found."""
-    linears = [(n, m) for n, m in attn.named_modules() if isinstance(m, nn.Linear) and m.in_features == dim]
-    heads = _num_heads(attn, dim)
-    for name, lin in linears:
-        if name.split(".")[-1] in _KEY_NAMES:
-            return lin.weight, lin.bias, heads
-    for name, lin in linears:
-        if lin.out_features % 3 == 0 and "qkv" in name.split(".")[-1]:
-            inner = lin.out_features // 3
-            bias = lin.bias[inner:2 * inner] if lin.bias is not None else None
-            return lin.weight[inner:2 * inner], bias, heads
-    return None
+def side_templates(call: Any, args: tuple, kwargs: dict, block: nn.Module) -> dict[str, torch.Tensor]:
+    """Meta stand-ins (shape, dtype) for the block's tensor inputs other than the tokens, so its two
+    halves can be counted in isolation."""
+    import inspect
+
+    from ltm_convert.analysis.block_split import unwrapped_forward
+    from ltm_convert.flops import meta_like
+
+    bound = inspect.signature(unwrapped_forward(block)).bind(block, *args, **kwargs).arguments
+    return {name: meta_like(bound[name]) for name in call.tensor_names if name != call.x_name}
 
 
-def init_mask(mask: LtmMask, block: nn.Module, attn: nn.Module, pre_norm: str | None, dim: int) -> None:
-    """Start the merge metric as the mean-over-heads key of the block's own attention."""
-    with torch.no_grad():
-        norm = getattr(block, pre_norm, None) if pre_norm else None
-        if isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (dim,):
-            if norm.weight is not None:
-                mask.norm.weight.copy_(norm.weight)
-            if norm.bias is not None:
-                mask.norm.bias.copy_(norm.bias)
-            mask.norm.eps = norm.eps
-        found = key_projection(attn, dim)
-        if found is not None:
-            weight, bias, heads = found
-            head_dim = weight.shape[0] // heads
-            if head_dim == mask.phi.out_features:
-                mask.phi.weight.copy_(weight.reshape(heads, head_dim, dim).mean(0))
-                if bias is not None:
-                    mask.phi.bias.copy_(bias.reshape(heads, head_dim).mean(0))
-                else:
-                    mask.phi.bias.zero_()
-                return
-        nn.init.orthogonal_(mask.phi.weight)
-        mask.phi.bias.zero_()
+def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
+    modules = dict(model.named_modules())
+    return [modules[name] for name in plan.block_names]
 
 
-def metric_dim(attn: nn.Module, dim: int) -> int:
-    found = key_projection(attn, dim)
-    if found is not None:
-        weight, _, heads = found
-        return weight.shape[0] // heads
-    return max(16, dim // _num_heads(attn, dim))
-
-
-class SequenceBlockRewriter:
+class SequenceFamily:
     name = "sequence"
 
-    def reason_unsupported(self, block: nn.Module, match: BlockMatch) -> str | None:
-        if not isinstance(getattr(block, match.attn_child, None), nn.Module):
-            return f"no attention child {match.attn_child!r}"
-        return None
+    def find(self, analysis: "Analysis") -> "ConversionPlan | str":
+        from ltm_convert.tracer import ConversionPlan
 
-    def rewrite(self, block: nn.Module, match: BlockMatch, call: tuple[tuple, dict], *, context: LtmContext,
-                prefix: int, first: bool, topk: int = DEFAULT_TOPK, method: str = "ltm", **_: Any) -> LtmBlock:
-        args, kwargs = call
-        bound = bind_call(block, args, kwargs)
-        split = split_block(block, match.attn_child, bound)
-        attn = getattr(block, match.attn_child)
-        spec = MaskSpec(dim=match.dim, block=block, attn=attn, pre_norm=split.pre_norm, first=first, topk=topk)
-        mask = mask_factory(method)(spec)
-        param = next(block.parameters())
-        mask = mask.to(device=param.device, dtype=param.dtype)
-        new = LtmBlock(block, split, mask, context=context, prefix=prefix, tokens_in=match.tokens,
-                       keep=match.tokens - prefix, first=first)
-        new.ltm_name = match.name
-        return new
+        if analysis.on_maps or len(analysis.token_counts) != 1:
+            return (f"{analysis.model_class}'s blocks do not all work on one token sequence "
+                    f"(token counts {analysis.token_counts})")
+        num_tokens = analysis.blocks[0].tokens
+        prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], num_tokens)
+        names = [b.name for b in analysis.blocks]
+        grid_reader = any(read_as_grid(analysis.facts, out, names) for _, out in analysis.block_adds[:-1])
+        try:
+            heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix)
+        except UnsupportedModelError:
+            grid_reader = True
+        if grid_reader:
+            hint = ("; set config.reshape_hidden_states=False (the feature maps are then token sequences, fewer "
+                    "tokens in later stages), or take full-grid maps from a timm model's forward_intermediates()"
+                    if analysis.model_class.endswith("Backbone") else "")
+            raise UnsupportedModelError(
+                f"not supported yet: {analysis.model_class} lays block outputs out on the 2-D patch grid "
+                f"(reshape_hidden_states), which merged tokens cannot fill{hint}")
+        return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
+                              num_tokens=num_tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
+                              skipped=list(analysis.skipped), carry=carry)
+
+    def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
+        modules = dict(model.named_modules())
+        factory = mask_factory(config.method)
+        for i, match in enumerate(plan.blocks):
+            block = modules[match.name]
+            args, kwargs = analysis.calls[match.name]
+            call = bind_call(block, args, kwargs)
+            side = side_templates(call, args, kwargs, block)
+            for name, t in side.items():  # e.g. rotary tables: one row per token, which merged tokens cannot follow
+                if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
+                    raise UnsupportedModelError(
+                        f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
+                        f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
+            split = split_block(block, match.attn_child, call)
+            attn = getattr(block, match.attn_child)
+            spec = MaskSpec(dim=match.dim, block=block, attn=attn, pre_norm=split.pre_norm, first=(i == 0),
+                            topk=config.topk, index=i)
+            param = next(block.parameters())
+            mask = factory(spec).to(device=param.device, dtype=param.dtype)
+            block.__class__ = ltm_class(type(block))
+            block.ltm_setup(call=call, attn_child=match.attn_child, name=match.name, prefix=plan.prefix_tokens,
+                            tokens_in=match.tokens, keep=match.tokens - plan.prefix_tokens, mask=mask)
+            block.__dict__["_ltm_split"] = split
+            block.__dict__["_ltm_dim"] = match.dim
+            block.__dict__["_ltm_side"] = side
+        install_head_adapters(model, plan)
+
+    def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> "SequenceCost":
+        return SequenceCost(meta_model, plan)
+
+    def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
+        m = plan.num_tokens - plan.prefix_tokens
+        return [Site(name=name, tokens=m, chained=True, prefix=plan.prefix_tokens) for name in plan.block_names]
+
+    def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
+        """Set every block's kept count; each block receives what the previous one kept."""
+        sites = self.sites(model, plan)
+        get = chain_keep(keep, sites)
+        m, merged = plan.num_tokens - plan.prefix_tokens, False
+        for block, site in zip(converted_blocks(model, plan), sites):
+            k = get(site.name)
+            if not 1 <= k <= m:
+                raise LtmError(f"the schedule keeps {k} tokens in {site.name}, which receives {m}; "
+                               "the file is corrupt or belongs to another model")
+            block.ltm_set(plan.prefix_tokens + m, k, merged)
+            merged = merged or k < m
+            m = k
+
+    def describe(self, model: nn.Module, plan: "ConversionPlan") -> dict[str, Any]:
+        blocks = converted_blocks(model, plan)
+        return {"blocks": [{"name": b.ltm_name, "tokens_in": b.ltm_tokens_in, "tokens_out": b.ltm_prefix + b.ltm_keep}
+                           for b in blocks]}
 
 
-def build_ltm_mask(spec: MaskSpec) -> LtmMask:
-    """The learnable LTM mask, starting as the block's own key similarity (usable untrained)."""
-    mask = LtmMask(spec.dim, metric_dim(spec.attn, spec.dim), topk=spec.topk, use_sizes=not spec.first)
-    init_mask(mask, spec.block, spec.attn, spec.pre_norm, spec.dim)
-    return mask
+class SequenceCost:
+    """FLOPs of any schedule of a token-sequence model, without counting the whole model again.
+
+    A block costs A(n) before the merge (attention: linear and quadratic in its n input tokens),
+    the mask's cost M(n, k), and B(k) after it (the MLP: linear in the k tokens it keeps). A and B
+    are fitted exactly from three and two FlopCounterMode counts of the block's own two halves on
+    meta tensors; M is counted for each (n, k) the solver asks about. Blocks with the same cut and
+    the same parameter shapes share all of it, so a 12-block ViT counts one block's pieces.
+    Everything else in the model costs what it cost in the one full count (``base``).
+    """
+
+    def __init__(self, meta_model: nn.Module, plan: "ConversionPlan") -> None:
+        from ltm_convert.flops import count_flops
+
+        self.plan = plan
+        self.blocks = converted_blocks(meta_model, plan)
+        self.prefix = plan.prefix_tokens
+        self.size = plan.input_size
+        family_disable(self.blocks)
+        self.base = float(count_flops(meta_model, self.size))
+        self._fits: dict[tuple, tuple] = {}
+        self._mask: dict[tuple, int] = {}
+        self.full = [self._a(b, plan.num_tokens, False) + self._b(b, plan.num_tokens) for b in self.blocks]
+        # what follows the blocks may read every token (an attention-pool head): its cost is linear in
+        # the tokens the last block leaves, measured once with a counted forward of a merged schedule
+        self.head_slope = 0.0
+        from ltm_convert.schedule import shaped
+
+        probe = shaped(SequenceFamily().sites(meta_model, plan), "fraction", 0.5)
+        m_last = probe[self.blocks[-1].ltm_name]
+        if m_last < plan.num_tokens - self.prefix and "attention-pool" in plan.heads:
+            SequenceFamily().apply(meta_model, plan, probe)
+            measured = float(count_flops(meta_model, self.size))
+            family_disable(self.blocks)
+            self.head_slope = (measured - self.flops(probe)) / (m_last - (plan.num_tokens - self.prefix))
+
+    # -- the pieces ---------------------------------------------------------------------------------
+    def _inputs(self, block: Any, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(part_a's tensor inputs, the token input) for n tokens, on meta."""
+        split = block.ltm_split()
+        x = torch.empty(1, n, block.__dict__["_ltm_dim"], dtype=next(block.parameters()).dtype, device="meta")
+        return [x, *[self._side(block, name) for name in split.a_inputs[1:]]], x
+
+    def _fit(self, block: Any) -> tuple:
+        from ltm_convert.flops import count_call
+        from ltm_convert.schedule import fit_linear
+
+        key = (id(block.ltm_split()), tuple(tuple(p.shape) for p in block.parameters()))
+        fit = self._fits.get(key)
+        if fit is None:
+            split = block.ltm_split()
+            n_full = self.plan.num_tokens
+            probes = sorted({n_full, max(self.prefix + 1, n_full // 2 + 1), max(self.prefix + 1, n_full // 4 + 1)})
+
+            def a(n: int, bias: bool) -> int:
+                inputs, x = self._inputs(block, n)
+                b = torch.zeros(1, 1, 1, n, dtype=x.dtype, device="meta") if bias else None
+                return count_call(lambda: split.part_a(block, *inputs, b))
+
+            def b(n: int) -> int:
+                _, x = self._inputs(block, n)
+                side = [self._side(block, name) for name in split.b_inputs]
+                return count_call(lambda: split.part_b(block, x, *side))
+
+            quad = lambda n: [1.0, float(n), float(n * n)]  # noqa: E731
+            lin = lambda n: [1.0, float(n)]  # noqa: E731
+            fit = (fit_linear(quad, {n: a(n, False) for n in probes}),
+                   fit_linear(quad, {n: a(n, True) for n in probes}),
+                   fit_linear(lin, {n: b(n) for n in probes[-2:]}))
+            self._fits[key] = fit
+        return fit
+
+    def _side(self, block: Any, name: str) -> torch.Tensor:
+        from ltm_convert.flops import meta_like
+
+        return meta_like(block.__dict__["_ltm_side"][name])
+
+    def _a(self, block: Any, n: int, bias: bool) -> float:
+        return self._fit(block)[1 if bias else 0](n)
+
+    def _b(self, block: Any, n: int) -> float:
+        return self._fit(block)[2](n)
+
+    def _m(self, block: Any, n: int, k: int) -> int:
+        from ltm_convert.flops import count_call
+
+        mask = block.ltm_mask
+        if callable(getattr(mask, "flops", None)):  # the mask knows its cost (tested against counting)
+            return mask.flops(n, k, self.prefix)
+        key = (type(mask), tuple(tuple(p.shape) for p in mask.parameters()), getattr(mask, "topk", None),
+               getattr(mask, "prune", None), n, k)
+        found = self._mask.get(key)
+        if found is None:
+            _, x = self._inputs(block, n)
+            sizes = torch.empty(1, n, dtype=torch.float32, device="meta")
+            found = self._mask[key] = count_call(lambda: mask(x, sizes, self.prefix, k, False))
+        return found
+
+    def flops(self, keep: dict[str, int]) -> float:
+        total, m, merged = self.base, self.plan.num_tokens - self.prefix, False
+        for block, full in zip(self.blocks, self.full):
+            k = keep[block.ltm_name]
+            n = self.prefix + m
+            cost = self._a(block, n, merged) + self._b(block, self.prefix + k)
+            if k < m:
+                cost += self._m(block, n, k)
+            total += cost - full
+            merged = merged or k < m
+            m = k
+        return total + self.head_slope * (m - (self.plan.num_tokens - self.prefix))
+
+
+def family_disable(blocks: list[Any]) -> None:
+    for block in blocks:
+        block.ltm_set(block.ltm_tokens_in, block.ltm_tokens_in - block.ltm_prefix, False)
+
+
+def is_sequence_block(module: nn.Module) -> bool:
+    return isinstance(module, LtmBlockMixin)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,8 +54,8 @@ class SplitBlock:
     code_b: str
 
 
-def unwrapped_forward(module: nn.Module) -> Callable:
-    return inspect.unwrap(type(module).forward)
+def unwrapped_forward(module: nn.Module, cls: type | None = None) -> Callable:
+    return inspect.unwrap((cls or type(module)).forward)
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
@@ -95,10 +96,23 @@ class _ChildLeafTracer(fx.Tracer):
         return id(m) in self._children or super().is_leaf_module(m, qualname)
 
 
-def trace_block(block: nn.Module, call: BlockCall) -> fx.Graph:
-    """fx-trace the block's unwrapped forward with its non-tensor arguments frozen."""
-    cls = type(block)
-    fn = unwrapped_forward(block)
+_PROXIES: dict[type, type] = {}
+
+
+def _proxy_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``forward`` fx may replace: tracing never touches ``cls`` itself,
+    so other threads running blocks of that class are unaffected."""
+    proxy = _PROXIES.get(cls)
+    if proxy is None:
+        proxy = _PROXIES[cls] = type(f"_LtmTrace{cls.__name__}", (cls,), {"__module__": __name__})
+    return proxy
+
+
+def trace_block(block: nn.Module, call: BlockCall, cls: type | None = None) -> fx.Graph:
+    """fx-trace ``cls.forward`` (default: the block's class), unwrapped, on the block's own children,
+    with its non-tensor arguments frozen."""
+    cls = cls or type(block)
+    fn = inspect.unwrap(cls.forward)
     sig = inspect.signature(fn)
     concrete = {}
     for name, param in list(sig.parameters.items())[1:]:
@@ -106,23 +120,19 @@ def trace_block(block: nn.Module, call: BlockCall) -> fx.Graph:
             continue
         if name not in call.tensor_names:
             concrete[name] = call.constants.get(name, param.default)
-    # fx reads the signature of type(root).forward; show it the unwrapped one while tracing
-    had_own = "forward" in cls.__dict__
-    original = cls.__dict__.get("forward")
-    shim = _strip_var_keyword(fn)
-    cls.forward = shim
+    # fx reads the signature of type(root).forward: trace a proxy object of a subclass whose forward
+    # is the unwrapped one, sharing the block's children, parameters and attributes
+    proxy_cls = _proxy_class(cls)
+    proxy_cls.forward = _strip_var_keyword(fn)
+    proxy = proxy_cls.__new__(proxy_cls)
+    proxy.__dict__.update(block.__dict__)
+    proxy.training = False  # blocks are always cut as in eval mode (as convert traces them)
     try:
-        graph = _ChildLeafTracer(block).trace(block, concrete_args=concrete)
+        return _ChildLeafTracer(proxy).trace(proxy, concrete_args=concrete)
     except Exception as exc:
         raise UnsupportedModelError(
             f"not supported yet: torch.fx cannot trace {cls.__name__}.forward ({str(exc).splitlines()[0][:160]})"
         ) from exc
-    finally:
-        if had_own:
-            cls.forward = original
-        else:
-            del cls.forward
-    return graph
 
 
 def _strip_var_keyword(fn: Callable) -> Callable:
@@ -153,9 +163,38 @@ def _mask_param(attn: nn.Module) -> str | None:
     return None
 
 
-def split_block(block: nn.Module, attn_child: str, call: BlockCall) -> SplitBlock:
-    """Cut the block's graph at the attention residual add into part_a and part_b."""
-    graph = trace_block(block, call)
+_SPLITS: dict[tuple, SplitBlock] = {}
+_SPLIT_LOCK = threading.Lock()
+
+
+def structure_key(block: nn.Module, cls: type, attn_child: str, call: BlockCall) -> tuple:
+    """What the cut of a block depends on: its class, its children's names and types, its plain
+    attributes (forward may branch on them) and how it is called. Blocks with equal keys share one
+    cut, so a 12-block ViT is traced once, not twelve times."""
+    plain = tuple(sorted((k, v) for k, v in vars(block).items()
+                         if isinstance(v, (bool, int, float, str, type(None))) and not k.startswith(("_", "ltm_"))
+                         and k != "training"))
+    children = tuple((n, type(c)) for n, c in block.named_children() if not n.startswith("ltm_"))
+    constants = repr(sorted(call.constants.items(), key=lambda kv: kv[0]))
+    return (cls, attn_child, tuple(call.tensor_names), call.x_name, constants, children, plain)
+
+
+def split_block(block: nn.Module, attn_child: str, call: BlockCall, cls: type | None = None) -> SplitBlock:
+    """Cut the block's graph at the attention residual add into part_a and part_b (cached per
+    :func:`structure_key`). ``cls``: the class whose forward is cut (default: the block's own)."""
+    cls = cls or type(block)
+    key = structure_key(block, cls, attn_child, call)
+    with _SPLIT_LOCK:
+        found = _SPLITS.get(key)
+    if found is not None:
+        return found
+    split = _split(block, attn_child, call, cls)
+    with _SPLIT_LOCK:
+        return _SPLITS.setdefault(key, split)
+
+
+def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> SplitBlock:
+    graph = trace_block(block, call, cls)
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     x = placeholders.get(call.x_name)
     if x is None:
@@ -249,7 +288,7 @@ def split_block(block: nn.Module, attn_child: str, call: BlockCall) -> SplitBloc
     code_b, fn_b = _compile(gb, block)
     return SplitBlock(
         part_a=fn_a, part_b=fn_b, a_inputs=a_inputs, b_inputs=b_inputs, constants=call.constants,
-        signature=inspect.signature(unwrapped_forward(block)), mask_param=mask_param, pre_norm=pre_norm, code_a=code_a, code_b=code_b,
+        signature=inspect.signature(unwrapped_forward(block, cls)), mask_param=mask_param, pre_norm=pre_norm, code_a=code_a, code_b=code_b,
     )
 
 

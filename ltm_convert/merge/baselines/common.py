@@ -11,33 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ltm_convert.ltm_block import add_rows, take_rows
-from ltm_convert.methods import MaskSpec
-from ltm_convert.rewriters.sequence import init_mask, metric_dim
+from ltm_convert.merge.methods import MaskSpec
+from ltm_convert.merge.metric import MergeMetric, metric_dim
+from ltm_convert.merge.rows import add_rows, take_rows
+from ltm_convert.merge.state import SequenceMask, recorder
 
 
-class KeyMetric(nn.Module):
-    """phi(z) = normalize(W_phi LN(z)), initialised as the block's own mean-over-heads key.
-
-    This is exactly the metric the LTM mask starts from (``rewriters.sequence.init_mask``), so every
-    method compares tokens the same way and only the merge rule differs. ``norm`` and ``phi`` are
-    named as in LtmMask so that ``init_mask`` can fill them in.
-    """
+class KeyMetric(MergeMetric):
+    """The key-derived metric the LTM mask starts from (merge/metric.py), so every method compares
+    tokens the same way and only the merge rule differs; frozen unless ``trainable``."""
 
     def __init__(self, spec: MaskSpec, trainable: bool = False) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(spec.dim)
-        self.phi = nn.Linear(spec.dim, metric_dim(spec.attn, spec.dim))
-        init_mask(self, spec.block, spec.attn, spec.pre_norm, spec.dim)  # type: ignore[arg-type]
+        super().__init__(spec.dim, metric_dim(spec.attn, spec.dim))
+        self.init_from_block(spec.block, spec.attn, spec.pre_norm, spec.dim)
         if not trainable:
             for p in self.parameters():
                 p.requires_grad_(False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.phi(self.norm(z)), dim=-1)
+        return self.metric(z)
 
 
 @dataclass
@@ -47,6 +41,7 @@ class Matching:
     src (B, r): A positions merged (or dropped) into B; dst (B, r): their B partners;
     unm (B, Na - r): A positions kept, in descending order of their best score (as ToMe).
     score (B, Na): each A token's best cosine to a B token.
+    parity: 0 = A even / B odd (ToMe), 1 = A odd / B even; positions above count within A and B.
     """
 
     src: torch.Tensor
@@ -54,34 +49,53 @@ class Matching:
     unm: torch.Tensor
     score: torch.Tensor
     order: torch.Tensor
+    parity: int = 0
 
 
-def bipartite_match(metric: torch.Tensor, r: int, rank: torch.Tensor | None = None) -> Matching:
+def bipartite_match(metric: torch.Tensor, r: int, rank: torch.Tensor | None = None, parity: int = 0) -> Matching:
     """ToMe's bipartite soft matching (Bolya et al., ICLR'23), written from the paper.
 
-    A takes the even tokens, B the odd ones; every A token draws an edge to its most similar B token;
+    A takes the even tokens, B the odd ones (``parity=1`` swaps them: a control for how much the
+    arbitrary split matters); every A token draws an edge to its most similar B token;
     the ``r`` A tokens with the strongest edges (or the highest ``rank`` if given) leave.
     """
-    a, b = metric[:, ::2], metric[:, 1::2]
+    a, b = split_ab(metric, parity)
     scores = a @ b.transpose(1, 2)  # (B, Na, Nb)
     node_max, node_idx = scores.max(dim=-1)
     order = (node_max if rank is None else rank).argsort(dim=-1, descending=True)
     src = order[:, :r]
     unm = order[:, r:]
     dst = node_idx.gather(1, src)
-    return Matching(src=src, dst=dst, unm=unm, score=node_max, order=order)
+    return Matching(src=src, dst=dst, unm=unm, score=node_max, order=order, parity=parity)
 
 
-def split_ab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_parity(parity: int) -> None:
+    if parity not in (0, 1):
+        raise ValueError(f"parity must be 0 (A = even tokens) or 1 (A = odd tokens), got {parity!r}")
+
+
+def split_ab(x: torch.Tensor, parity: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (even, odd) tokens, or (odd, even) with ``parity=1``."""
+    _check_parity(parity)
+    if parity:
+        return x[:, 1::2], x[:, ::2]
     return x[:, ::2], x[:, 1::2]
 
 
-def rounds(m: int, keep: int) -> list[int]:
-    """Tokens removed per matching round: ToMe removes at most |A| = ceil(M/2) per round, so a
-    schedule that keeps fewer than half the tokens takes several rounds (static per resolution)."""
+def a_rows(idx: torch.Tensor, parity: int = 0) -> torch.Tensor:
+    """Positions within A -> positions in the full sequence (no extra op for the default parity,
+    so parity 0 exports and computes exactly as before)."""
+    return 2 * idx + 1 if parity else 2 * idx
+
+
+def rounds(m: int, keep: int, parity: int = 0) -> list[int]:
+    """Tokens removed per matching round: ToMe removes at most |A| = ceil(M/2) per round (floor(M/2)
+    with ``parity=1``), so a schedule that keeps fewer than half the tokens takes several rounds
+    (static per resolution)."""
+    _check_parity(parity)
     out = []
     while m > keep:
-        r = min(m - keep, (m + 1) // 2)
+        r = min(m - keep, (m + 1 - parity) // 2)
         if m - r < 1:
             r = m - 1
         out.append(r)
@@ -115,7 +129,8 @@ def positions_after(match: Matching, m: int) -> tuple[torch.Tensor, torch.Tensor
     """For the output order cat([A[unm], B]): the new position of every current token (B, M)
     (merged A tokens point at their B partner) and the current index of every output token."""
     bsz, na = match.score.shape
-    nb = m // 2
+    p = match.parity
+    nb = (m + p) // 2
     n_unm = match.unm.shape[1]
     device = match.score.device
     pos_a = torch.zeros(bsz, na, dtype=torch.long, device=device)
@@ -123,9 +138,9 @@ def positions_after(match: Matching, m: int) -> tuple[torch.Tensor, torch.Tensor
     pos_a = pos_a.scatter(1, match.src, n_unm + match.dst)
     pos_b = (n_unm + torch.arange(nb, device=device)).expand(bsz, nb)
     pos = torch.empty(bsz, m, dtype=torch.long, device=device)
-    pos[:, ::2] = pos_a
-    pos[:, 1::2] = pos_b
-    rep = torch.cat([match.unm * 2, (torch.arange(nb, device=device) * 2 + 1).expand(bsz, nb)], dim=1)
+    pos[:, p::2] = pos_a
+    pos[:, 1 - p::2] = pos_b
+    rep = torch.cat([a_rows(match.unm, p), (torch.arange(nb, device=device) * 2 + (1 - p)).expand(bsz, nb)], dim=1)
     return pos, rep
 
 
@@ -140,10 +155,11 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
     group (ToFu's norm-preserving merge). ``unm_scale`` multiplies the kept A tokens (value 1; it
     only carries a straight-through gradient).
     """
-    a, b = split_ab(x)
-    sa, sb = split_ab(s)
-    ma, mb = split_ab(metric)
-    x_unm = take_rows(x, 2 * match.unm)  # A = even rows of x: gather from x itself, no copy of A
+    p = match.parity
+    a, b = split_ab(x, p)
+    sa, sb = split_ab(s, p)
+    ma, mb = split_ab(metric, p)
+    x_unm = take_rows(x, a_rows(match.unm, p))  # A = even (odd) rows of x: gather from x itself, no copy of A
     if unm_scale is not None:
         x_unm = x_unm * unm_scale.unsqueeze(-1).to(x.dtype)
     s_unm = sa.gather(1, match.unm)
@@ -154,7 +170,7 @@ def merge_round(x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, match: M
         if src_weight is not None:
             w = w * src_weight.to(w.dtype)
         wx = w.to(x.dtype).unsqueeze(-1)
-        b_sum = add_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, take_rows(x, 2 * match.src) * wx)
+        b_sum = add_rows(b * sb.to(x.dtype).unsqueeze(-1), match.dst, take_rows(x, a_rows(match.src, p)) * wx)
         sb_new = sb.scatter_add(1, match.dst, w)
         b_new = b_sum / sb_new.to(x.dtype).unsqueeze(-1)
         if mlerp:
@@ -183,20 +199,37 @@ def dropped_mask(match: Matching, is_prune: torch.Tensor, m: int) -> torch.Tenso
     bsz, na = match.score.shape
     dropped_a = torch.zeros(bsz, na, dtype=torch.bool, device=is_prune.device).scatter(1, match.src, is_prune)
     dropped = torch.zeros(bsz, m, dtype=torch.bool, device=is_prune.device)
-    dropped[:, ::2] = dropped_a
+    dropped[:, match.parity::2] = dropped_a
     return dropped
 
 
-class RoundsMask(nn.Module):
+class RoundsMask(SequenceMask, nn.Module):
     """A training-free-style mask made of static matching rounds (ToMe, ToFu, LTMP).
 
     Subclasses implement :meth:`merge_round`; this class handles prefix tokens, the static round
     sizes and the recording of what was merged (for visualisation).
     """
 
+    parity = 0  # A = even tokens; ToMeMask(parity=1) swaps A and B
+
     def __init__(self, spec: MaskSpec, trainable_metric: bool = False) -> None:
         super().__init__()
         self.metric = KeyMetric(spec, trainable=trainable_metric)
+
+    def round_flops(self, m: int, r: int, d: int) -> int:
+        """FLOPs of one matching round over m tokens (the bipartite scores)."""
+        na = (m + 1 - self.parity) // 2
+        return 2 * na * (m - na) * d
+
+    def flops(self, tokens: int, keep: int, prefix: int) -> int:
+        """What FlopCounterMode counts for one image: the metric projection, then every round's scores."""
+        D, d = self.metric.norm.normalized_shape[0], self.metric.phi.out_features
+        m = tokens - prefix
+        total = 2 * m * D * d
+        for r in rounds(m, keep, self.parity):
+            total += self.round_flops(m, r, d)
+            m -= r
+        return total
 
     def merge_round(self, x: torch.Tensor, s: torch.Tensor, metric: torch.Tensor, r: int, m: int, track: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
@@ -205,17 +238,24 @@ class RoundsMask(nn.Module):
         raise NotImplementedError
 
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
-                record: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                track: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(tokens, sizes, and with ``track`` the output row of every input token, else None)."""
         zp, x, sp, s = split_prefix(z, sizes, prefix)
         metric = self.metric(x)
         m = x.shape[1]
-        tracker = Tracker(x.shape[0], m, x.device) if record is not None else None
+        record = recorder()
+        tracker = Tracker(x.shape[0], m, x.device) if (record is not None or track) else None
         s_in = s
-        for r in rounds(m, keep):
+        for r in rounds(m, keep, self.parity):
             x, s, metric, step = self.merge_round(x, s, metric, r, m, tracker is not None)
             if tracker is not None:
                 tracker.step(*step)
             m -= r
-        if tracker is not None:
+        if tracker is not None and record is not None:
             tracker.record(record, keep, prefix, s_in)
-        return join_prefix(zp, x, sp, s)
+        dest = None
+        if track and tracker is not None:
+            B = z.shape[0]
+            dest = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), tracker.slot + prefix], dim=1)
+        merged, sizes_out = join_prefix(zp, x, sp, s)
+        return merged, sizes_out, dest

@@ -26,13 +26,15 @@ class MaskSpec:
     pre_norm: str | None
     first: bool
     topk: int
+    index: int = 0  # position among the converted blocks (ToFu prunes in the first few)
 
 
 _METHODS: dict[str, str] = {
-    "ltm": "ltm_convert.rewriters.sequence:build_ltm_mask",
-    "tome": "ltm_convert.baselines.tome:build_mask",
-    "tofu": "ltm_convert.baselines.tofu:build_mask",
-    "ltmp": "ltm_convert.baselines.ltmp:build_mask",
+    "ltm": "ltm_convert.merge.ltm_mask:build_mask",
+    "tome": "ltm_convert.merge.baselines.tome:build_mask",
+    "tofu": "ltm_convert.merge.baselines.tofu:build_mask",
+    "ltmp": "ltm_convert.merge.baselines.ltmp:build_mask",
+    "tome_odd": "ltm_convert.merge.baselines.tome:build_mask_odd",  # ToMe with A = odd, B = even tokens
 }
 
 

@@ -177,92 +177,50 @@ def merge_trace(records: Sequence[dict], grid: tuple[int, int] | None = None,
 # running a model
 
 
-def _context(model: "nn.Module"):
-    ctx = model.__dict__.get("_ltm_context")
-    if ctx is None:
-        raise LtmError("visualisation needs a converted model; call ltm_convert.convert(model, ratio) first")
+def _check(model: "nn.Module") -> None:
+    from ltm_convert.api import is_converted
+
     plan = getattr(model, "ltm_plan", None)
-    if plan is not None and (getattr(plan, "grids", None) or getattr(plan, "ffn_grids", None)):
+    if not is_converted(model) or plan is None:
+        raise LtmError("visualisation needs a converted model; call ltm_convert.convert(model, ratio) first")
+    if plan.family != "sequence":
         raise LtmError(f"visualize draws plain-sequence ViTs; {plan.model_class} merges on 2-D patch grids "
                        "(MobileViT, Swin, EfficientViT), which it cannot draw yet")
-    return ctx
 
 
 def trace_model(model: "nn.Module", images: "torch.Tensor", grid: tuple[int, int] | None = None) -> MergeTrace:
     """Run ``model`` on a normalised batch with recording on and trace its merges."""
     import torch
 
+    from ltm_convert.merge.state import recording
     from ltm_convert.model_inputs import run_model
 
-    ctx = _context(model)
-    was_recording, was_training = ctx.record, model.training
-    ctx.record = True
+    _check(model)
+    was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recording() as records:
             run_model(model, images)
-        records = list(ctx.records)
     finally:
-        ctx.record = was_recording
         model.train(was_training)
     return merge_trace(records, grid=grid, input_size=tuple(images.shape[-2:]))
 
 
-def _norm_stats(model: "nn.Module") -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from ltm_convert.bundled import IMAGENET_MEAN, IMAGENET_STD
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean"), cfg.get("std")
-    if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    config = getattr(model, "config", None)
-    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
-    if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
-        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
-def load_image(image: Any) -> "Image.Image":
-    """A path, PIL image or HxW(x3) array -> RGB PIL image."""
-    import numpy as np
-    from PIL import Image
-
-    if isinstance(image, (str, Path)):
-        try:
-            return Image.open(image).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise LtmError(f"cannot read image {image}: {e}") from None
-    if hasattr(image, "convert"):
-        return image.convert("RGB")
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise LtmError(f"expected an HxWx3 image, got shape {a.shape}")
-    return Image.fromarray(np.ascontiguousarray(a[..., :3]))
-
-
 def prepare(images: Sequence[Any], size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
             ) -> tuple["torch.Tensor", list["Image.Image"]]:
-    """Resize to cover ``size`` (bicubic), centre-crop; returns (normalised batch, shown crops)."""
+    """The model's input (tools/images.py: cover ``size``, centre-crop, normalise) and, for the
+    panels, the same crops as pictures."""
     import numpy as np
     import torch
     from PIL import Image
 
-    h, w = size
+    from ltm_convert.tools.images import normalise, resize_crop, to_tensor
+
     crops, tensors = [], []
     for item in images:
-        im = load_image(item)
-        s = max(h / im.height, w / im.width)
-        nw, nh = max(w, round(im.width * s)), max(h, round(im.height * s))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        crops.append(im)
-        t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        tensors.append((t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+        t = resize_crop(to_tensor(item), size)
+        crops.append(Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)))
+        tensors.append(normalise(t, mean, std))
     return torch.stack(tensors), crops
 
 
@@ -494,9 +452,11 @@ def visualize(model: "nn.Module", images: Sequence[Any], *, block: int | str | N
     if not isinstance(images, (list, tuple)):
         images = [images]
     config = getattr(model, "ltm_config", None)
-    _context(model)
+    _check(model)
     size = tuple(input_size or (config.input_size if config is not None else (224, 224)))
-    mean, std = _norm_stats(model)
+    from ltm_convert.tools.images import normalisation
+
+    mean, std = normalisation(model)
     batch, crops = prepare(images, size, mean, std)  # type: ignore[arg-type]
     trace = trace_model(model, batch)
     if title is None and config is not None:

@@ -14,20 +14,20 @@ a branch that is one module (EfficientViT's MBConv) hooks that module on both si
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from ltm_convert.analysis.graph import (
+    LAYOUT_ONLY_OPS,
+    PASSTHROUGH_OPS,
+    common_prefix,
+    passthrough_source,
+    shape_of,
+)
+
 aten = torch.ops.aten
-
-# ops that pass their input through unchanged in eval mode (layouts, copies, dropout)
-PASSTHROUGH_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-                   aten.contiguous.default, aten.alias.default, aten.dropout.default, aten.detach.default,
-                   operator.getitem}
-_LAYOUT_ONLY = {aten.transpose.int, aten.permute.default, aten.flatten.using_ints}
-
 
 @dataclass
 class FfnSite:
@@ -42,38 +42,12 @@ class FfnSite:
     attn_child: str
 
 
-def passthrough_source(node: fx.Node, layout_too: bool = True) -> fx.Node:
-    """Follow identity-like ops (and, if asked, pure re-layouts) back to the tensor they pass on."""
-    ops = PASSTHROUGH_OPS | _LAYOUT_ONLY if layout_too else PASSTHROUGH_OPS
-    while (node.op == "call_function" and node.target in ops and node.args
-           and isinstance(node.args[0], fx.Node) and not (node.target is operator.getitem)):
-        node = node.args[0]
-    return node
-
-
-def common_prefix(paths: list[str]) -> str:
-    """The longest module path that every path lies in ("" if they share none)."""
-    split = [p.split(".") for p in paths if p is not None]
-    prefix = []
-    for parts in zip(*split):
-        if all(p == parts[0] for p in parts):
-            prefix.append(parts[0])
-        else:
-            break
-    return ".".join(prefix)
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
-
-
 def _under(path: str | None, prefix: str) -> bool:
     return bool(path) and (path == prefix or path.startswith(prefix + "."))  # type: ignore[union-attr]
 
 
 def _is_passthrough(node: fx.Node) -> bool:
-    return node.op != "call_function" or node.target in PASSTHROUGH_OPS or node.target in _LAYOUT_ONLY
+    return node.op != "call_function" or node.target in PASSTHROUGH_OPS or node.target in LAYOUT_ONLY_OPS
 
 
 def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_child: str,
@@ -129,7 +103,7 @@ def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_chil
     if not _under(paths.get(end), last):
         return f"the FFN branch ends after {last} with more computation"
     # layout and grid at the FFN input
-    shape = _shape(ffn_skip)
+    shape = shape_of(ffn_skip)
     if shape is None:
         return "the FFN input has no known shape"
     if len(shape) == 4:
@@ -143,7 +117,7 @@ def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_chil
         n_tokens, c = shape[1], shape[2]
         grid = None
         for node in [ffn_skip, *attn_branch]:
-            s = _shape(node)
+            s = shape_of(node)
             if s and len(s) == 4 and s[3] == c and s[1] * s[2] == n_tokens:
                 grid = (s[1], s[2])
                 break

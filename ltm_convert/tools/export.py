@@ -3,8 +3,7 @@
 The token schedule is static per resolution, so the exported graph has fixed token counts; the
 batch dimension stays dynamic. The merge ops export as standard ONNX: TopK (topk / argsort),
 GatherElements (gather), ScatterElements with reduction "add" (scatter_add, opset >= 16), MatMul.
-The default exporter is the TorchScript one (``dynamo=False``), which handles the per-forward state
-the LTM blocks keep in a Python object; ``dynamo=True`` uses torch.export.
+The default exporter is the TorchScript one (``dynamo=False``); ``dynamo=True`` uses torch.export.
 """
 from __future__ import annotations
 
@@ -17,9 +16,17 @@ import torch
 from torch import nn
 
 from ltm_convert.errors import LtmError
-from ltm_convert.model_inputs import default_input_size, example_input, is_hf_model, main_output
+from ltm_convert.model_inputs import (
+    default_input_size,
+    example_input,
+    is_hf_model,
+    main_output,
+)
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 16
+MAX_OPSET = 20  # the TorchScript exporter's highest (torch.onnx._constants)
+MAX_OPSET_DYNAMO = 23
 
 
 class _Wrapped(nn.Module):
@@ -51,22 +58,32 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     path = Path(path)
     if path.suffix != ".onnx":
         raise LtmError(f"the ONNX file name must end in .onnx, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    top = MAX_OPSET_DYNAMO if dynamo else MAX_OPSET
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise LtmError(f"--opset {opset} is not supported: the merge needs opset >= {MIN_OPSET} (ScatterElements "
+                       f"with reduction 'add') and this torch exports up to {top}; choose {MIN_OPSET}..{top}")
+    from ltm_convert.io import check_writable, replace_atomically
+
+    check_writable(path)
     was_training = model.training
     model.eval()
     wrapped = _Wrapped(model).eval()
     size = _input_size(model, input_size)
     x = example_input(model, size, batch=batch)
     kwargs: dict[str, Any] = dict(input_names=["images"], output_names=["output"], opset_version=opset)
-    try:
+
+    def write(tmp: str) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python ints: the schedule is static
             if dynamo:
                 dyn = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
-                torch.onnx.export(wrapped, (x,), str(path), dynamo=True, dynamic_shapes=dyn, **kwargs)
+                torch.onnx.export(wrapped, (x,), tmp, dynamo=True, dynamic_shapes=dyn, **kwargs)
             else:
                 dyn_axes = {"images": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
-                torch.onnx.export(wrapped, (x,), str(path), dynamo=False, dynamic_axes=dyn_axes, **kwargs)
+                torch.onnx.export(wrapped, (x,), tmp, dynamo=False, dynamic_axes=dyn_axes, **kwargs)
+
+    try:
+        replace_atomically(path, write)
     finally:
         model.train(was_training)
     return path

@@ -22,7 +22,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ltm_convert.model_inputs import default_input_size, example_input, main_output, run_model
+from ltm_convert.model_inputs import (
+    default_input_size,
+    example_input,
+    main_output,
+    run_model,
+)
+from ltm_convert.tools.device import pick_device
 
 DEFAULT_BATCHES_CPU = (1, 8, 32)
 DEFAULT_BATCHES_GPU = (1, 8, 32, 256)
@@ -32,28 +38,8 @@ def default_batches(device: str | torch.device) -> tuple[int, ...]:
     return DEFAULT_BATCHES_GPU if torch.device(device).type == "cuda" else DEFAULT_BATCHES_CPU
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def real_images(size: int | tuple[int, int] = 224) -> torch.Tensor:
-    """Four real photos from scikit-image (chelsea, astronaut, coffee, rocket), ImageNet-normalised."""
-    try:
-        import skimage.data as skdata
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        from ltm_convert.errors import LtmError
-
-        raise LtmError("real-image agreement needs scikit-image; run `pip install scikit-image`") from exc
-    from ltm_convert.bundled import preprocess
-
-    photos = [skdata.chelsea(), skdata.astronaut(), skdata.coffee(), skdata.rocket()]
-    return preprocess(photos, size if isinstance(size, int) else size[0])
 
 
 def agreement(original: nn.Module, converted: nn.Module, images: torch.Tensor) -> dict[str, float]:

@@ -22,9 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ltm_convert.baselines.common import (RoundsMask, bipartite_match, dropped_mask, merge_round,
-                                          positions_after, split_ab)
-from ltm_convert.methods import MaskSpec
+from ltm_convert.merge.baselines.common import (
+    RoundsMask,
+    bipartite_match,
+    dropped_mask,
+    merge_round,
+    positions_after,
+    split_ab,
+)
+from ltm_convert.merge.methods import MaskSpec
 
 
 class LtmpMask(RoundsMask):
@@ -38,6 +44,10 @@ class LtmpMask(RoundsMask):
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
+
+    def round_flops(self, m: int, r: int, d: int) -> int:
+        # the importance scores, and the bipartite scores twice (once to score, once to rank)
+        return 2 * super().round_flops(m, r, d) + 2 * m * m * d
 
     def merge_round(self, x, s, metric, r, m, track):
         attn = torch.softmax(metric @ metric.transpose(1, 2) * self.scale, dim=-1)  # (B, M, M)

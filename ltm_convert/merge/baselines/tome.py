@@ -18,13 +18,30 @@ from __future__ import annotations
 
 from torch import nn
 
-from ltm_convert.baselines.common import RoundsMask, bipartite_match, merge_round, positions_after
-from ltm_convert.methods import MaskSpec
+from ltm_convert.merge.baselines.common import (
+    RoundsMask,
+    bipartite_match,
+    merge_round,
+    positions_after,
+)
+from ltm_convert.merge.methods import MaskSpec
 
 
 class ToMeMask(RoundsMask):
+    """``parity=1`` swaps the bipartite split (A = odd tokens, B = even tokens), method ``tome_odd``:
+    a control that shows how much of a quality difference the arbitrary A/B split alone makes."""
+
+    def __init__(self, spec: MaskSpec, parity: int = 0) -> None:
+        super().__init__(spec)
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
+        self.parity = parity
+
+    def extra_repr(self) -> str:
+        return "parity=odd" if self.parity else ""
+
     def merge_round(self, x, s, metric, r, m, track):
-        match = bipartite_match(metric, r)
+        match = bipartite_match(metric, r, parity=self.parity)
         x, s, metric = merge_round(x, s, metric, match)
         if not track:
             return x, s, metric, None
@@ -34,3 +51,7 @@ class ToMeMask(RoundsMask):
 
 def build_mask(spec: MaskSpec) -> nn.Module:
     return ToMeMask(spec)
+
+
+def build_mask_odd(spec: MaskSpec) -> nn.Module:
+    return ToMeMask(spec, parity=1)

@@ -17,13 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ltm_convert.baselines.common import RoundsMask, bipartite_match, dropped_mask, merge_round, positions_after
-from ltm_convert.methods import MaskSpec
+from ltm_convert.merge.baselines.common import (
+    RoundsMask,
+    bipartite_match,
+    dropped_mask,
+    merge_round,
+    positions_after,
+)
+from ltm_convert.merge.methods import MaskSpec
 
 PRUNE_BLOCKS = 3  # converted blocks (counted from the first) that prune instead of merging
-
-_build_index = [0]
-
 
 class ToFuMask(RoundsMask):
     def __init__(self, spec: MaskSpec, prune: bool) -> None:
@@ -43,18 +46,5 @@ class ToFuMask(RoundsMask):
         return x, s, metric, (pos, dropped, rep)
 
 
-def _block_index(spec: MaskSpec) -> int:
-    """The block's position among the converted blocks. convert() builds masks in order and marks
-    the first one, so a counter reset at ``first`` is exact (also when io.load replays it)."""
-    index = getattr(spec, "index", None)
-    if isinstance(index, int):
-        return index
-    if spec.first:
-        _build_index[0] = 0
-    index = _build_index[0]
-    _build_index[0] += 1
-    return index
-
-
 def build_mask(spec: MaskSpec) -> nn.Module:
-    return ToFuMask(spec, prune=_block_index(spec) < PRUNE_BLOCKS)
+    return ToFuMask(spec, prune=spec.index < PRUNE_BLOCKS)

@@ -8,8 +8,8 @@ All use the key-derived metric the LTM mask starts from, the same FLOPs-target s
 produce exactly ``prefix + keep`` tokens) and the same save/load. Written from the papers'
 descriptions; no code of the authors is used.
 """
-from ltm_convert.baselines.ltmp import LtmpMask
-from ltm_convert.baselines.tofu import ToFuMask
-from ltm_convert.baselines.tome import ToMeMask
+from ltm_convert.merge.baselines.ltmp import LtmpMask
+from ltm_convert.merge.baselines.tofu import ToFuMask
+from ltm_convert.merge.baselines.tome import ToMeMask
 
 __all__ = ["LtmpMask", "ToFuMask", "ToMeMask"]

@@ -1,0 +1,193 @@
+"""The LTM mask for token sequences: choose targets per image, merge every other token softly into them.
+
+phi = normalize(W_phi LN(z)) (:class:`MergeMetric`) is the merge metric, initialised from the
+block's own key projection so an untrained mask merges tokens the attention sees as alike. The
+keep score is kappa = w_kappa . LN(z) + w_size * log(s) - (max cosine to an earlier token): the
+first token of each group of near-duplicates is kept, the rest merge into targets. Merged-away
+tokens spread over the targets by softmax(cos / tau); ``topk > 0`` restricts each one to its k
+most similar targets, so only the R x k touched rows are updated (:func:`merge_sparse`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltm_convert.config import DEFAULT_TOPK
+from ltm_convert.merge.metric import MergeMetric, no_autocast
+from ltm_convert.merge.rows import add_rows, take_rows
+from ltm_convert.merge.state import SequenceMask, recorder
+
+
+def redundancy(phi: torch.Tensor, row_blocks: int = 4) -> torch.Tensor:
+    """Each token's max cosine to an earlier token, phi (B, M, d) unit rows -> (B, M), -1 for the first.
+
+    Only the lower triangle of the M x M scores matters, so rows are taken in ``row_blocks`` bands,
+    each against the columns up to its end: 10/16 of the full GEMM for four bands. Later tokens
+    (and the token itself) are pushed below -1 by a constant bias fused into the GEMM, then clamped.
+    """
+    M = phi.shape[1]
+    bands = row_blocks if M >= 16 * row_blocks else 1
+    edges = [i * M // bands for i in range(bands + 1)]
+    parts = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        later = torch.full((r1 - r0, r1), -3.0, dtype=phi.dtype, device=phi.device).triu(r0)
+        parts.append(torch.baddbmm(later, phi[:, r0:r1], phi[:, :r1].transpose(1, 2)).amax(dim=-1))
+    return torch.cat(parts, dim=1).clamp_min(-1.0)
+
+
+def merge_dense(z_rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor, mass: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x~_t = (s_t z_t + sum_i m_it z_i) / s~_t with s~_t = s_t + sum_i m_it, every token to every target.
+
+    z_rows (B, T, D) output rows, s_rows (B, T), z_o (B, R, D) merged-away tokens, mass (B, R, T).
+    The division is folded into the weights.
+    """
+    new_sizes = s_rows + mass.sum(dim=1)
+    inv = new_sizes.reciprocal()
+    merged = z_rows * (s_rows * inv).unsqueeze(-1).to(z_rows.dtype)
+    # out of place: FlopCounterMode does not count the in-place baddbmm_, and the FLOPs must be honest
+    return torch.baddbmm(merged, (mass * inv.unsqueeze(1)).transpose(1, 2).to(z_rows.dtype), z_o), new_sizes
+
+
+def merge_sparse(z: torch.Tensor, rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor,
+                 mass: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same merge when every token reaches only k targets: mass (B, R, k), slot (B, R, k) output rows.
+
+    Written as x~_t = z_t + sum_i (m_it / s~_t)(z_i - z_t), only the R x k touched rows are read and
+    updated; the other output rows are plain copies.
+    """
+    B, R, k = mass.shape
+    D = z.shape[-1]
+    flat_slot, flat_mass = slot.reshape(B, R * k), mass.reshape(B, R * k)
+    new_sizes = s_rows.scatter_add(1, flat_slot, flat_mass)
+    weight = (flat_mass / new_sizes.gather(1, flat_slot)).view(B, R, k, 1).to(z.dtype)
+    z_t = take_rows(z, rows.gather(1, flat_slot)).view(B, R, k, D)
+    delta = (weight * (z_o.unsqueeze(2) - z_t)).view(B, R * k, D)
+    return add_rows(take_rows(z, rows), flat_slot, delta), new_sizes
+
+
+class LtmMask(SequenceMask, MergeMetric):
+    """Targets by keep score, soft assignment of the other tokens to their nearest targets."""
+
+    def __init__(self, dim: int, metric_dim: int, topk: int = DEFAULT_TOPK, tau: float = 1e-3,
+                 use_sizes: bool = True) -> None:
+        super().__init__(dim, metric_dim)
+        self.kappa = nn.Linear(dim, 1)
+        nn.init.zeros_(self.kappa.weight)
+        nn.init.zeros_(self.kappa.bias)
+        # the first block sees no earlier merge, so a weight on log(size) would never learn there
+        self.size_weight = nn.Parameter(torch.zeros(())) if use_sizes else None
+        self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        self.topk = topk
+
+    def _project(self, z: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(phi (B, M, d) unit rows, learned keep term (B, M)) of the mergeable tokens, in float32
+        for half-precision inputs; one GEMM for both when the projections are plain Linears."""
+        x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        with no_autocast(z):
+            n = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight.to(x.dtype),
+                             self.norm.bias.to(x.dtype), self.norm.eps)
+            if type(self.phi) is nn.Linear and type(self.kappa) is nn.Linear:
+                weight = torch.cat([self.phi.weight, self.kappa.weight], dim=0).to(x.dtype)
+                bias = torch.cat([self.phi.bias, self.kappa.bias], dim=0).to(x.dtype)
+                both = F.linear(n, weight, bias)[:, prefix:]
+                phi, learned = both[..., :-1], both[..., -1]
+            else:  # e.g. dynamically quantised projections
+                n = n[:, prefix:]
+                phi, learned = self.phi(n), self.kappa(n)[..., 0]
+        return F.normalize(phi, dim=-1), learned
+
+    def flops(self, tokens: int, keep: int, prefix: int) -> int:
+        """What FlopCounterMode counts for one image (tests/test_ltm_mask.py checks it): the fused
+        projection, the banded redundancy GEMMs, the target logits, the dense merge GEMM."""
+        D, d = self.norm.normalized_shape[0], self.phi.out_features
+        M = tokens - prefix
+        R = M - keep
+        total = 2 * tokens * D * (d + 1)
+        bands = 4 if M >= 64 else 1
+        edges = [i * M // bands for i in range(bands + 1)]
+        total += sum(2 * (r1 - r0) * r1 * d for r0, r1 in zip(edges[:-1], edges[1:]))
+        total += 2 * R * keep * d
+        if not 0 < self.topk < keep:  # dense merge: one (prefix + K) x R x D GEMM
+            total += 2 * (prefix + keep) * R * D
+        return total
+
+    def keep_score(self, learned: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """kappa (B, M) from the learned term w_kappa . LN(z) (B, M): the top-M' become targets."""
+        kappa = learned - redundancy(phi)
+        if self.size_weight is not None:
+            kappa = kappa + self.size_weight.to(learned.dtype) * sizes.log().to(learned.dtype)
+        return kappa
+
+    def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
+                track: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Merge z (B, N, D) into prefix + keep tokens: (tokens, sizes (B, prefix + keep), and with
+        ``track`` the output row of every input token (B, N), else None)."""
+        B, N, D = z.shape
+        M = N - prefix
+        R = M - keep  # tokens merged away
+        if sizes is None:
+            sizes = z.new_ones(B, N, dtype=torch.float32)
+        sm = sizes[:, prefix:]
+        phi, learned = self._project(z, prefix)
+        kappa = self.keep_score(learned, phi, sm)
+
+        # top-k, not a sort: deterministic for a given input and ONNX-exportable
+        order = kappa.topk(M, dim=-1).indices
+        targets = order[:, :keep].sort(dim=-1).values  # (B, K) kept in their original order
+        others = order[:, keep:]  # (B, R)
+
+        # each merged-away token spreads its mass over the targets: A = softmax(phi_o . phi_t / tau)
+        logits = (take_rows(phi, others) @ take_rows(phi, targets).transpose(1, 2)) / self.log_tau.exp()
+        near = None
+        if 0 < self.topk < keep:  # locality: only the k most similar targets (sparse merge below)
+            logits, near = logits.topk(self.topk, dim=-1)  # (B, R, k)
+        # sizes and merge weights in float32 (half-precision sums of sizes drift); tokens in z's dtype
+        wdt = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
+        assign = torch.softmax(logits, dim=-1).to(wdt)  # (B, R, K) or (B, R, k)
+
+        # Output rows are [prefix tokens, targets]: one row gather from z, no concatenation.
+        rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
+        s_rows = sizes.gather(1, rows).to(wdt)
+        s_o = sm.gather(1, others).to(wdt)
+        if kappa.requires_grad:  # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
+            gate = torch.sigmoid(kappa).to(wdt)
+            st = gate - gate.detach()
+            s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
+            s_o = s_o * (1.0 - st.gather(1, others))
+        mass = assign * s_o.unsqueeze(-1)  # s_i * A_it
+        z_o = take_rows(z, others + prefix)
+        if near is None:
+            merged, new_sizes = merge_dense(take_rows(z, rows), s_rows, z_o, F.pad(mass, (prefix, 0)))
+        else:
+            merged, new_sizes = merge_sparse(z, rows, s_rows, z_o, mass, near + prefix)
+        dest = None
+        if track:  # targets go to their own row; the others to their strongest target's row
+            best = assign.argmax(-1, keepdim=True)
+            best = (near.gather(2, best) if near is not None else best)[..., 0] + prefix
+            slot_of = torch.empty(B, M, dtype=torch.long, device=z.device)
+            slot_of.scatter_(1, targets, torch.arange(prefix, prefix + keep, device=z.device).expand(B, keep))
+            slot_of.scatter_(1, others, best)
+            dest = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), slot_of], dim=1)
+        record = recorder()
+        if record is not None:  # the block put its entry last; add what this module decided
+            full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
+            eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
+            full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
+            spread = assign if near is None else torch.zeros(B, R, keep, dtype=assign.dtype,
+                                                            device=z.device).scatter_(2, near, assign)
+            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread)
+            record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
+        return merged, new_sizes.to(sizes.dtype), dest
+
+
+def build_mask(spec) -> LtmMask:
+    """The learnable LTM mask of one block, starting as the block's own key similarity (usable untrained)."""
+    from ltm_convert.merge.metric import metric_dim
+
+    mask = LtmMask(spec.dim, metric_dim(spec.attn, spec.dim), topk=spec.topk, use_sizes=not spec.first)
+    mask.init_from_block(spec.block, spec.attn, spec.pre_norm, spec.dim)
+    return mask

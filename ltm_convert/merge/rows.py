@@ -1,0 +1,28 @@
+"""Row gathers and row adds on (B, N, C) token tensors: the primitives every merge is written in.
+
+Both are flat ``index_select`` / ``index_add_`` over (B * N, C): several times faster than
+``gather`` / ``scatter_add`` along dim 1 on CPU (whole rows move, not single elements), and they
+export to ONNX as one Gather / ScatterElements each.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, K) -> (B, K, C)."""
+    B, N, C = x.shape
+    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * N).reshape(-1)
+    return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
+
+
+def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) with rows src (B, K, C) added at rows idx (B, K); in place when x is contiguous
+    (use the result). ONNX exports ``index_add`` as ScatterND, which *overwrites* repeated rows
+    instead of summing them, so the export path takes ``scatter_add`` (ScatterElements, "add")."""
+    B, T, C = x.shape
+    if torch.onnx.is_in_onnx_export():
+        return x.scatter_add_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
+    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
+    x = x.contiguous()  # a no-op for fresh tensors; strided inputs (every other row) get one copy
+    return x.view(B * T, C).index_add_(0, flat, src.reshape(-1, C)).view(B, T, C)

@@ -1,0 +1,211 @@
+"""Per-forward merge state: it travels with the tokens, never with the model.
+
+A merging block hands the next block fewer tokens and their *sizes* (how many original patches
+each token stands for). Those sizes are state of one forward pass, so they ride on the token
+tensor itself, as the attribute ``ltm_tokens`` (a :class:`TokenState`): a block reads the state
+of its input and attaches the new state to its output. Nothing is stored on the model, so
+
+* two threads (or DataParallel replicas) calling one model never see each other's sizes;
+* ``forward_head(forward_features(x))`` pools with the sizes of ``x``, even after other calls;
+* a block re-run by activation checkpointing receives the same input tensor, hence the same sizes
+  (reentrant checkpointing detaches its inputs: :func:`state_of` finds the state of the tensor
+  they were detached from through the storage they share);
+* ``torch.compile(fullgraph=True)``, ``torch.export`` and the TorchScript ONNX exporter trace
+  Python attribute reads and writes on tensors like any other Python code.
+
+Recording (what each block merged, for visualisation) and source tracking (which token holds
+each original patch, for unmerging to the full grid) are off unless a caller asks for them in
+its own thread with :func:`recording` / :func:`tracking_sources`.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, Iterator, NamedTuple
+
+import torch
+
+ATTR = "ltm_tokens"
+
+
+class TokenState(NamedTuple):
+    """The state of one token sequence.
+
+    sizes: (B, N) float32, original patches per token (prefix tokens count 1).
+    source: (B, P0) int64 or None: for each of the P0 original patch tokens, the index (into the
+        current sequence, prefix included) of the token that holds it. Tracked on request only.
+    grid: family-specific payload that must reach a later block of the same forward (the soft
+        assignment a MobileViT group unmerges with), or None.
+    """
+
+    sizes: torch.Tensor
+    source: torch.Tensor | None = None
+    grid: Any = None
+
+
+# Reentrant checkpointing re-runs a block on ``x.detach()``: a new tensor object over the same
+# storage. The registry maps a storage (data pointer, offset, shape) to the tensor the state was
+# attached to, weakly, so it never keeps a tensor alive and dies with it.
+_REGISTRY: dict[tuple, weakref.ref] = {}
+
+
+def _tracing() -> bool:
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def _key(x: torch.Tensor) -> tuple | None:
+    if x.device.type == "meta" or type(x) is not torch.Tensor:  # fake / meta tensors have no storage
+        return None
+    try:
+        return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.device.type)
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _forget(key: tuple, ref: weakref.ref) -> None:
+    if _REGISTRY.get(key) is ref:
+        _REGISTRY.pop(key, None)
+
+
+def with_state(x: torch.Tensor, state: TokenState | None) -> torch.Tensor:
+    """Attach ``state`` to ``x`` (returned for chaining). None clears nothing and attaches nothing."""
+    if state is None:
+        return x
+    setattr(x, ATTR, state)
+    if not _tracing():
+        key = _key(x)
+        if key is not None:
+            ref = weakref.ref(x, lambda r, k=key: _forget(k, r))
+            _REGISTRY[key] = ref
+    return x
+
+
+def state_of(x: Any) -> TokenState | None:
+    """The state attached to ``x``, or to the tensor ``x`` was detached from; None if nothing merged."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    state = getattr(x, ATTR, None)
+    if state is not None or _tracing():
+        return state
+    key = _key(x)
+    ref = _REGISTRY.get(key) if key is not None else None
+    owner = ref() if ref is not None else None
+    return getattr(owner, ATTR, None) if owner is not None else None
+
+
+def carry_state(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook for token-wise modules between the last block and the head (the final norm):
+    their output describes the same tokens as their input, so it gets the same state."""
+    state = state_of(args[0]) if args else None
+    if state is not None and isinstance(output, torch.Tensor) and output.dim() >= 2 \
+            and output.shape[:2] == args[0].shape[:2]:
+        with_state(output, state)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# opt-in extras, per thread
+
+
+_LOCAL = threading.local()
+
+
+def recorder() -> list[dict] | None:
+    """The list this thread's merging blocks append their decisions to, or None (the default)."""
+    return getattr(_LOCAL, "records", None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Collect, for the forwards run in this thread inside the block, one dict per merging block:
+    block name, tokens in, targets, soft assignment, prefix, input sizes (see tools/visualize.py)."""
+    previous = recorder()
+    records: list[dict] = []
+    _LOCAL.records = records
+    try:
+        yield records
+    finally:
+        _LOCAL.records = previous
+
+
+def sources_tracked() -> bool:
+    return bool(getattr(_LOCAL, "sources", False))
+
+
+@contextlib.contextmanager
+def tracking_sources() -> Iterator[None]:
+    """Inside the block, merging blocks of this thread keep :attr:`TokenState.source` up to date,
+    so a merged sequence can be spread back over the full patch grid (:func:`unmerge_tokens`)."""
+    previous = sources_tracked()
+    _LOCAL.sources = True
+    try:
+        yield
+    finally:
+        _LOCAL.sources = previous
+
+
+def captured() -> dict | None:
+    """The dict this thread's blocks record their output states in (block name -> state), or None."""
+    return getattr(_LOCAL, "capture", None)
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[dict]:
+    """Collect the state every converted block leaves, by block name, for the forwards of this thread
+    inside the block (unmerging intermediate outputs that the caller has already sliced)."""
+    previous = captured()
+    states: dict = {}
+    _LOCAL.capture = states
+    try:
+        yield states
+    finally:
+        _LOCAL.capture = previous
+
+
+def initial_source(batch: int, prefix: int, patches: int, device: torch.device) -> torch.Tensor:
+    """Before any merge patch j is token prefix + j."""
+    return (torch.arange(patches, device=device) + prefix).expand(batch, patches)
+
+
+def unmerge_tokens(x: torch.Tensor, state: TokenState | None, prefix: int) -> torch.Tensor:
+    """(B, N', C) merged patch tokens -> (B, P0, C): every original patch takes the value of the
+    token it was merged into (prefix tokens are dropped; they have no place on the grid)."""
+    if state is None:
+        return x[:, prefix:]
+    if state.source is None:
+        from ltm_convert.errors import LtmError
+
+        raise LtmError("the merged tokens carry no source map; run the forward inside "
+                       "ltm_convert.merge.state.tracking_sources() to unmerge them")
+    B, _, C = x.shape
+    return x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
+
+
+def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
+                   name: str) -> tuple[torch.Tensor, TokenState]:
+    """Run a sequence mask (``mask(z, sizes, prefix, keep, track) -> (tokens, sizes, dest)``) and
+    build the state of its output: the new sizes, and the source map when this thread tracks them
+    (``dest``: the output row of every input token)."""
+    record = recorder()
+    if record is not None:
+        record.append({"block": name, "tokens_in": z.shape[1]})
+    track = sources_tracked()
+    merged, sizes, dest = mask(z, state.sizes if state is not None else None, prefix, keep, track)
+    source = None
+    if track and dest is not None:
+        B, N = dest.shape
+        old = state.source if state is not None and state.source is not None else \
+            initial_source(B, prefix, N - prefix, z.device)
+        source = dest.gather(1, old)
+    # sizes are bookkeeping: they travel between blocks outside any checkpointed function's inputs,
+    # so they carry no gradient (a reentrant checkpoint could not replay one)
+    return merged, TokenState(sizes.detach(), source)
+
+
+class SequenceMask:
+    """Mixin of every mask that merges a token sequence: the block calls ``merge_tokens``."""
+
+    def merge_tokens(self, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
+                     name: str) -> tuple[torch.Tensor, TokenState]:
+        return merge_sequence(self, z, state, prefix, keep, name)  # type: ignore[arg-type]

@@ -1,0 +1,210 @@
+"""Keep what follows the blocks correct once tokens are merged (token-sequence family).
+
+Token pooling (``x[:, 0]``, ``x[:, 1]``) needs nothing: prefix tokens are never merged and stay
+in front. Average pooling must weight each merged token by its size, and attention pooling must
+add log(size) to its logits, or the head would see a differently weighted image. The sizes come
+with the token tensor (merge/state.py): the modules between the last block and the head (the
+final norm) pass them on, and the adapters read them from the tensor they receive, so a head
+called later on cached features (``forward_head(forward_features(x))``) pools with the sizes of
+those features and nothing else.
+
+Adapters are hooks or :class:`InstanceMethod` overrides of module-level functions: they pickle
+and deep-copy with the model.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ltm_convert.errors import UnsupportedModelError
+from ltm_convert.merge.state import carry_state, state_of
+from ltm_convert.tracer import ConversionPlan
+
+
+class InstanceMethod:
+    """A per-instance override of a model method: ``owner.name(*a)`` calls ``func(owner, *a)``.
+
+    Unlike ``types.MethodType`` it pickles (the function is module-level, the owner is pickled
+    with the model) and deep-copies with its model (the copy's override calls the copy).
+    """
+
+    def __init__(self, owner: nn.Module, func: Callable[..., Any]) -> None:
+        self.__self__ = owner
+        self.__func__ = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+
+def size_weighted_mean(x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens (dim 1) with each token counted ``size`` times."""
+    if sizes is None:
+        return x.mean(dim=1)
+    w = sizes.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(dim=1) / w.sum(dim=1)
+
+
+def timm_pool(model: nn.Module, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+    """timm VisionTransformer.pool with size-weighted averages and a log-size attention-pool bias."""
+    pool_type = model.global_pool if pool_type is None else pool_type
+    state = state_of(x)
+    if state is None:
+        return type(model).pool(model, x, pool_type=pool_type)
+    sizes = state.sizes
+    start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+    if getattr(model, "attn_pool", None) is not None:
+        bias = sizes[:, start:].log().to(x.dtype)[:, None, None, :]
+        return model.attn_pool(x[:, start:], attn_mask=bias)
+    if pool_type in ("avg", "avgmax"):
+        tokens = x[:, start:]
+        mean = size_weighted_mean(tokens, sizes[:, start:])
+        return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+    return type(model).pool(model, x, pool_type=pool_type)
+
+
+def _mha_pool_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """nn.MultiheadAttention pooling (SigLIP's MAP head): add log(size) of the keys to the logits."""
+    key = args[1] if len(args) > 1 else kwargs.get("key")
+    state = state_of(key)
+    if state is None:
+        return None
+    query = args[0] if args else kwargs["query"]
+    bias = state.sizes.log().to(key.dtype)[:, None, None, :].expand(-1, module.num_heads, query.shape[1], -1)
+    kwargs = dict(kwargs)
+    kwargs["attn_mask"] = bias.reshape(-1, query.shape[1], key.shape[1])
+    return args, kwargs
+
+
+# Dinov2ForImageClassification averages the patch tokens inside its own forward. The model's
+# forward runs HF's forward inside a frame of this thread; the backbone's output hook puts the
+# sequence (with its sizes) into the frame and the classifier's pre-hook, only inside that
+# frame, replaces the plain mean by the size-weighted one. A classifier called on its own gets
+# exactly what it is given.
+_FRAMES = threading.local()
+
+
+def _frames() -> list[dict]:
+    stack = getattr(_FRAMES, "stack", None)
+    if stack is None:
+        stack = _FRAMES.stack = []
+    return stack
+
+
+def classifier_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    stack = _frames()
+    stack.append({"backbone": model.get_submodule(model.__dict__["_ltm_backbone"]), "classifier": model.classifier,
+                  "prefix": model.__dict__["_ltm_prefix"]})
+    try:
+        return type(model).forward(model, *args, **kwargs)
+    finally:
+        stack.pop()
+
+
+def _keep_sequence(module: nn.Module, args: tuple, output: Any) -> None:
+    stack = _frames()
+    if stack and stack[-1]["backbone"] is module:
+        stack[-1]["sequence"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def _size_weighted_classifier_input(module: nn.Module, args: tuple) -> tuple | None:
+    stack = _frames()
+    if not stack or stack[-1]["classifier"] is not module:
+        return None
+    seq = stack[-1].pop("sequence", None)
+    state = state_of(seq)
+    if seq is None or state is None:
+        return None
+    (linear_input,) = args
+    prefix = stack[-1]["prefix"]
+    mean = size_weighted_mean(seq[:, prefix:], state.sizes[:, prefix:])
+    return (torch.cat([linear_input[:, : seq.shape[-1]], mean], dim=1),)
+
+
+def _dinov2_classifier(model: nn.Module, backbone: str, prefix: int) -> None:
+    model.__dict__["_ltm_backbone"] = backbone
+    model.__dict__["_ltm_prefix"] = prefix
+    model.get_submodule(backbone).register_forward_hook(_keep_sequence)
+    model.classifier.register_forward_pre_hook(_size_weighted_classifier_input)
+    model.forward = InstanceMethod(model, classifier_forward)
+
+
+def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any = None, *args: Any,
+                               output_fmt: str = "NCHW", **kwargs: Any) -> Any:
+    """timm's forward_intermediates with NCHW maps on the full patch grid: every original patch
+    takes the value of the token it was merged into, so dense heads (segmentation, depth) keep
+    working on a converted model. NLC intermediates are the merged tokens, as the blocks left them."""
+    if output_fmt != "NCHW":
+        return type(model).forward_intermediates(model, x, indices, *args, output_fmt=output_fmt, **kwargs)
+    from timm.models._features import feature_take_indices
+
+    from ltm_convert.merge.state import capturing, tracking_sources
+
+    B, _, H, W = x.shape
+    with tracking_sources(), capturing() as states:
+        out = type(model).forward_intermediates(model, x, indices, *args, output_fmt="NLC", **kwargs)
+    take, _ = feature_take_indices(len(model.blocks), indices)
+    grid = model.patch_embed.dynamic_feat_size((H, W)) if hasattr(model.patch_embed, "dynamic_feat_size") \
+        else model.patch_embed.grid_size
+    prefix = model.num_prefix_tokens
+    blocks = list(model.blocks)
+
+    def state_after(i: int) -> Any:
+        for j in range(i, -1, -1):  # an unconverted block passes its input's state on
+            name = getattr(blocks[j], "ltm_name", None)
+            if name is not None and name in states:
+                return states[name]
+        return None
+
+    def to_map(y: torch.Tensor, i: int) -> torch.Tensor:
+        state = state_after(i)
+        if state is not None and state.source is not None:
+            src = (state.source - prefix).unsqueeze(-1).expand(B, state.source.shape[1], y.shape[-1])
+            y = y.gather(1, src)
+        return y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+
+    if isinstance(out, dict):
+        out["image_intermediates"] = [to_map(y, i) for y, i in zip(out["image_intermediates"], take)]
+        return out
+    if isinstance(out, tuple):
+        final, inter = out
+        return final, [to_map(y, i) for y, i in zip(inter, take)]
+    return [to_map(y, i) for y, i in zip(out, take)]
+
+
+def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
+    """Client paths beyond the head: timm's forward_intermediates gives full-grid NCHW maps."""
+    if callable(getattr(type(model), "forward_intermediates", None)) and hasattr(model, "patch_embed") \
+            and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
+        model.forward_intermediates = InstanceMethod(model, timm_forward_intermediates)
+
+
+def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
+    """Make pooling size-aware; raises UnsupportedModelError for a head that cannot be kept exact."""
+    for path in plan.carry:
+        model.get_submodule(path).register_forward_hook(carry_state)
+    install_client_adapters(model, plan)
+    heads = set(plan.heads)
+    needs = heads & {"avg", "attention-pool"}
+    if not needs:
+        return []
+    cls = type(model).__name__
+    if callable(getattr(type(model), "pool", None)) and hasattr(model, "global_pool") and hasattr(model, "attn_pool"):
+        # timm VisionTransformer and relatives: one `pool` method handles avg and attention pooling
+        model.pool = InstanceMethod(model, timm_pool)
+        return ["timm-pool"]
+    for holder in (model, getattr(model, "vision_model", None)):
+        head = getattr(holder, "head", None)
+        if needs == {"attention-pool"} and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
+            head.attention.register_forward_pre_hook(_mha_pool_bias, with_kwargs=True)
+            return ["mha-pool"]
+    backbone = next((n for n in ("dinov2", "dinov2_with_registers") if isinstance(getattr(model, n, None), nn.Module)), None)
+    if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"} and backbone is not None:
+        _dinov2_classifier(model, backbone, plan.prefix_tokens)
+        return ["dinov2-classifier"]
+    raise UnsupportedModelError(
+        f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "
+        "weight by token size; use a token-pooled head (global_pool='token') or exclude nothing and open an issue"
+    )

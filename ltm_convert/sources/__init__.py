@@ -1,0 +1,10 @@
+"""Where a model comes from (timm, HF, local, bundled), how to build it, and how to rebuild it.
+
+Nothing here imports transformers at import time, and every user mistake is a one-line LtmError.
+"""
+from ltm_convert.sources.build import build_model, load_model
+from ltm_convert.sources.checkpoints import read_checkpoint
+from ltm_convert.sources.infer import source_of
+from ltm_convert.sources.spec import KINDS, ModelSource, parse_source
+
+__all__ = ["KINDS", "ModelSource", "build_model", "load_model", "parse_source", "read_checkpoint", "source_of"]

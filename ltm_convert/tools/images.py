@@ -1,0 +1,135 @@
+"""One way to turn images into model input, shared by bench, visualize, fine-tuning and the benchmarks.
+
+The rule: scale the image so it covers the model's input size (bicubic, antialiased), centre-crop
+to that size, normalise with the model's own mean / std (timm pretrained_cfg, HF config), else
+ImageNet's. Accepts paths, PIL images, HxW(x3|x4) arrays (uint8 or floats in [0, 1]) and
+(3, H, W) / (N, 3, H, W) float tensors in [0, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ltm_convert.config import IMAGENET_MEAN, IMAGENET_STD
+from ltm_convert.errors import LtmError
+
+MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb check: 400-Mpx files are refused, not decoded
+
+
+def normalisation(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's own mean/std (timm pretrained_cfg, HF config), else ImageNet's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    config = getattr(model, "config", None)
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def open_image(path: str | Path) -> Any:
+    """An RGB PIL image from a file; refuses images too large to decode safely."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise LtmError(f"image {path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} Mpx), more than "
+                               f"the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx ltm_convert decodes; downscale it first")
+            return im.convert("RGB")
+    except LtmError:
+        raise
+    except Image.DecompressionBombError:
+        raise LtmError(f"image {path} is larger than the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx ltm_convert decodes "
+                       "(a decompression bomb?); downscale it first") from None
+    except (OSError, ValueError) as e:
+        raise LtmError(f"cannot read image {path}: {e}") from None
+
+
+def to_tensor(image: Any) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] from a path, PIL image, array or tensor."""
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise LtmError(f"expected a (3, H, W) image tensor, got shape {tuple(t.shape)}")
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    a = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise LtmError(f"expected an HxWx3 image, got shape {a.shape}; pass RGB images")
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)
+    return t.float() / 255.0 if a.dtype == np.uint8 else t.float().clamp(0, 1)
+
+
+def resize_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> (..., 3, h, w): scale to cover (h, w), then centre-crop."""
+    h, w = size
+    H, W = x.shape[-2:]
+    if (H, W) == (h, w):
+        return x
+    s = max(h / H, w / W)
+    nh, nw = max(h, round(H * s)), max(w, round(W * s))
+    batched = x if x.dim() == 4 else x[None]
+    y = F.interpolate(batched, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    y = y[..., top:top + h, left:left + w]
+    return y if x.dim() == 4 else y[0]
+
+
+def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    return (x - torch.tensor(mean, dtype=x.dtype).view(shape)) / torch.tensor(std, dtype=x.dtype).view(shape)
+
+
+def preprocess(images: Any, size: int | tuple[int, int] = 224, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Images -> normalised (N, 3, h, w) float batch (see the module docstring for the rule)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        items = list(images)
+    else:
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise LtmError("no images to preprocess")
+    return torch.stack([normalise(resize_crop(to_tensor(im), size), mean, std) for im in items])  # type: ignore[arg-type]
+
+
+def model_input(model: Any, images: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``preprocess`` with the model's own normalisation and its conversion resolution."""
+    from ltm_convert.model_inputs import default_input_size
+
+    config = getattr(model, "ltm_config", None)
+    size = size or (tuple(config.input_size) if config is not None and config.input_size else default_input_size(model))
+    mean, std = normalisation(model)
+    return preprocess(images, size, mean, std)
+
+
+class Preprocess:
+    """The same rule as a dataset transform: one image (array or PIL) -> normalised (3, h, w)."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = tuple(size)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return normalise(resize_crop(to_tensor(image), self.size), self.mean, self.std)  # type: ignore[arg-type]
+
+
+def sample_photos(size: int | tuple[int, int] = 224) -> torch.Tensor:
+    """Four real photos from scikit-image (chelsea, astronaut, coffee, rocket), ImageNet-normalised."""
+    try:
+        import skimage.data as skdata
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise LtmError("real-image agreement needs scikit-image; run `pip install scikit-image`") from exc
+    return preprocess([skdata.chelsea(), skdata.astronaut(), skdata.coffee(), skdata.rocket()], size)
