@@ -265,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fmnist-train", type=int, default=2000)
     p.add_argument("--fmnist-test", type=int, default=1000)
     p.add_argument("--no-fmnist", action="store_true", help="skip the labelled-accuracy part")
+    p.add_argument("--fmnist-rows", nargs="+", default=None, metavar="METHOD@RATIO",
+                   help="probe only these rows (e.g. ltm@0.5 tome@0.5 tuned@0.5); default: every row")
+    p.add_argument("--schedule", default=None, help="token schedule for every converted method (default: the library's)")
     p.add_argument("--probe-l2", type=float, default=1e-3, help="linear-probe L2 weight (same for all methods)")
     p.add_argument("--json", type=Path, help="write everything (per-image cosines included) here")
     args = p.parse_args(argv)
@@ -359,11 +362,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --extra takes NAME=PATH with a NAME that is not a method, got {spec!r}")
         jobs.append({"method": name, "ratio": None, "path": path})
 
+    sched = {"schedule": args.schedule} if args.schedule else {}
+
     def build(job: dict) -> torch.nn.Module:
         """Convert (or load) afresh, seeded: models are rebuilt for the Fashion-MNIST pass instead
         of being held in memory, and must be the same models."""
         torch.manual_seed(args.seed)
-        return (load(job["path"]) if job["path"] else convert(base, job["ratio"], method=job["method"])).eval()
+        if job["path"]:
+            return load(job["path"]).eval()
+        return convert(base, job["ratio"], method=job["method"], **sched).eval()
 
     def cosines(model: torch.nn.Module, label: str) -> np.ndarray:
         out = features(model, len(held), photo_batch, args.batch, label)
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
     for job in jobs:  # ToMe at ratios that --methods did not cover (e.g. an extra model's own ratio)
         if (BASELINE, job["ratio"]) not in cos_by:
-            model = convert(base, job["ratio"], method=BASELINE).eval()
+            model = convert(base, job["ratio"], method=BASELINE, **sched).eval()
             cos_by[(BASELINE, job["ratio"])] = cosines(model, f"{BASELINE}@{job['ratio']:g}")
     for job in jobs:
         job["row"]["vs_tome"] = paired_bootstrap(cos_by[(job["method"], job["ratio"])], cos_by[(BASELINE, job["ratio"])],
@@ -420,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
         for job in jobs:
             row, t = job["row"], time.time()
+            if args.fmnist_rows is not None and f"{row['method']}@{row['ratio']:g}" not in args.fmnist_rows:
+                continue
             model = build(job)
             feats = {s: features(model, len(fm[s][0]), batchers[s], args.batch, f"fmnist {s} {row['method']}@{row['ratio']:g}")
                      for s in batchers}

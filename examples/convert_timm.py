@@ -2,7 +2,7 @@
 
 Uses a small random-weight ViT so it runs offline in seconds; for real weights use
 ``load_model("deit_small_patch16_224", checkpoint="deit_s.safetensors")``, a model name with hub
-access, or the bundled DINOv2 ViT-S/14 (``ltm_convert.bundled.bundled_timm()``).
+access, or the bundled DINOv2 ViT-S/14 (``ltm_convert.sources.bundled.bundled_timm()``).
 
 Run: python examples/convert_timm.py
 """

@@ -23,6 +23,7 @@ DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1
 MAX_TOPK = 4096
 SCHEDULES = ("fraction", "constant")  # schedule shapes (schedule.py)
 DEFAULT_SCHEDULE = "fraction"
+MASK_VERSION = 2  # the LTM mask's design; files without it (0.1.0) were made with version 1
 SCHEDULE_TOLERANCE = 0.001  # |FLOPs ratio - target| the solver aims for, as a fraction of the original FLOPs
 GRID_TOLERANCE = 0.005  # grid sites: among schedules this close, keep the most in the most-merged site
 REACH_TOLERANCE = 0.02  # a schedule within 2% (relative) of the target reaches it; beyond, the verdict says not
@@ -80,6 +81,7 @@ class LtmConfig:
     topk: int = DEFAULT_TOPK
     keep: dict[str, int] = field(default_factory=dict)
     schedule: str = DEFAULT_SCHEDULE
+    mask_version: int = MASK_VERSION
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT
 
@@ -104,6 +106,8 @@ class LtmConfig:
 
         if self.method not in method_names():
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
+        if self.mask_version not in (1, 2) or isinstance(self.mask_version, bool):
+            raise LtmError(f"mask_version must be 1 or 2, got {self.mask_version!r}; the file is corrupt")
         if not is_int(self.format) or not isinstance(self.version, str):
             raise LtmError("the config's format must be an integer and its version a string; the file is corrupt")
 
@@ -131,6 +135,7 @@ class LtmConfig:
                 "upgrade with `pip install -U ltm_convert`")
         if not is_number(kwargs.get("ratio")):
             raise LtmError(f"the saved ratio must be a number, got {kwargs.get('ratio')!r}; the file is corrupt")
+        kwargs.setdefault("mask_version", 1)  # written before mask versions existed: 0.1.0's mask
         if not kwargs.get("keep"):
             raise LtmError("the saved config has no schedule (keep); the file is corrupt or was not written by convert")
         try:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ltm_convert.analysis.block_split import BlockCall, SplitBlock, split_block
 from ltm_convert.errors import LtmError
-from ltm_convert.merge.state import captured, state_of, with_state
+from ltm_convert.merge.state import TokenState, captured, recorder, sources_tracked, state_of, with_state
 
 CLASS_PREFIX = "LtmBlock__"
 _CLASSES: dict[type, type] = {}
@@ -102,6 +102,7 @@ class LtmBlockMixin:
         self.ltm_name = name
         self.ltm_prefix = prefix
         self.ltm_unmerge = unmerge
+        self.ltm_collapse = False  # keep one patch token, their size-weighted mean (nothing reads them)
         self.__dict__["_ltm_call"] = call
         self.__dict__["_ltm_attn_child"] = attn_child
         self.register_buffer("ltm_schedule", torch.zeros(2, dtype=torch.long))
@@ -183,11 +184,28 @@ class LtmBlockMixin:
                 f"block {self.ltm_name} received merged tokens without their sizes: code between the blocks "
                 "replaced the token tensor (ltm_convert attaches the sizes to it); call the blocks in sequence")
         bias = None
-        if state is not None and self.ltm_prop_attn:
-            bias = state.sizes.log()[:, None, None, :].to(x.dtype if x.is_floating_point() else torch.float32)
+        if state is not None and (self.ltm_prop_attn or state.soft):
+            # proportional attention weighs a token by its size; without it, the relaxed merge of
+            # training must still look like the hard one: a token counts by its presence (size
+            # capped at 1), so an emptied token vanishes and a target counts once, as after a hard merge
+            sizes = state.sizes if self.ltm_prop_attn else state.sizes.detach().clamp_max(1.0)
+            bias = sizes.clamp_min(1e-6).log()[:, None, None, :]
+            bias = bias.to(x.dtype if x.is_floating_point() else torch.float32)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
-        if self.merges(z.shape[1]):
-            z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, self.keep_for(z.shape[1]), self.ltm_name)
+        soft = self.ltm_mask is not None and getattr(self.ltm_mask, "soft", None) is not None and self.ltm_mask.soft()
+        if soft:  # training relaxes the merge: every token stays, the planned count shapes the weights
+            if self.ltm_keep < self.ltm_tokens_in - self.ltm_prefix:
+                if self.ltm_collapse and self.ltm_keep == 1:
+                    z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
+                else:
+                    z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, self.ltm_keep, self.ltm_name)
+                    state = state._replace(soft=True)
+        elif self.merges(z.shape[1]):
+            if self.ltm_collapse and self.keep_for(z.shape[1]) == 1:
+                z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
+            else:
+                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, self.keep_for(z.shape[1]),
+                                                      self.ltm_name)
         out = split.part_b(self, z, *[values[n] for n in split.b_inputs])
         if self.ltm_unmerge and state is not None and state.grid is not None:
             out = state.grid.unmerge_sequence(out) if isinstance(out, torch.Tensor) else \
@@ -199,6 +217,26 @@ class LtmBlockMixin:
         if capture is not None:
             capture[self.ltm_name] = state
         return out
+
+
+def collapse_tokens(z: torch.Tensor, state: TokenState | None, prefix: int, name: str) -> tuple[torch.Tensor, TokenState]:
+    """All mergeable tokens into one, their size-weighted mean: for the last block before a head that
+    reads only the prefix tokens, where no merge decision can matter (and none is computed)."""
+    B, N, _ = z.shape
+    sizes = state.sizes if state is not None else z.new_ones(B, N, dtype=torch.float32)
+    w = sizes[:, prefix:].to(z.dtype).unsqueeze(-1)
+    mean = (z[:, prefix:] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)
+    new_sizes = torch.cat([sizes[:, :prefix], sizes[:, prefix:].sum(1, keepdim=True)], dim=1)
+    source = None
+    if sources_tracked():
+        source = torch.full((B, state.source.shape[1] if state is not None and state.source is not None else N - prefix),
+                            prefix, dtype=torch.long, device=z.device)
+    record = recorder()
+    if record is not None:
+        record.append({"block": name, "tokens_in": N, "targets": torch.zeros(B, 1, dtype=torch.long, device=z.device),
+                       "assign": torch.ones(B, N - prefix, 1, device=z.device), "prefix": prefix,
+                       "sizes_in": sizes[:, prefix:].detach()})
+    return torch.cat([z[:, :prefix], mean], dim=1), TokenState(new_sizes.detach(), source)
 
 
 def check_schedule(module: nn.Module, state_dict: dict, prefix: int | str, *args: Any) -> None:

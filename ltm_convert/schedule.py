@@ -55,7 +55,7 @@ class Schedule:
 
 
 def full_keep(sites: Sequence["Site"]) -> dict[str, int]:
-    """The schedule that merges nothing."""
+    """The schedule that merges nothing (the original computation, free sites included)."""
     return {s.name: s.tokens for s in sites}
 
 
@@ -70,9 +70,13 @@ def shaped(sites: Sequence["Site"], shape: str, t: float) -> dict[str, int]:
     first sites, so the FLOPs move in small steps, not a whole token per site at once)."""
     keep: dict[str, int] = {}
     m = None
-    n = len(sites)
+    n = sum(not s.free for s in sites)
     for i, site in enumerate(sites):
         tokens_in = m if (site.chained and m is not None) else site.tokens
+        if site.free:
+            keep[site.name] = 1
+            m = 1 if site.chained else None
+            continue
         want = t * tokens_in if shape == "fraction" else tokens_in - math.floor(t + (n - 1 - i) / n)
         k = max(1, min(tokens_in, int(round(want)))) if not site.options else _nearest(site, tokens_in, want)
         keep[site.name] = k
@@ -99,6 +103,8 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
 
     if ratio >= 1.0:
         return result(full_keep(sites))
+    if all(s.free for s in sites):
+        return result(shaped(sites, shape, 1.0))
     independent = all(not s.chained for s in sites)
     if independent and math.prod(len(s.options or range(s.tokens)) for s in sites) <= max_combinations:
         return result(_exhaustive(sites, cost, target, max(tolerance, GRID_TOLERANCE)))

@@ -1,6 +1,7 @@
 """The IB loss (ltm-method.md section 4) without the public code's defects, one test per defect."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -56,7 +57,8 @@ def test_loss_uses_q_y_given_b_and_term_x_has_no_gradient():
         ib.update(f, f, y)
     feats = f.clone().requires_grad_(True)
     x = f.clone().requires_grad_(True)
-    loss, term_x = ib(feats, x, y)
+    loss, parts = ib(feats, x, y)
+    term_x = parts["ib_term_x"]
     assert loss.requires_grad and not term_x.requires_grad
     loss.backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
@@ -155,3 +157,26 @@ def test_statistics_are_all_reduced_across_ranks(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for key, value in single.state_dict().items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {key}")
+
+
+def test_compression_term_is_a_bottleneck():
+    """The compression term KL(p(b|x) || p(b)) is 0 when every input lands in the same mix of clusters
+    and grows as the clusters tell inputs apart; it carries a gradient into the features, and at the
+    default beta the assignments are far from uniform (beta = 1 left them at the maximum entropy)."""
+    torch.manual_seed(0)
+    ib = IBLoss(num_classes=3, clusters=6, seed=0)
+    c = torch.eye(3, 8)
+    f, y = _blobs(60, c, seed=1)
+    for _ in range(5):
+        ib.update(f, f, y)
+    feats = f.clone().requires_grad_(True)
+    loss, parts = ib(feats, f, y)
+    assert parts["ib_compression"] > 0.3
+    same = torch.ones(180, 8)
+    _, flat = ib(same, same, y)
+    assert float(flat["ib_compression"]) < 1e-4
+    loss.backward()
+    assert feats.grad.abs().sum() > 0
+    phi = soft_assign(f, ib.v_out, ib.beta)
+    entropy = float(-(phi * phi.clamp_min(1e-12).log()).sum(-1).mean())
+    assert entropy < 0.5 * math.log(6)

@@ -6,10 +6,13 @@ banded redundancy score. Each is checked against the formula written out naively
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from ltm_convert.merge.ltm_mask import LtmMask, merge_dense, merge_sparse, redundancy
+from ltm_convert.merge.ltm_mask_v1 import LtmMaskV1 as LtmMask  # the 0.1.0 mask: its properties still hold
+from ltm_convert.merge.sparse import merge_dense, merge_sparse, redundancy
 
 
 def naive_merge(z_rows, s_rows, z_o, mass):
@@ -90,3 +93,52 @@ def test_default_k_matches_all_targets_at_the_initial_temperature():
     torch.testing.assert_close(b, a)
     torch.testing.assert_close(sb, sa)
     torch.testing.assert_close(full(z, None, 1, 20)[0], a, rtol=0, atol=0)
+
+
+def test_relaxed_training_merge_computes_what_the_hard_merge_does():
+    """Training mode runs the relaxed merge (all tokens stay, weighted); it must stay close to the
+    hard merge of eval mode, or the masks would learn for a model that is never run."""
+    from model_zoo import images_for, timm_model
+
+    from ltm_convert.api import convert
+
+    teacher = timm_model("vit-avg")
+    student = convert(teacher, 0.5)
+    x = images_for(student, batch=4)
+    with torch.no_grad():
+        hard = student.eval()(x)
+        soft = student.train()(x)
+        original = teacher(x)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(soft, hard).min() > 0.95, cos(soft, hard)
+    # closer to the hard model than the hard model is to the original: the relaxation is not the gap
+    assert cos(soft, hard).mean() > cos(hard, original).mean()
+
+
+def test_relaxed_merge_gradients_are_bounded():
+    """The gradient comes from a smooth surrogate (straight-through): before, the keep gate's and the
+    assignment's sharpness gave gradients of 1e4-1e8 that predicted nothing a step away."""
+    from model_zoo import images_for, timm_model
+
+    from ltm_convert.api import convert, ltm_parameters
+
+    teacher = timm_model("vit-avg")
+    student = convert(teacher, 0.5).train()
+    x = images_for(student, batch=2)
+    with torch.no_grad():
+        target = teacher(x)
+    (1 - torch.nn.functional.cosine_similarity(student(x), target)).mean().backward()
+    norms = {n: p.grad.norm().item() for n, p in ltm_parameters(student) if p.grad is not None}
+    assert norms and all(math.isfinite(v) and v < 100.0 for v in norms.values()), max(norms.values())
+
+
+def test_base_keep_score_is_used_by_rank():
+    from ltm_convert.merge.ltm_mask import _ranks
+
+    x = torch.tensor([[0.9990, 0.9991, -1.0, 0.9992]])
+    r = _ranks(x)
+    assert torch.equal(r.argsort(), x.argsort())
+    assert abs(r.mean().item()) < 1e-6 and (r[0, 1:2] - r[0, 0:1]).item() == pytest.approx((r[0, 3] - r[0, 1]).item())
+    present = torch.tensor([[True, True, False, True]])
+    rp = _ranks(x, present)
+    assert rp[0, 2] < rp[0, [0, 1, 3]].min() and rp[0, [0, 1, 3]].max().item() == pytest.approx(math.sqrt(3.0))

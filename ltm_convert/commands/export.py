@@ -1,7 +1,7 @@
 """`ltm-convert export MODEL_OR_FILE -o OUT.onnx [--ratio R] [--method M] [--opset N]`.
 
 Wire into the CLI with ``register(app)``. The export and the onnxruntime check live in
-:mod:`ltm_convert.export`; errors a user can fix are :class:`LtmError` (one line, exit 2).
+:mod:`ltm_convert.tools.export`; errors a user can fix are :class:`LtmError` (one line, exit 2).
 """
 
 from pathlib import Path

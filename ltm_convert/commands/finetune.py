@@ -51,11 +51,12 @@ def register(app: typer.Typer) -> None:
         amp: Annotated[str, typer.Option("--amp", help="auto (bf16 on GPU, off on CPU), none, bf16 or fp16.")] = "auto",
         temperature: Annotated[float, typer.Option("--temperature", "-T", help="Distillation temperature.")] = 1.0,
         ce_weight: Annotated[float, typer.Option("--ce-weight", help="Cross-entropy weight (labels and a matching head).")] = 1.0,
-        ib_weight: Annotated[float, typer.Option("--ib-weight", help="lambda_IB; 0 turns the IB loss off.")] = 0.1,
+        ib_weight: Annotated[float, typer.Option("--ib-weight", help="lambda_IB, e.g. 0.1; 0 (the default) turns the IB loss off: it measured no effect (benchmarks/README.md).")] = 0.0,
         ib_warmup: Annotated[float, typer.Option("--ib-warmup", help="Fraction of training before the IB term is on.")] = 0.3,
         ib_clusters: Annotated[int, typer.Option("--ib-clusters", help="K, clusters of the IB loss.")] = 64,
+        ib_compression: Annotated[float, typer.Option("--ib-compression", help="Weight of the IB loss's compression term (KL to the cluster marginal).")] = 0.1,
         ema: Annotated[Optional[float], typer.Option("--ema", metavar="DECAY", help="Keep an EMA of the weights (e.g. 0.999); evaluated and saved.")] = None,
-        freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="NAME", help="Keep parameters whose name contains NAME frozen. Repeatable. Default: ltm_mask.kappa and ltm_mask.size_weight; --freeze none trains every ltm_ parameter.")] = None,
+        freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="NAME", help="Keep parameters whose name contains NAME frozen. Repeatable. Default: none (every ltm_ parameter trains).")] = None,
         ratio: Annotated[float, typer.Option("--ratio", "-r", help="FLOPs ratio when MODEL must be converted first.")] = 0.5,
         no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random weights for a model source (trying things out).")] = False,
         input_size: Annotated[Optional[int], typer.Option("--input-size", "-s", help="Resolution when converting MODEL (square).")] = None,
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
         cfg = FinetuneConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup=warmup, clip_grad=clip_grad or None, amp=amp, train=train, temperature=temperature,
-            ce_weight=ce_weight, ib_weight=ib_weight, ib_warmup=ib_warmup, ib_clusters=ib_clusters, ema=ema, freeze=FinetuneConfig.freeze if freeze is None else tuple(f for f in freeze if f != "none"),
+            ce_weight=ce_weight, ib_weight=ib_weight, ib_warmup=ib_warmup, ib_clusters=ib_clusters, ib_compression=ib_compression, ema=ema, freeze=FinetuneConfig.freeze if freeze is None else tuple(f for f in freeze if f != "none"),
             seed=seed, max_steps=max_steps, save_every=save_every, num_workers=workers,
             progress=not no_progress, device=device)
         _, history = run(model, data, output=output, workdir=workdir, resume=resume, ratio=ratio,

@@ -1,7 +1,7 @@
 """`ltm-convert visualize MODEL_OR_FILE IMAGE... [--block N] [--targets K] -o OUT.png`.
 
 Wire into the CLI with ``register(app)``. Errors a user can fix are :class:`LtmError` (one line,
-exit 2) through the CLI's own ``main``. The drawing lives in :mod:`ltm_convert.visualize`.
+exit 2) through the CLI's own ``main``. The drawing lives in :mod:`ltm_convert.tools.visualize`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ltm_convert.errors import LtmError
-from ltm_convert.tools.images import Preprocess, normalisation
+from ltm_convert.tools.images import Augment, Preprocess, normalisation
 
 FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
@@ -82,10 +82,11 @@ class ImageFolder(Dataset):
     """root/<class>/<image>. Unreadable images are found up front (PIL verify) and skipped; an
     image that still fails to decode later is replaced by the next good one and counted."""
 
-    def __init__(self, root: Path, transform: Preprocess, classes: list[str] | None = None) -> None:
+    def __init__(self, root: Path, transform: Preprocess, classes: list[str] | None = None,
+                 augment: Any = None) -> None:
         from PIL import Image
 
-        self.root, self.transform = Path(root), transform
+        self.root, self.transform, self.augment = Path(root), transform, augment
         if not self.root.is_dir():
             raise LtmError(f"no such data directory: {self.root}")
         found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -132,7 +133,10 @@ class ImageFolder(Dataset):
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                return self.transform(self._load(path)), label
+                image = self._load(path)
+                if self.augment is not None:
+                    return self.augment(image, (i + k) % len(self.samples)), label
+                return self.transform(image), label
             except Exception:  # noqa: BLE001 - any decoder error means a bad file
                 info = torch.utils.data.get_worker_info()
                 self.failures[(info.id if info is not None else 0) % 64] += 1
@@ -196,6 +200,15 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Tell augmenting datasets the epoch (their random crops depend on it)."""
+        ds = self.train
+        while isinstance(ds, Subset):
+            ds = ds.dataset
+        augment = getattr(ds, "augment", None)
+        if augment is not None:
+            augment.epoch = int(epoch)
+
     def late_failures(self) -> int:
         """Images that could not be decoded while training (replaced by the next readable one)."""
         seen: dict[int, Any] = {}
@@ -203,7 +216,8 @@ class DataBundle:
             while isinstance(ds, Subset):
                 ds = ds.dataset
             seen[id(ds)] = ds
-        return sum(int(ds.failures.sum()) for ds in seen.values() if getattr(ds, "failures", None) is not None)
+        counters = {id(ds.failures): ds.failures for ds in seen.values() if getattr(ds, "failures", None) is not None}
+        return sum(int(c.sum()) for c in counters.values())
 
 
 def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
@@ -221,11 +235,14 @@ def _split(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Datase
 
 
 def build_data(spec: str | os.PathLike, model: Any, *, input_size: tuple[int, int], val_fraction: float = 0.1,
-               train_samples: int | None = None, val_samples: int | None = None, seed: int = 0) -> DataBundle:
+               train_samples: int | None = None, val_samples: int | None = None, seed: int = 0,
+               augment: bool = True) -> DataBundle:
     """``spec``: 'fashion-mnist', an ImageFolder dir (with train/ and val/ inside, or one folder
-    that is split), or a local HF datasets dir."""
+    that is split), or a local HF datasets dir. Photos in an image folder are augmented for training
+    (random crops and flips, ``augment``); validation images never are."""
     mean, std = normalisation(model)
     tf = Preprocess(input_size, mean, std)
+    aug = Augment(input_size, mean, std, seed) if augment else None
     skipped = 0
     if str(spec).lower() in FASHION_MNIST_NAMES:
         train, val = fashion_mnist("train", tf), fashion_mnist("test", tf)
@@ -246,17 +263,26 @@ def build_data(spec: str | os.PathLike, model: Any, *, input_size: tuple[int, in
             else:
                 val, classes = val_ds, train.classes
         elif (root / "train").is_dir():
-            train = ImageFolder(root / "train", tf)
+            train = ImageFolder(root / "train", tf, augment=aug)
             val_dir = next((root / d for d in ("val", "validation", "test") if (root / d).is_dir()), None)
             val = ImageFolder(val_dir, tf, classes=train.classes) if val_dir else None
             skipped = len(train.skipped) + (len(val.skipped) if val is not None else 0)
             classes = train.classes
             if val is None:
+                plain = ImageFolder.__new__(ImageFolder)
+                plain.__dict__.update(train.__dict__)
+                plain.augment = None  # validation images are never augmented
                 train, val = _split(train, val_fraction, seed)
+                val = Subset(plain, val.indices)
         else:
             full = ImageFolder(root, tf)
             skipped, classes = len(full.skipped), full.classes
             train, val = _split(full, val_fraction, seed)
+            if aug is not None:  # the same split, the training side augmented
+                augmented = ImageFolder.__new__(ImageFolder)
+                augmented.__dict__.update(full.__dict__)
+                augmented.augment = aug
+                train = Subset(augmented, train.indices)
     train = _subset(train, train_samples, seed)
     val = _subset(val, val_samples, seed + 1)
     if len(train) == 0:

@@ -104,6 +104,8 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """Mask parameters at --mask-lr without weight decay (the merge temperature learns faster through
+    its parametrisation, ltm_mask.TAU_RATE), the rest (--train all) at --lr with weight decay on matrices."""
     mask, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if any(pat and pat in name for pat in cfg.freeze):
@@ -198,7 +200,8 @@ class Trainer:
                           "off, the head is trained by distillation only (convert a model whose head fits the data, "
                           "e.g. --num-classes)", UserWarning, stacklevel=2)
         self.use_ib = cfg.ib_weight > 0 and self.labelled
-        self.ib = IBLoss(data.num_classes, clusters=cfg.ib_clusters, beta=cfg.ib_beta, seed=cfg.seed).to(dev) \
+        self.ib = IBLoss(data.num_classes, clusters=cfg.ib_clusters, beta=cfg.ib_beta, seed=cfg.seed,
+                         compression=cfg.ib_compression).to(dev) \
             if self.use_ib else None
         self.tap_s, self.tap_t = FeatureTap(self.student), FeatureTap(self.teacher)
 
@@ -267,8 +270,9 @@ class Trainer:
         if self.ib is not None:
             if not self.ib.ready:
                 self.ib.update(s_feat, t_feat, labels)
-            ib, term_x = self.ib(s_feat.float(), t_feat.float(), labels)
-            parts["ib"], parts["ib_term_x"] = ib, term_x
+            ib, ib_parts = self.ib(s_feat.float(), t_feat.float(), labels)
+            parts["ib"] = ib
+            parts.update(ib_parts)
             if step >= self.ib_start:
                 loss = loss + self.cfg.ib_weight * ib
             self._ib_batch = (s_feat.detach(), t_feat.detach(), labels)
@@ -394,6 +398,8 @@ class Trainer:
         try:
             while st.global_step < self.total_steps and st.epoch < n_epochs:
                 self.sampler.set_position(st.epoch, st.step_in_epoch)
+                if hasattr(self.data, "set_epoch"):
+                    self.data.set_epoch(st.epoch)
                 loader = DataLoader(self.data.train, batch_size=self.per_rank, sampler=self.sampler, drop_last=True,
                                     num_workers=cfg.num_workers)
                 for images, labels in loader:

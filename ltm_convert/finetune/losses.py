@@ -11,8 +11,11 @@ inside cluster b, estimated from soft counts of phi_out over the training data):
     term_X = sum_{a,b} phi_out(f,b) phi_in(x,a) log phi_in(x,a) = -H(phi_in(x))
 
 term_X does not depend on the model's trainable output f once sum_b phi_out = 1, so it has no
-gradient: it is computed for logging only (``IBLoss.forward`` returns it detached). The loss is
-``-mean(term_Y)`` (what the variational bound leaves to optimise).
+gradient: it is computed for logging only. What makes the loss a bottleneck is a compression term
+on the model's side, E_x KL(phi_out(f_x) || marginal) >= I(B; X~), weighted by ``compression``;
+the loss is ``-mean(term_Y) + compression * KL``. beta (10 by default) makes the cluster
+assignments peaked: at beta = 1 their entropy was 4.158 of a maximum ln 64 = 4.159 and the
+term's gradient 500 times smaller than the distillation's.
 
 Differences from the public code, on purpose:
 - q(y | b) (not p(b | y)) from soft counts; a small Laplace prior keeps empty clusters finite;
@@ -98,8 +101,8 @@ class IBLoss(nn.Module):
     ``update`` (feature sizes) and from ``num_classes`` (the dataset's class count).
     """
 
-    def __init__(self, num_classes: int, clusters: int = 64, beta: float = 1.0, momentum: float = 0.1,
-                 count_decay: float = 0.99, prior: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, num_classes: int, clusters: int = 64, beta: float = 10.0, momentum: float = 0.1,
+                 count_decay: float = 0.99, prior: float = 1e-2, seed: int = 0, compression: float = 0.1) -> None:
         super().__init__()
         if num_classes < 2:
             raise LtmError(f"the IB loss needs labelled data with at least 2 classes, got {num_classes}")
@@ -108,6 +111,7 @@ class IBLoss(nn.Module):
         self.num_classes = int(num_classes)
         self.clusters = int(clusters)
         self.beta = float(beta)
+        self.compression = float(compression)
         self.momentum = float(momentum)
         self.count_decay = float(count_decay)
         self.prior = float(prior)
@@ -197,14 +201,27 @@ class IBLoss(nn.Module):
         rate = (self.momentum * torch.clamp(mass, max=1.0)).unsqueeze(-1) * has.unsqueeze(-1)
         return F.normalize(v + rate * (mean - v), dim=-1)
 
-    def forward(self, f: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, term_X for logging): loss = -mean_b(sum_b phi_out(f,b) log q(y|b)), differentiable in f."""
+    def forward(self, f: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, parts): loss = prediction + compression * compression_term, differentiable in f.
+
+        prediction = -E[sum_b phi_out(f, b) log q(y | b)], the variational bound on -I(B; Y);
+        compression = E_x[KL(phi_out(f_x) || mean_x phi_out)], the variational bound on I(B; X) with the
+        global batch's cluster usage (all ranks) as the marginal: the term that makes this a bottleneck (the public
+        code's term_X does not depend on the model and carries no gradient; it is logged only).
+        """
         if not self.ready:
             raise LtmError("the IB loss has no statistics yet; call update() with a training batch first")
         phi_out = soft_assign(f.flatten(1), self.v_out, self.beta)
         logq = self.q_table().log()  # (K, C)
-        term_y = (phi_out * logq[:, y.long()].t()).sum(-1)  # (B,)
+        prediction = -(phi_out * logq[:, y.long()].t()).sum(-1).mean()
+        # the marginal is the global batch's (all ranks): detached, which changes no gradient since
+        # d/dm sum_x KL(p_x || m) = -N on every cluster and sum_b dm_b = 0
+        with torch.no_grad():
+            usage = _all_reduce(torch.cat([phi_out.sum(0), phi_out.new_tensor([phi_out.shape[0]])]))
+            marginal = (usage[:-1] / usage[-1].clamp_min(1.0)).unsqueeze(0)
+        compression = (phi_out * (phi_out.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(-1).mean()
         with torch.no_grad():
             phi_in = soft_assign(x.detach().flatten(1), self.v_in, self.beta)
-            term_x = (phi_in * phi_in.clamp_min(1e-12).log()).sum(-1)  # sum_b phi_out = 1
-        return -term_y.mean(), term_x.mean()
+            term_x = (phi_in * phi_in.clamp_min(1e-12).log()).sum(-1).mean()
+        loss = prediction + self.compression * compression
+        return loss, {"ib_prediction": prediction.detach(), "ib_compression": compression.detach(), "ib_term_x": term_x}

@@ -1,15 +1,24 @@
 """The LTM mask for token sequences: choose targets per image, merge every other token softly into them.
 
-phi = normalize(W_phi LN(z)) (:class:`MergeMetric`) is the merge metric, initialised from the
-block's own key projection so an untrained mask merges tokens the attention sees as alike. The
-keep score is kappa = w_kappa . LN(z) + w_size * log(s) - (max cosine to an earlier token): the
-first token of each group of near-duplicates is kept, the rest merge into targets. Merged-away
-tokens spread over the targets by softmax(cos / tau); ``topk > 0`` restricts each one to its k
-most similar targets, so only the R x k touched rows are updated (:func:`merge_sparse`).
+Untrained it already merges at least as well as ToMe (benchmarks/README.md); trained, every part
+of it learns from a signal that means something (docs/internals.md, "The LTM mask"):
+
+* metric phi = normalize(W_phi LN(z)) (:class:`MergeMetric`), started as the block's mean key;
+* keep score kappa = base + A tanh(w . LN(z)): ``base`` is the rank (per image, spread over unit
+  deviation) of the negative mutual redundancy (:func:`mutual_redundancy`); the learned term is bounded by A (it can
+  move a token by at most A standard deviations of the base), starts at 0 (w = 0, so an
+  untrained mask is exactly the base) and learns what keeping or merging each token costs
+  through the relaxed merge used in training (:meth:`LtmMask.forward_soft`);
+* the K tokens with the highest kappa are targets; every other token spreads over its k nearest
+  targets by a softmax of its cosines scaled by their spread across the targets and by a learned
+  temperature tau (so tau means the same in every block and its gradient is not vanishingly small);
+* size-weighted merge of the R x k touched rows (:func:`merge_sparse`), then every merged row gets
+  the size-weighted mean norm of what it received (:func:`preserve_norms`).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,177 +26,220 @@ from torch import nn
 
 from ltm_convert.config import DEFAULT_TOPK
 from ltm_convert.merge.metric import MergeMetric, no_autocast
-from ltm_convert.merge.rows import add_rows, take_rows
+from ltm_convert.merge.rows import take_rows
+from ltm_convert.merge.sparse import merge_dense, merge_sparse, mutual_redundancy, preserve_norms
 from ltm_convert.merge.state import SequenceMask, recorder
 
+TAU_RATE = 10.0  # tau's own learning rate, as a multiple of the mask's (see LtmMask.__init__)
+TAU = 0.02  # initial temperature on spread-normalised cosines (measured best untrained, see benchmarks)
+SOFT_TAU_SCALE = 1.0  # training may relax the assignment further than tau (1: the same sharpness as inference)
+SOFT_KEEP_BAND = 0.02  # relaxed top-k of training: t goes from 0.88 to 0.12 across +-2% of the ranks (soft ~ hard: 0.978 vs 0.983)
+GRAD_KEEP_T = 1.0  # the gradient's keep gate: sigmoid((kappa - theta) / 1 standard deviation of the score)
+GRAD_COS_T = 0.1  # the gradient's assignment: softmax(cos / 0.1) at the initial tau (absolute, not per spread)
+EMPTY = 0.05  # a relaxed token holding less than this is treated as emptied where sizes divide
+KEEP_BOUND = 2.0  # A: the learned keep term moves a token by at most 2 standard deviations of the base
 
-def redundancy(phi: torch.Tensor, row_blocks: int = 4) -> torch.Tensor:
-    """Each token's max cosine to an earlier token, phi (B, M, d) unit rows -> (B, M), -1 for the first.
 
-    Only the lower triangle of the M x M scores matters, so rows are taken in ``row_blocks`` bands,
-    each against the columns up to its end: 10/16 of the full GEMM for four bands. Later tokens
-    (and the token itself) are pushed below -1 by a constant bias fused into the GEMM, then clamped.
+def _straight(forward: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """The value of ``forward`` with the gradient of ``gradient`` (a smooth surrogate)."""
+    return gradient + (forward - gradient).detach()
+
+
+def _ranks(x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's rank in x per image, spread evenly over zero mean and unit deviation (among the
+    ``present`` tokens when given; the others rank below them).
+
+    The base keep score is used by rank: its raw values are cosines that saturate (in early blocks
+    most tokens sit within 1% of a standard deviation of each other, the mutual pairs 2 below), so
+    a learned term added to the standardised raw score reordered nearly every token at its first
+    Adam step (measured: agreement 0.983 -> 0.95 after 3 steps). Ranks give the learned term a
+    scale it can use: moving a token by 0.1 moves it by about 3% of the ranks.
     """
-    M = phi.shape[1]
-    bands = row_blocks if M >= 16 * row_blocks else 1
-    edges = [i * M // bands for i in range(bands + 1)]
-    parts = []
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        later = torch.full((r1 - r0, r1), -3.0, dtype=phi.dtype, device=phi.device).triu(r0)
-        parts.append(torch.baddbmm(later, phi[:, r0:r1], phi[:, :r1].transpose(1, 2)).amax(dim=-1))
-    return torch.cat(parts, dim=1).clamp_min(-1.0)
-
-
-def merge_dense(z_rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor, mass: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x~_t = (s_t z_t + sum_i m_it z_i) / s~_t with s~_t = s_t + sum_i m_it, every token to every target.
-
-    z_rows (B, T, D) output rows, s_rows (B, T), z_o (B, R, D) merged-away tokens, mass (B, R, T).
-    The division is folded into the weights.
-    """
-    new_sizes = s_rows + mass.sum(dim=1)
-    inv = new_sizes.reciprocal()
-    merged = z_rows * (s_rows * inv).unsqueeze(-1).to(z_rows.dtype)
-    # out of place: FlopCounterMode does not count the in-place baddbmm_, and the FLOPs must be honest
-    return torch.baddbmm(merged, (mass * inv.unsqueeze(1)).transpose(1, 2).to(z_rows.dtype), z_o), new_sizes
-
-
-def merge_sparse(z: torch.Tensor, rows: torch.Tensor, s_rows: torch.Tensor, z_o: torch.Tensor,
-                 mass: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same merge when every token reaches only k targets: mass (B, R, k), slot (B, R, k) output rows.
-
-    Written as x~_t = z_t + sum_i (m_it / s~_t)(z_i - z_t), only the R x k touched rows are read and
-    updated; the other output rows are plain copies.
-    """
-    B, R, k = mass.shape
-    D = z.shape[-1]
-    flat_slot, flat_mass = slot.reshape(B, R * k), mass.reshape(B, R * k)
-    new_sizes = s_rows.scatter_add(1, flat_slot, flat_mass)
-    weight = (flat_mass / new_sizes.gather(1, flat_slot)).view(B, R, k, 1).to(z.dtype)
-    z_t = take_rows(z, rows.gather(1, flat_slot)).view(B, R, k, D)
-    delta = (weight * (z_o.unsqueeze(2) - z_t)).view(B, R * k, D)
-    return add_rows(take_rows(z, rows), flat_slot, delta), new_sizes
+    if present is not None:
+        x = x.masked_fill(~present, float("-inf"))
+    M = x.shape[-1]
+    r = x.argsort(dim=-1).argsort(dim=-1).to(torch.float32)
+    if present is None:
+        return (r / max(M - 1, 1) - 0.5) * math.sqrt(12.0)
+    n = present.sum(-1, keepdim=True).to(torch.float32)
+    first = M - n  # the present tokens hold the top n ranks
+    return ((r - first) / (n - 1).clamp_min(1.0) - 0.5) * math.sqrt(12.0)
 
 
 class LtmMask(SequenceMask, MergeMetric):
-    """Targets by keep score, soft assignment of the other tokens to their nearest targets."""
+    """Targets by keep score, spread-normalised soft assignment to the k nearest targets."""
 
-    def __init__(self, dim: int, metric_dim: int, topk: int = DEFAULT_TOPK, tau: float = 1e-3,
-                 use_sizes: bool = True) -> None:
+    version = 2
+
+    def __init__(self, dim: int, metric_dim: int, topk: int = DEFAULT_TOPK, tau: float = TAU) -> None:
         super().__init__(dim, metric_dim)
-        self.kappa = nn.Linear(dim, 1)
+        # no bias: the base is standardised per image, so a constant shift ranks nothing (its gradient
+        # would be zero up to rounding, and Adam turns rounding noise into full-size steps)
+        self.kappa = nn.Linear(dim, 1, bias=False)
         nn.init.zeros_(self.kappa.weight)
-        nn.init.zeros_(self.kappa.bias)
-        # the first block sees no earlier merge, so a weight on log(size) would never learn there
-        self.size_weight = nn.Parameter(torch.zeros(())) if use_sizes else None
-        self.log_tau = nn.Parameter(torch.tensor(math.log(tau)))
+        # log tau = TAU_RATE * tau_param: Adam moves a parameter by about its learning rate per step,
+        # so tau learns TAU_RATE times faster than the other mask parameters (its gradient is small)
+        self.tau_param = nn.Parameter(torch.tensor(math.log(tau) / TAU_RATE))
         self.topk = topk
 
+    def tau(self) -> torch.Tensor:
+        return (TAU_RATE * self.tau_param).exp()
+
+    def extra_repr(self) -> str:
+        return f"topk={self.topk}"
+
     def _project(self, z: torch.Tensor, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(phi (B, M, d) unit rows, learned keep term (B, M)) of the mergeable tokens, in float32
-        for half-precision inputs; one GEMM for both when the projections are plain Linears."""
-        x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-        with no_autocast(z):
-            n = F.layer_norm(x, self.norm.normalized_shape, self.norm.weight.to(x.dtype),
-                             self.norm.bias.to(x.dtype), self.norm.eps)
-            if type(self.phi) is nn.Linear and type(self.kappa) is nn.Linear:
-                weight = torch.cat([self.phi.weight, self.kappa.weight], dim=0).to(x.dtype)
-                bias = torch.cat([self.phi.bias, self.kappa.bias], dim=0).to(x.dtype)
-                both = F.linear(n, weight, bias)[:, prefix:]
-                phi, learned = both[..., :-1], both[..., -1]
-            else:  # e.g. dynamically quantised projections
-                n = n[:, prefix:]
-                phi, learned = self.phi(n), self.kappa(n)[..., 0]
-        return F.normalize(phi, dim=-1), learned
+        """(phi (B, M, d) unit rows, learned keep term (B, M)) of the mergeable tokens."""
+        return self.metric_and_score(z, self.kappa, prefix)
 
     def flops(self, tokens: int, keep: int, prefix: int) -> int:
-        """What FlopCounterMode counts for one image (tests/test_ltm_mask.py checks it): the fused
-        projection, the banded redundancy GEMMs, the target logits, the dense merge GEMM."""
+        """What FlopCounterMode counts for one image (tests/test_schedule.py checks it): the fused
+        projection, the token-token cosines, the target logits, the dense merge GEMM if dense."""
         D, d = self.norm.normalized_shape[0], self.phi.out_features
         M = tokens - prefix
         R = M - keep
-        total = 2 * tokens * D * (d + 1)
-        bands = 4 if M >= 64 else 1
-        edges = [i * M // bands for i in range(bands + 1)]
-        total += sum(2 * (r1 - r0) * r1 * d for r0, r1 in zip(edges[:-1], edges[1:]))
-        total += 2 * R * keep * d
-        if not 0 < self.topk < keep:  # dense merge: one (prefix + K) x R x D GEMM
+        total = 2 * tokens * D * (d + 1) + 2 * M * M * d + 2 * R * keep * d
+        if not 0 < self.topk < keep:
             total += 2 * (prefix + keep) * R * D
         return total
 
-    def keep_score(self, learned: torch.Tensor, phi: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """kappa (B, M) from the learned term w_kappa . LN(z) (B, M): the top-M' become targets."""
-        kappa = learned - redundancy(phi)
-        if self.size_weight is not None:
-            kappa = kappa + self.size_weight.to(learned.dtype) * sizes.log().to(learned.dtype)
-        return kappa
+    def soft(self) -> bool:
+        """Training mode relaxes the merge (see :meth:`forward_soft`); eval mode merges hard. Not tied
+        to grad mode: reentrant checkpointing runs the forward without gradients and again with them,
+        and both runs must take the same path."""
+        return self.training
+
+    def forward_soft(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int,
+                     keep: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The continuous relaxation used while training (DTEM's idea, our formulation): every token
+        stays, with a target weight t_i = sigmoid((kappa_i - theta) / T) where theta sits between the
+        keep-th and the next score and T spans a band of ranks around it, so about ``keep`` tokens are targets. A token keeps t_i of its mass
+        and sends the rest to the others in proportion to t * softmax(cos / spread / tau); its new size
+        is what it holds. Tokens left with ~0 size drop out of later attention through the log-size
+        bias, as merged-away tokens do. The loss then reaches the metric, the temperature and the keep
+        score smoothly; at inference the same scores make the hard decisions of :meth:`forward`.
+        """
+        B, N, D = z.shape
+        M = N - prefix
+        if sizes is None:
+            sizes = z.new_ones(B, N, dtype=torch.float32)
+        sm = sizes[:, prefix:].float()
+        phi, learned = self._project(z, prefix)
+        with no_autocast(z):
+            present = sm > 0.5  # tokens a hard merge would still have
+            # the base score is a rank statistic of saturated cosines: its gradient (~1 / its spread)
+            # is noise, so the keep decision learns through the bounded learned term only
+            base = _ranks(-mutual_redundancy(phi.detach(), present), present)
+            kappa = base + KEEP_BOUND * torch.tanh(learned)
+            kappa = kappa + sm.detach().clamp(1e-6, 1.0).log().clamp_min(-30.0)  # emptied tokens are no targets
+            # threshold between the keep-th and the next score; its softness is measured in ranks, not
+            # in score units: cosines saturate in early blocks, where most scores sit within 1% of a
+            # standard deviation of each other and any fixed temperature would make every t ~ 0.5
+            w = max(1, round(SOFT_KEEP_BAND * M))
+            top = kappa.detach().topk(min(keep + w + 1, M), dim=-1).values
+            theta = (top[:, keep - 1:keep] + top[:, min(keep, M - 1):min(keep, M - 1) + 1]) / 2
+            hi, lo = top[:, max(keep - 1 - w, 0)], top[:, -1]
+            gap = (hi - lo).clamp_min(1e-6).unsqueeze(-1)
+            u = 4.0 * (kappa - theta) / gap if keep < M else torch.full_like(kappa, 30.0)
+            u_smooth = (kappa - theta) / GRAD_KEEP_T if keep < M else u
+            # forward: the sharp relaxation (it computes what the hard merge does); backward: a smooth
+            # one (a band of a few ranks and tau give gradients ~1/gap and ~1/(spread tau) large that
+            # predict nothing a step away: measured, a step along them raised the loss)
+            t = _straight(torch.sigmoid(u), torch.sigmoid(u_smooth))  # (B, M)
+            cos = phi @ phi.transpose(1, 2)
+            eye = torch.eye(M, dtype=torch.bool, device=z.device)
+            spread = cos.masked_fill(eye, 0.0).std(dim=-1, keepdim=True).clamp_min(1e-4)
+            # the target gate log t sits inside the temperature, on the scale of the spread-normalised
+            # cosines: outside it (a prior of log t) it is swamped by cosine logits ~1/tau large, and
+            # tokens that merge away would take each other's mass, which the hard merge never does
+            # tau's gradient is the sharp assignment's own (the surrogate's has the wrong sign for it);
+            # the metric's and the keep term's come from the smooth surrogate
+            tau = self.tau()
+            sharp = (cos.detach() / spread.detach() + F.logsigmoid(u.detach()).unsqueeze(1)) / (SOFT_TAU_SCALE * tau)
+            smooth = cos / (GRAD_COS_T * tau.detach() / TAU) + F.logsigmoid(u_smooth).unsqueeze(1)
+            sharp_assign = torch.softmax(sharp.masked_fill(eye, float("-inf")), dim=-1)
+            smooth_assign = torch.softmax(smooth.masked_fill(eye, float("-inf")), dim=-1)
+            assign = smooth_assign + sharp_assign - smooth_assign.detach()  # (B, M, M) from -> to
+            stay = t * sm  # mass each token keeps
+            send = (1.0 - t) * sm  # mass each token sends
+            flow = assign * send.unsqueeze(-1)  # (B, M from, M to)
+            new_sm = stay + flow.sum(1)
+            zm = z[:, prefix:].float()
+            held = stay.unsqueeze(-1) * zm + flow.transpose(1, 2) @ zm
+            norms = zm.norm(dim=-1)
+            # the merged row: the direction of what it holds, the size-weighted mean norm of what it
+            # received; emptied rows (size -> 0) are hidden from later attention, and a floor on their
+            # size keeps the surrogate gradient of the ratio finite there
+            target_norm = (stay * norms + (flow * norms.unsqueeze(-1)).sum(1)) / new_sm.clamp_min(EMPTY)
+            merged = held * (target_norm / held.norm(dim=-1).clamp_min(1e-6)).unsqueeze(-1)
+        out = torch.cat([z[:, :prefix], merged.to(z.dtype)], dim=1)
+        new_sizes = torch.cat([sizes[:, :prefix].float(), new_sm], dim=1)
+        return out, new_sizes.to(sizes.dtype), None
 
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
                 track: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Merge z (B, N, D) into prefix + keep tokens: (tokens, sizes (B, prefix + keep), and with
-        ``track`` the output row of every input token (B, N), else None)."""
+        ``track`` the output row of every input token (B, N), else None). In training mode with
+        gradients on, the relaxed merge of :meth:`forward_soft` (all N tokens stay)."""
+        if self.soft():
+            return self.forward_soft(z, sizes, prefix, keep)
         B, N, D = z.shape
         M = N - prefix
-        R = M - keep  # tokens merged away
+        R = M - keep
         if sizes is None:
             sizes = z.new_ones(B, N, dtype=torch.float32)
-        sm = sizes[:, prefix:]
+        sm = sizes[:, prefix:].float()
         phi, learned = self._project(z, prefix)
-        kappa = self.keep_score(learned, phi, sm)
+        with no_autocast(z):
+            base = _ranks(-mutual_redundancy(phi))
+            kappa = base + KEEP_BOUND * torch.tanh(learned)
 
-        # top-k, not a sort: deterministic for a given input and ONNX-exportable
-        order = kappa.topk(M, dim=-1).indices
-        targets = order[:, :keep].sort(dim=-1).values  # (B, K) kept in their original order
-        others = order[:, keep:]  # (B, R)
+            # top-k, not a sort: deterministic for a given input and ONNX-exportable
+            order = kappa.detach().topk(M, dim=-1).indices
+            targets = order[:, :keep].sort(dim=-1).values  # (B, K) kept in their original order
+            others = order[:, keep:]  # (B, R)
+            cos = take_rows(phi, others) @ take_rows(phi, targets).transpose(1, 2)  # (B, R, K)
+            k = self.topk if 0 < self.topk < keep else keep
+            top, near = cos.topk(k, dim=-1)  # nearest targets first
+            spread = cos.std(dim=-1, keepdim=True).clamp_min(1e-4) if keep > 1 else torch.ones_like(top[..., :1])
+            assign = torch.softmax((top - top[..., :1]) / spread / self.tau(), dim=-1)  # (B, R, k)
 
-        # each merged-away token spreads its mass over the targets: A = softmax(phi_o . phi_t / tau)
-        logits = (take_rows(phi, others) @ take_rows(phi, targets).transpose(1, 2)) / self.log_tau.exp()
-        near = None
-        if 0 < self.topk < keep:  # locality: only the k most similar targets (sparse merge below)
-            logits, near = logits.topk(self.topk, dim=-1)  # (B, R, k)
-        # sizes and merge weights in float32 (half-precision sums of sizes drift); tokens in z's dtype
-        wdt = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype
-        assign = torch.softmax(logits, dim=-1).to(wdt)  # (B, R, K) or (B, R, k)
-
-        # Output rows are [prefix tokens, targets]: one row gather from z, no concatenation.
-        rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
-        s_rows = sizes.gather(1, rows).to(wdt)
-        s_o = sm.gather(1, others).to(wdt)
-        if kappa.requires_grad:  # straight-through gate: value 1, gradient tells kappa whether keeping a token helped
-            gate = torch.sigmoid(kappa).to(wdt)
-            st = gate - gate.detach()
-            s_rows = s_rows * (1.0 + F.pad(st.gather(1, targets), (prefix, 0)))
-            s_o = s_o * (1.0 - st.gather(1, others))
-        mass = assign * s_o.unsqueeze(-1)  # s_i * A_it
+            rows = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), targets + prefix], dim=1)
+            s_rows = sizes.gather(1, rows).float()
+            mass = assign * sm.gather(1, others).unsqueeze(-1)  # s_i * A_it
         z_o = take_rows(z, others + prefix)
-        if near is None:
-            merged, new_sizes = merge_dense(take_rows(z, rows), s_rows, z_o, F.pad(mass, (prefix, 0)))
+        slot_rows = near + prefix
+        if k == keep and not 0 < self.topk < keep:  # every target reachable: one dense GEMM
+            full = torch.zeros(B, R, prefix + keep, dtype=mass.dtype, device=z.device).scatter_(2, slot_rows, mass)
+            merged, new_sizes = merge_dense(take_rows(z, rows), s_rows, z_o, full)
         else:
-            merged, new_sizes = merge_sparse(z, rows, s_rows, z_o, mass, near + prefix)
+            merged, new_sizes = merge_sparse(z, rows, s_rows, z_o, mass, slot_rows)
+        merged = preserve_norms(merged, z, rows, s_rows, others + prefix, mass, slot_rows, new_sizes)
         dest = None
         if track:  # targets go to their own row; the others to their strongest target's row
-            best = assign.argmax(-1, keepdim=True)
-            best = (near.gather(2, best) if near is not None else best)[..., 0] + prefix
             slot_of = torch.empty(B, M, dtype=torch.long, device=z.device)
             slot_of.scatter_(1, targets, torch.arange(prefix, prefix + keep, device=z.device).expand(B, keep))
-            slot_of.scatter_(1, others, best)
+            slot_of.scatter_(1, others, slot_rows[..., 0])
             dest = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), slot_of], dim=1)
         record = recorder()
         if record is not None:  # the block put its entry last; add what this module decided
-            full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
+            full_assign = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
             eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
-            full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
-            spread = assign if near is None else torch.zeros(B, R, keep, dtype=assign.dtype,
-                                                            device=z.device).scatter_(2, near, assign)
-            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread)
-            record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
+            full_assign.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
+            spread_out = torch.zeros(B, R, keep, dtype=assign.dtype, device=z.device).scatter_(2, near, assign)
+            full_assign.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread_out)
+            record[-1].update(targets=targets, assign=full_assign.detach(), prefix=prefix, sizes_in=sm.detach())
         return merged, new_sizes.to(sizes.dtype), dest
 
 
-def build_mask(spec) -> LtmMask:
-    """The learnable LTM mask of one block, starting as the block's own key similarity (usable untrained)."""
+def build_mask(spec: Any) -> nn.Module:
+    """The learnable LTM mask of one block (version 2, or version 1 to replay a 0.1.0 file)."""
     from ltm_convert.merge.metric import metric_dim
 
-    mask = LtmMask(spec.dim, metric_dim(spec.attn, spec.dim), topk=spec.topk, use_sizes=not spec.first)
+    if getattr(spec, "version", 2) == 1:
+        from ltm_convert.merge.ltm_mask_v1 import build_mask_v1
+
+        return build_mask_v1(spec)
+    mask = LtmMask(spec.dim, metric_dim(spec.attn, spec.dim), topk=spec.topk)
     mask.init_from_block(spec.block, spec.attn, spec.pre_norm, spec.dim)
     return mask

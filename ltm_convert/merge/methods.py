@@ -27,6 +27,7 @@ class MaskSpec:
     first: bool
     topk: int
     index: int = 0  # position among the converted blocks (ToFu prunes in the first few)
+    version: int = 2  # mask version ("ltm": 1 replays files written by ltm_convert 0.1.0)
 
 
 _METHODS: dict[str, str] = {

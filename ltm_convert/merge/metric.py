@@ -92,6 +92,25 @@ class MergeMetric(nn.Module):
                 y = self.phi(x)
         return F.normalize(y, dim=-1)
 
+    def metric_and_score(self, z: torch.Tensor, score: nn.Module, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit metric rows (B, M, d), one-output ``score`` projection (B, M)) of the tokens after
+        ``prefix``, in float32 for half-precision inputs (as :meth:`metric`); one GEMM for both when
+        the projections are plain Linears, module calls when they were swapped (quantize_dynamic)."""
+        x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        with no_autocast(z):
+            n = F.layer_norm(x, self.norm.normalized_shape, _as(self.norm.weight, x), _as(self.norm.bias, x),
+                             self.norm.eps)
+            if type(self.phi) is nn.Linear and type(score) is nn.Linear:
+                weight = torch.cat([self.phi.weight, score.weight], dim=0).to(x.dtype)
+                extra = score.bias if score.bias is not None else self.phi.bias.new_zeros(1)
+                bias = torch.cat([self.phi.bias, extra], dim=0).to(x.dtype)
+                both = F.linear(n, weight, bias)[:, prefix:]
+                phi, learned = both[..., :-1], both[..., -1]
+            else:
+                n = n[:, prefix:]
+                phi, learned = self.phi(n), score(n)[..., 0]
+        return F.normalize(phi, dim=-1), learned
+
     @torch.no_grad()
     def init_from_block(self, block: nn.Module, attn: nn.Module, pre_norm: str | nn.Module | None, dim: int) -> None:
         """Copy the block's pre-attention LayerNorm and its mean-over-heads key projection."""

@@ -37,11 +37,14 @@ class TokenState(NamedTuple):
         current sequence, prefix included) of the token that holds it. Tracked on request only.
     grid: family-specific payload that must reach a later block of the same forward (the soft
         assignment a MobileViT group unmerges with), or None.
+    soft: the sequence comes from the relaxed merge of training (ltm_mask.forward_soft): later blocks
+        add log(size) to their attention even where they would not merge themselves.
     """
 
     sizes: torch.Tensor
     source: torch.Tensor | None = None
     grid: Any = None
+    soft: bool = False  # from a relaxed (training) merge: every token is still there, some with ~0 size
 
 
 # Reentrant checkpointing re-runs a block on ``x.detach()``: a new tensor object over the same

@@ -37,6 +37,9 @@ class Site:
     options: list[int] = field(default_factory=list)  # allowed kept counts, ascending; empty = 1..tokens
     chained: bool = True
     prefix: int = 0
+    # nothing reads this site's mergeable tokens afterwards (the last block before a class-token
+    # head): merging them all into one costs nothing in quality, so it keeps 1 whatever the shape
+    free: bool = False
 
     def allowed(self, tokens_in: int) -> list[int]:
         return [k for k in self.options if k <= tokens_in] if self.options else list(range(1, tokens_in + 1))

@@ -87,7 +87,7 @@ class SequenceFamily:
             split = split_block(block, match.attn_child, call)
             attn = getattr(block, match.attn_child)
             spec = MaskSpec(dim=match.dim, block=block, attn=attn, pre_norm=split.pre_norm, first=(i == 0),
-                            topk=config.topk, index=i)
+                            topk=config.topk, index=i, version=config.mask_version)
             param = next(block.parameters())
             mask = factory(spec).to(device=param.device, dtype=param.dtype)
             block.__class__ = ltm_class(type(block))
@@ -103,7 +103,12 @@ class SequenceFamily:
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         m = plan.num_tokens - plan.prefix_tokens
-        return [Site(name=name, tokens=m, chained=True, prefix=plan.prefix_tokens) for name in plan.block_names]
+        # a head that reads only prefix tokens (a class token) makes the last block's patch tokens
+        # dead weight: that block merges them all into one
+        free_last = bool(plan.heads) and all(h.startswith("token:") for h in plan.heads) and plan.prefix_tokens > 0
+        names = plan.block_names
+        return [Site(name=name, tokens=m, chained=True, prefix=plan.prefix_tokens,
+                     free=free_last and i == len(names) - 1) for i, name in enumerate(names)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
         """Set every block's kept count; each block receives what the previous one kept."""
@@ -116,6 +121,7 @@ class SequenceFamily:
                 raise LtmError(f"the schedule keeps {k} tokens in {site.name}, which receives {m}; "
                                "the file is corrupt or belongs to another model")
             block.ltm_set(plan.prefix_tokens + m, k, merged)
+            block.ltm_collapse = site.free and k == 1 < m
             merged = merged or k < m
             m = k
 
@@ -141,6 +147,7 @@ class SequenceCost:
 
         self.plan = plan
         self.blocks = converted_blocks(meta_model, plan)
+        self.free = {s.name: s.free for s in SequenceFamily().sites(meta_model, plan)}
         self.prefix = plan.prefix_tokens
         self.size = plan.input_size
         family_disable(self.blocks)
@@ -220,7 +227,12 @@ class SequenceCost:
         if found is None:
             _, x = self._inputs(block, n)
             sizes = torch.empty(1, n, dtype=torch.float32, device="meta")
-            found = self._mask[key] = count_call(lambda: mask(x, sizes, self.prefix, k, False))
+            was_training = mask.training
+            mask.eval()  # inference cost (a mask may relax its merge in training mode)
+            try:
+                found = self._mask[key] = count_call(lambda: mask(x, sizes, self.prefix, k, False))
+            finally:
+                mask.train(was_training)
         return found
 
     def flops(self, keep: dict[str, int]) -> float:
@@ -229,7 +241,7 @@ class SequenceCost:
             k = keep[block.ltm_name]
             n = self.prefix + m
             cost = self._a(block, n, merged) + self._b(block, self.prefix + k)
-            if k < m:
+            if k < m and not (self.free.get(block.ltm_name) and k == 1):
                 cost += self._m(block, n, k)
             total += cost - full
             merged = merged or k < m

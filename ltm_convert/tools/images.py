@@ -133,3 +133,33 @@ def sample_photos(size: int | tuple[int, int] = 224) -> torch.Tensor:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise LtmError("real-image agreement needs scikit-image; run `pip install scikit-image`") from exc
     return preprocess([skdata.chelsea(), skdata.astronaut(), skdata.coffee(), skdata.rocket()], size)
+
+
+class Augment:
+    """Training augmentation for photos: a random crop of 35-100% of the area (aspect 3/4-4/3), resized
+    to the model's input, and a horizontal flip; then the usual normalisation. The randomness is a
+    function of (seed, epoch, sample index), so a resumed run sees the same crops as one that never
+    stopped, with or without DataLoader workers."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], seed: int = 0) -> None:
+        self.size = tuple(size)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed, self.epoch = int(seed), 0
+
+    def __call__(self, image: Any, index: int = 0) -> torch.Tensor:
+        import math
+
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + int(index)) % (2 ** 31))
+        x = to_tensor(image)
+        H, W = x.shape[-2:]
+        area = H * W * (0.35 + 0.65 * float(torch.rand((), generator=g)))
+        aspect = math.exp(math.log(3 / 4) + math.log(16 / 9) * float(torch.rand((), generator=g)))
+        h = max(1, min(H, int(round(math.sqrt(area / aspect)))))
+        w = max(1, min(W, int(round(math.sqrt(area * aspect)))))
+        top = int(torch.randint(0, H - h + 1, (), generator=g))
+        left = int(torch.randint(0, W - w + 1, (), generator=g))
+        x = x[:, top:top + h, left:left + w]
+        if float(torch.rand((), generator=g)) < 0.5:
+            x = x.flip(-1)
+        x = F.interpolate(x[None], size=self.size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
+        return normalise(x, self.mean, self.std)

@@ -3,7 +3,7 @@
 Every merging block of a converted model can record what it did (``LtmContext.record``): per
 block the chosen ``targets`` (B, M'), the soft merge mask ``assign`` (B, M, M') over the mergeable
 tokens, the number of ``prefix`` tokens and the input token sizes ``sizes_in`` (B, M). Any mask
-module (LTM, or a baseline from :mod:`ltm_convert.methods`) fills these the same way, so this
+module (LTM, or a baseline from :mod:`ltm_convert.merge.methods`) fills these the same way, so this
 module only ever reads ``records``.
 
 The *source map* of block l is ``S^(l) = S^(l-1) A^(l)`` with ``S^(0) = I``: a (B, P, M'_l)
