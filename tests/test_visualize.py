@@ -115,14 +115,19 @@ def test_bundled_real_model_on_chelsea(bundled_half, tmp_path):
         assert torch.allclose(s.sum(dim=2), torch.ones(1, 256), atol=1e-4)  # every patch lands somewhere
         nxt = records[i + 1]["sizes_in"] if i + 1 < len(records) else ctx.sizes[:, trace.prefix:]
         assert torch.allclose(s.sum(dim=1), nxt.float(), atol=1e-3)  # column sum = token size
-    shown = [int(t) for t in trace.sizes[-1][0].topk(3).indices]
+    # the last block before the class-token head collapses the patches into one token; the figure
+    # shows the last block that keeps more than one
+    li = trace.last_shown()
+    assert li == len(trace.blocks) - 2 and trace.sizes[-1].shape[1] == 1
+    after = records[li + 1]["sizes_in"] if li + 1 < len(records) else ctx.sizes[:, trace.prefix:]
+    shown = [int(t) for t in trace.sizes[li][0].topk(3).indices]
     for t in shown:
-        heat = trace.heatmap(-1, t)
+        heat = trace.heatmap(li, t)
         assert heat.shape == (16, 16)
-        assert abs(heat.sum().item() - ctx.sizes[0, trace.prefix + t].item()) < 1e-3
+        assert abs(heat.sum().item() - after[0, t].item()) < 1e-3
         assert heat.sum().item() > 1.5  # the shown targets absorbed other patches
     labels = trace.partition()
-    assert labels.min().item() >= 0 and labels.max().item() < trace.sizes[-1].shape[1]
+    assert labels.min().item() >= 0 and labels.max().item() < trace.sizes[li].shape[1]
 
 
 @pytest.fixture(scope="module")

@@ -106,11 +106,17 @@ class MergeTrace:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def last_shown(self) -> int:
+        """The last merging block that keeps more than one token (the last one if none does)."""
+        many = [i for i, sizes in enumerate(self.sizes) if sizes.shape[1] > 1]
+        return many[-1] if many else len(self.blocks) - 1
+
     def index(self, block: int | str | None) -> int:
         """Position of ``block`` among the merging blocks: a name, an int (negative from the end),
-        or None (the last one)."""
+        or None (the last one that keeps more than one token: the block before a class-token head
+        collapses every patch into one, which shows nothing)."""
         if block is None:
-            return len(self.blocks) - 1
+            return self.last_shown()
         if isinstance(block, str) and not block.lstrip("-").isdigit():
             if block not in self.blocks:
                 raise LtmError(f"block {block!r} does not merge tokens; merging blocks: {', '.join(self.blocks)}")
@@ -406,7 +412,7 @@ def render(trace: MergeTrace, crops: Sequence["Image.Image"], *, block: int | st
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, 5), title, fill=(0, 0, 0), font=font)
-    last = len(trace.blocks) - 1
+    last = trace.last_shown()
     for i, crop in enumerate(crops):
         y = title_h + i * (label_h + ph + pad) + pad
         shown = pick_targets(trace, li, k, i)
