@@ -192,20 +192,20 @@ class LtmBlockMixin:
             bias = sizes.clamp_min(1e-6).log()[:, None, None, :]
             bias = bias.to(x.dtype if x.is_floating_point() else torch.float32)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
-        soft = self.ltm_mask is not None and getattr(self.ltm_mask, "soft", None) is not None and self.ltm_mask.soft()
-        if soft:  # training relaxes the merge: every token stays, the planned count shapes the weights
-            if self.ltm_keep < self.ltm_tokens_in - self.ltm_prefix:
-                if self.ltm_collapse and self.ltm_keep == 1:
-                    z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
-                else:
-                    z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, self.ltm_keep, self.ltm_name)
-                    state = state._replace(soft=True)
-        elif self.merges(z.shape[1]):
-            if self.ltm_collapse and self.keep_for(z.shape[1]) == 1:
+        soft = callable(getattr(self.ltm_mask, "soft", None)) and self.ltm_mask.soft()
+        # training relaxes the merge (every token stays, so the planned count applies); inference
+        # merges to the count planned for the tokens that arrive
+        if soft:
+            keep = self.ltm_keep if self.ltm_keep < self.ltm_tokens_in - self.ltm_prefix else None
+        else:
+            keep = self.keep_for(z.shape[1]) if self.merges(z.shape[1]) else None
+        if keep is not None:
+            if self.ltm_collapse and keep == 1:
                 z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
             else:
-                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, self.keep_for(z.shape[1]),
-                                                      self.ltm_name)
+                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name)
+                if soft:
+                    state = state._replace(soft=True)
         out = split.part_b(self, z, *[values[n] for n in split.b_inputs])
         if self.ltm_unmerge and state is not None and state.grid is not None:
             out = state.grid.unmerge_sequence(out) if isinstance(out, torch.Tensor) else \

@@ -32,7 +32,6 @@ from ltm_convert.merge.state import SequenceMask, recorder
 
 TAU_RATE = 10.0  # tau's own learning rate, as a multiple of the mask's (see LtmMask.__init__)
 TAU = 0.02  # initial temperature on spread-normalised cosines (measured best untrained, see benchmarks)
-SOFT_TAU_SCALE = 1.0  # training may relax the assignment further than tau (1: the same sharpness as inference)
 SOFT_KEEP_BAND = 0.02  # relaxed top-k of training: t goes from 0.88 to 0.12 across +-2% of the ranks (soft ~ hard: 0.978 vs 0.983)
 GRAD_KEEP_T = 1.0  # the gradient's keep gate: sigmoid((kappa - theta) / 1 standard deviation of the score)
 GRAD_COS_T = 0.1  # the gradient's assignment: softmax(cos / 0.1) at the initial tau (absolute, not per spread)
@@ -155,11 +154,12 @@ class LtmMask(SequenceMask, MergeMetric):
             # tau's gradient is the sharp assignment's own (the surrogate's has the wrong sign for it);
             # the metric's and the keep term's come from the smooth surrogate
             tau = self.tau()
-            sharp = (cos.detach() / spread.detach() + F.logsigmoid(u.detach()).unsqueeze(1)) / (SOFT_TAU_SCALE * tau)
+            sharp = (cos.detach() / spread.detach() + F.logsigmoid(u.detach()).unsqueeze(1)) / tau
             smooth = cos / (GRAD_COS_T * tau.detach() / TAU) + F.logsigmoid(u_smooth).unsqueeze(1)
             sharp_assign = torch.softmax(sharp.masked_fill(eye, float("-inf")), dim=-1)
             smooth_assign = torch.softmax(smooth.masked_fill(eye, float("-inf")), dim=-1)
-            assign = smooth_assign + sharp_assign - smooth_assign.detach()  # (B, M, M) from -> to
+            # the sharp value, with the surrogate's gradient added to its own (tau-only) gradient
+            assign = sharp_assign + smooth_assign - smooth_assign.detach()  # (B, M, M) from -> to
             stay = t * sm  # mass each token keeps
             send = (1.0 - t) * sm  # mass each token sends
             flow = assign * send.unsqueeze(-1)  # (B, M from, M to)
@@ -179,8 +179,7 @@ class LtmMask(SequenceMask, MergeMetric):
     def forward(self, z: torch.Tensor, sizes: torch.Tensor | None, prefix: int, keep: int,
                 track: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Merge z (B, N, D) into prefix + keep tokens: (tokens, sizes (B, prefix + keep), and with
-        ``track`` the output row of every input token (B, N), else None). In training mode with
-        gradients on, the relaxed merge of :meth:`forward_soft` (all N tokens stay)."""
+        ``track`` the output row of every input token (B, N), else None). In training mode, the relaxed merge of :meth:`forward_soft` (all N tokens stay)."""
         if self.soft():
             return self.forward_soft(z, sizes, prefix, keep)
         B, N, D = z.shape
