@@ -268,6 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fmnist-rows", nargs="+", default=None, metavar="METHOD@RATIO",
                    help="probe only these rows (e.g. ltm@0.5 tome@0.5 tuned@0.5); default: every row")
     p.add_argument("--schedule", default=None, help="token schedule for every converted method (default: the library's)")
+    p.add_argument("--calibration-images", type=Path, metavar="DIR",
+                   help="with --schedule calibrated: the photos the schedule is measured on (use training-split photos, "
+                        "never held-out ones; default: the library's bundled photos)")
     p.add_argument("--probe-l2", type=float, default=1e-3, help="linear-probe L2 weight (same for all methods)")
     p.add_argument("--json", type=Path, help="write everything (per-image cosines included) here")
     args = p.parse_args(argv)
@@ -328,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: the held-out list differs from {args.verify_split} ({len(set(want) ^ set(held))} names differ)")
     if args.write_train_split:
         write_train_split(args.write_train_split, args.images, record)
+    sched = {"schedule": args.schedule} if args.schedule else {}
+    if args.calibration_images:
+        if args.schedule != "calibrated":
+            raise SystemExit("error: --calibration-images only applies with --schedule calibrated")
+        overlap = sorted(set(list_images(args.calibration_images)) & set(held))
+        if overlap:
+            raise SystemExit(f"error: {len(overlap)} calibration photos are held-out photos (e.g. {overlap[0]}); "
+                             "calibrate on the training split")
+        sched["calibration_images"] = args.calibration_images
 
     result: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "versions": versions(), "split": {k: v for k, v in record.items() if k != "train"},
@@ -362,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --extra takes NAME=PATH with a NAME that is not a method, got {spec!r}")
         jobs.append({"method": name, "ratio": None, "path": path})
 
-    sched = {"schedule": args.schedule} if args.schedule else {}
 
     def build(job: dict) -> torch.nn.Module:
         """Convert (or load) afresh, seeded: models are rebuilt for the Fashion-MNIST pass instead

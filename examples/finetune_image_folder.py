@@ -50,7 +50,13 @@ def main() -> None:
             print(f"eval after step {r.get('step')}: {shown}")
         changed = [n for n, p in tuned.named_parameters() if not torch.equal(p.detach(), before[n])]
         print(f"trained parameters: {sorted({n.split('.ltm_mask.')[-1] for n in changed})}")
-        assert changed and all(".ltm_" in n for n in changed)  # --train mask: only the merge masks move
+        assert all(".ltm_" in n for n in changed)  # --train mask: only the merge masks move
+        best = next((r for r in history if r.get("type") == "best"), None)
+        if best is None:  # the last weights validated best, and they are what came back
+            assert changed
+        else:  # an earlier step's weights validated better (keep_best, the default): those came back
+            print(f"kept the weights of step {best['best_step']} (validation {best['agreement']:.4f}, "
+                  f"last step {best['last_agreement']:.4f})")
         reloaded = load(Path(tmp) / "tuned.pt")
         x = torch.randn(2, 3, 64, 64)
         with torch.no_grad():

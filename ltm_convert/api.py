@@ -109,7 +109,8 @@ def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
 
 def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple[int, int] | int | None = None,
             exclude: Iterable[str] | str | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
-            method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, config: LtmConfig | None = None) -> nn.Module:
+            method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, config: LtmConfig | None = None,
+            calibration_images: Any = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with merging blocks.
 
     ratio is the fraction of the original FLOPs the converted model may use at ``input_size``
@@ -117,6 +118,11 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     ``config`` (an :class:`LtmConfig`, e.g. a saved one with its schedule) replaces the keyword
     arguments; giving both with different values is an error. The caller's model and config are
     never changed (unless ``inplace=True`` for the model).
+
+    ``schedule="calibrated"`` measures where merging costs least on ``calibration_images`` (paths,
+    a folder, PIL images, arrays, or an (N, 3, H, W) tensor in [0, 1]; default: eight views of
+    four bundled photos) and spends the budget there (calibrate.py); the result is a static
+    schedule like any other, saved with the model.
     """
     config = _resolve_config(config, ratio=ratio, input_size=input_size, exclude=exclude, topk=topk, method=method,
                              schedule=schedule)
@@ -133,7 +139,7 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
         was_training = model.training
         model.eval()
         try:
-            _convert(model, config)
+            _convert(model, config, calibration_images)
         finally:
             model.train(was_training)
             if dtype in _HALF:
@@ -141,7 +147,7 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     return model
 
 
-def _convert(model: nn.Module, config: LtmConfig) -> None:
+def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None) -> None:
     clock = _Clock()
     size = config.input_size or default_input_size(model)
     config.input_size = check_input_size(tuple(size), "the model's input size")
@@ -165,7 +171,12 @@ def _convert(model: nn.Module, config: LtmConfig) -> None:
         counted = meta_copy(model)  # solve on a weightless copy
         cost = family.cost_model(counted, plan)
         clock.lap("flops")
-        solved = solve(sites, cost, config.ratio, config.schedule, model_class=plan.model_class)
+        weights = None
+        if config.schedule == "calibrated":
+            weights = _calibrate(model, family, plan, sites, cost, config, calibration_images)
+            clock.lap("calibrate")
+        solved = solve(sites, cost, config.ratio, config.schedule, model_class=plan.model_class, weights=weights)
+        solved.weights = weights
         clock.lap("solve")
         note = solved.note(plan.model_class)
         if note:
@@ -182,6 +193,17 @@ def _convert(model: nn.Module, config: LtmConfig) -> None:
     _record_hf_recipe(model)
     clock.lap("finish")
     model.ltm_timings = clock.laps
+
+
+def _calibrate(model: nn.Module, family: Any, plan: Any, sites: list, cost: Any, config: LtmConfig,
+               images: Any) -> dict[str, float]:
+    """The calibrated schedule's per-site weights, measured with the model's own merge method."""
+    from ltm_convert.calibrate import AgreementLoss, calibrate, calibration_batch
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = calibration_batch(model, images, config.input_size).to(device)
+    loss = AgreementLoss(model, lambda keep: family.apply(model, plan, keep), full_keep(sites), inputs)
+    return calibrate(sites, cost, config.ratio, loss)
 
 
 class _Clock:

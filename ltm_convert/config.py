@@ -21,7 +21,7 @@ CONFIG_FORMAT = 1
 DEFAULT_RATIO = 0.8
 DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1: local and cheap)
 MAX_TOPK = 4096
-SCHEDULES = ("fraction", "constant")  # schedule shapes (schedule.py)
+SCHEDULES = ("fraction", "constant", "calibrated")  # schedule shapes (schedule.py; calibrate.py)
 DEFAULT_SCHEDULE = "fraction"
 MASK_VERSION = 2  # the LTM mask's design; files without it (0.1.0) were made with version 1
 SCHEDULE_TOLERANCE = 0.001  # |FLOPs ratio - target| the solver aims for, as a fraction of the original FLOPs
@@ -70,7 +70,7 @@ class LtmConfig:
     exclude: block names (or prefixes) to leave untouched.
     method: the mask module: "ltm" (learnable) or a baseline registered in merge/methods.py.
     topk: each merged-away token spreads its mass over its k most similar targets (0 = all).
-    schedule: the schedule shape the FLOPs target is solved in ("fraction" or "constant").
+    schedule: the schedule shape the FLOPs target is solved in ("fraction", "constant" or "calibrated").
     keep: tokens kept per merge site (the solved schedule); filled in by ``convert``.
     """
 

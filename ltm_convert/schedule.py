@@ -7,7 +7,9 @@ on a weightless copy of the model, so no schedule needs a full counted forward).
 picks, within a schedule *shape*, the schedule whose FLOPs land closest to ratio x the original:
 
 * ``fraction``: every site keeps the same fraction of the tokens it receives;
-* ``constant``: every site removes the same number of tokens (ToMe's constant r).
+* ``constant``: every site removes the same number of tokens (ToMe's constant r);
+* ``calibrated``: a measured profile (calibrate.py: each site's weight says how hard it merges),
+  scaled to the target.
 
 The counts depend only on the configuration and the input resolution, so batching,
 ``torch.compile`` and export keep working.
@@ -46,6 +48,7 @@ class Schedule:
     flops_ratio: float
     target: float
     reachable: bool  # within REACH_TOLERANCE x target of the target
+    weights: dict[str, float] | None = None  # the calibrated profile it was scaled from (calibrate.py)
 
     def note(self, model_class: str) -> str | None:
         if self.reachable:
@@ -64,10 +67,11 @@ def _nearest(site: "Site", tokens_in: int, want: float) -> int:
     return min(allowed, key=lambda k: (abs(k - want), -k))
 
 
-def shaped(sites: Sequence["Site"], shape: str, t: float) -> dict[str, int]:
+def shaped(sites: Sequence["Site"], shape: str, t: float, weights: dict[str, float] | None = None) -> dict[str, int]:
     """The schedule of ``shape`` at strength ``t``: the kept fraction for ``fraction`` (1 keeps all),
     the tokens removed per site for ``constant`` (a fractional t removes one more token in the
-    first sites, so the FLOPs move in small steps, not a whole token per site at once)."""
+    first sites, so the FLOPs move in small steps, not a whole token per site at once), and for
+    ``calibrated`` each site keeps 1 - t x its weight of what it receives (0 keeps all)."""
     keep: dict[str, int] = {}
     m = None
     n = sum(not s.free for s in sites)
@@ -77,7 +81,12 @@ def shaped(sites: Sequence["Site"], shape: str, t: float) -> dict[str, int]:
             keep[site.name] = 1
             m = 1 if site.chained else None
             continue
-        want = t * tokens_in if shape == "fraction" else tokens_in - math.floor(t + (n - 1 - i) / n)
+        if shape == "calibrated":
+            want = tokens_in * max(0.0, 1.0 - t * (weights or {}).get(site.name, 0.0))
+        elif shape == "fraction":
+            want = t * tokens_in
+        else:
+            want = tokens_in - math.floor(t + (n - 1 - i) / n)
         k = max(1, min(tokens_in, int(round(want)))) if not site.options else _nearest(site, tokens_in, want)
         keep[site.name] = k
         m = k if site.chained else None
@@ -86,7 +95,7 @@ def shaped(sites: Sequence["Site"], shape: str, t: float) -> dict[str, int]:
 
 def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "fraction",
           tolerance: float = SCHEDULE_TOLERANCE, model_class: str = "the model",
-          max_combinations: int = 200_000) -> Schedule:
+          max_combinations: int = 200_000, weights: dict[str, float] | None = None) -> Schedule:
     """The schedule of ``shape`` whose FLOPs land closest to ``ratio`` x the original.
 
     The tolerance is tight (0.1% of the original FLOPs) so that two methods converted to the same
@@ -95,6 +104,8 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
     """
     if shape not in SCHEDULES:
         raise LtmError(f"unknown schedule {shape!r}; choose one of {', '.join(SCHEDULES)}")
+    if shape == "calibrated" and not any(w > 0 for w in (weights or {}).values()):
+        shape = "fraction"  # nothing measured to merge (ratio 1, or no site can merge): any shape is the same
     target = ratio * cost.base
 
     def result(keep: dict[str, int]) -> Schedule:
@@ -111,14 +122,17 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
     seen: dict[tuple[int, ...], float] = {}
 
     def error(t: float) -> float:
-        keep = shaped(sites, shape, t)
+        keep = shaped(sites, shape, t, weights)
         key = tuple(keep.values())
         if key not in seen:
             seen[key] = (cost.flops(keep) - target) / cost.base
         return seen[key]
 
     # strength from "merge nothing" to "merge the most": fraction 1 -> 0, constant 0 -> max tokens
-    lo, hi = (1.0, 1e-9) if shape == "fraction" else (0.0, float(max(s.tokens for s in sites)))
+    if shape == "calibrated":
+        lo, hi = 0.0, 1.0 / min(w for w in weights.values() if w > 0)  # type: ignore[union-attr]
+    else:
+        lo, hi = (1.0, 1e-9) if shape == "fraction" else (0.0, float(max(s.tokens for s in sites)))
     e_lo, e_hi = error(lo), error(hi)
     if e_hi > REACH_TOLERANCE * ratio and not independent:
         floor = e_hi + ratio
@@ -126,9 +140,10 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
             f"ratio {ratio} is out of reach for this model: merging down to one token per block still "
             f"costs {floor:.3f} of the original FLOPs; choose --ratio >= {math.ceil(floor * 100) / 100:.2f}")
     best = min((abs(e_lo), lo), (abs(e_hi), hi))
+    resolution = {"fraction": 1e-4, "calibrated": 1e-4 * abs(hi - lo)}.get(shape, 1.0 / (4 * len(sites)))
     side = 0
     for _ in range(40):  # regula falsi (Illinois): FLOPs fall smoothly as the strength grows
-        if best[0] <= tolerance or abs(hi - lo) < (1e-4 if shape == "fraction" else 1.0 / (4 * len(sites))):
+        if best[0] <= tolerance or abs(hi - lo) < resolution:
             break
         mid = hi - e_hi * (hi - lo) / (e_hi - e_lo) if e_hi != e_lo else (lo + hi) / 2
         if not min(lo, hi) < mid < max(lo, hi):
@@ -145,7 +160,40 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
             if side == -1:
                 e_hi /= 2
             side = -1
-    return result(shaped(sites, shape, best[1]))
+    keep = shaped(sites, shape, best[1], weights)
+    if shape == "calibrated" and best[0] > tolerance:
+        keep = _trim(sites, cost, keep, target, tolerance)
+    return result(keep)
+
+
+def _trim(sites: Sequence["Site"], cost: CostModel, keep: dict[str, int], target: float,
+          tolerance: float) -> dict[str, int]:
+    """Close the last gap to the target by moving one site's count, latest sites first.
+
+    A scaled profile moves several counts at once (a token fewer early is a token fewer in every
+    later block), so its FLOPs can jump over the target; one late site's count moves them in
+    small steps. Only counts that keep the chain valid (no site keeps more than it receives)
+    are tried."""
+    keep = dict(keep)
+    inflow: dict[str, int] = {}
+    m = None
+    for site in sites:
+        inflow[site.name] = m if (site.chained and m is not None) else site.tokens
+        m = keep[site.name] if site.chained else None
+    for i in reversed(range(len(sites))):
+        site = sites[i]
+        if site.free:
+            continue
+        error = abs(cost.flops(keep) - target) / cost.base
+        if error <= tolerance:
+            break
+        after = sites[i + 1] if i + 1 < len(sites) else None
+        floor = keep[after.name] if after is not None and after.chained and site.chained and not after.free else 1
+        choices = [k for k in site.allowed(inflow[site.name]) if k >= floor]
+        best = min(choices, key=lambda k: abs(cost.flops({**keep, site.name: k}) - target))
+        if abs(cost.flops({**keep, site.name: best}) - target) / cost.base < error:
+            keep[site.name] = best
+    return keep
 
 
 def _exhaustive(sites: Sequence["Site"], cost: CostModel, target: float, tolerance: float) -> dict[str, int]:

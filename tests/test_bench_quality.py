@@ -243,3 +243,15 @@ def test_tome_odd_merges_differently(tmp_path):
     assert loaded.ltm_config.method == "tome_odd" and isinstance(dict(ltm_blocks(loaded)).popitem()[1].ltm_mask, ToMeMask)
     with torch.no_grad():
         assert torch.equal(loaded(x), models["tome_odd"](x))
+
+
+def test_calibration_photos_must_not_be_held_out(image_dir, tmp_path):
+    """A calibrated schedule measured on held-out photos would be tuned on the test set: refused
+    before any model is loaded."""
+    bench = _bench()
+    with pytest.raises(SystemExit, match="held-out photos"):
+        bench.main(["--images", str(image_dir), "--allow-small", "--held-out", "8", "--no-fmnist",
+                    "--schedule", "calibrated", "--calibration-images", str(image_dir)])
+    with pytest.raises(SystemExit, match="only applies with --schedule calibrated"):
+        bench.main(["--images", str(image_dir), "--allow-small", "--held-out", "8", "--no-fmnist",
+                    "--calibration-images", str(image_dir)])

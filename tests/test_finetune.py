@@ -419,3 +419,74 @@ def fresh_tiny_model():
     torch.manual_seed(0)
     model = load_model("vit_tiny_patch16_224", pretrained=False, **TINY)
     return convert(model, 0.5)
+
+
+def _scripted_validation(monkeypatch, by_step: dict[int, float]):
+    """Validation that scores each evaluation by its step, and remembers the weights it scored."""
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def evaluate(self, model=None):
+        seen[self.state.global_step] = state(self.student)
+        return {"agreement": by_step[self.state.global_step], "agreement_kind": "cosine", "kd": 0.1, "val_images": 8}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    return seen
+
+
+def test_keep_best_hands_back_the_best_validated_weights_across_a_resume(tiny, tmp_path, monkeypatch):
+    """Validation peaks after epoch 1 and falls after epoch 2: the model handed back is epoch 1's,
+    in one run and in a run stopped after epoch 1 and resumed; --no-keep-best hands back the last."""
+    data = synthetic(16)  # 2 steps per epoch at batch 8
+    seen = _scripted_validation(monkeypatch, {0: 0.90, 2: 0.95, 4: 0.80})
+    one = fresh(tiny)
+    tr = Trainer(one, data, quiet(epochs=2, eval_before=True), tmp_path / "one")
+    tr.fit()
+    best = tr.final_model()
+    for k, v in seen[2].items():
+        assert torch.equal(best.state_dict()[k], v), k
+    assert tr.state.history[-1]["type"] == "best" and tr.state.history[-1]["best_step"] == 2
+    assert not torch.equal(seen[4]["blocks.0.ltm_mask.kappa.weight"], seen[2]["blocks.0.ltm_mask.kappa.weight"])
+
+    part = fresh(tiny)
+    Trainer(part, data, quiet(epochs=2, eval_before=True, max_steps=2), tmp_path / "two").fit()
+    resumed = fresh(tiny)
+    tr = Trainer(resumed, data, quiet(epochs=2, eval_before=True), tmp_path / "two")
+    tr.resume()
+    tr.fit()
+    for k, v in tr.final_model().state_dict().items():
+        assert torch.equal(v, best.state_dict()[k]), k
+
+    last = fresh(tiny)
+    tr = Trainer(last, data, quiet(epochs=2, eval_before=True, keep_best=False), tmp_path / "three")
+    tr.fit()
+    for k, v in seen[4].items():
+        assert torch.equal(tr.final_model().state_dict()[k], v), k
+    assert not (tmp_path / "three" / "best.pt").exists()
+
+
+def test_training_free_methods_fine_tune_their_weights_with_train_all(tmp_path):
+    """--train all fine-tunes a ToMe model's own weights too (the fair comparison with a fine-tuned
+    LTM model)."""
+    torch.manual_seed(0)
+    tome = convert(load_model("vit_tiny_patch16_224", pretrained=False, **TINY), 0.5, method="tome")
+    before = state(tome)
+    Trainer(tome, synthetic(16), quiet(train="all", lr=1e-3), tmp_path / "all").fit()
+    assert not torch.equal(before["blocks.1.mlp.fc1.weight"], tome.state_dict()["blocks.1.mlp.fc1.weight"])
+
+
+def test_hard_training_merge_trains_on_the_inference_computation(tiny, tmp_path):
+    """--training-merge hard: the training forward is the inference forward (same outputs), and
+    the merge metric still learns through the merge weights."""
+    model = fresh(tiny)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model.eval()(x)
+    tr = Trainer(model, synthetic(16), quiet(training_merge="hard", mask_lr=1e-2), tmp_path / "hard")
+    tr.set_train_mode()
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, atol=1e-5)
+    before = state(model)
+    tr.fit()
+    assert not torch.equal(before["blocks.0.ltm_mask.phi.weight"], model.state_dict()["blocks.0.ltm_mask.phi.weight"])
+    with pytest.raises(LtmError, match="--training-merge"):
+        quiet(training_merge="soft").validate()

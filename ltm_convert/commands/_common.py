@@ -225,8 +225,18 @@ ScheduleOpt = Annotated[
         "--schedule",
         metavar="SHAPE",
         callback=schedule_callback,
-        help="How the FLOPs budget is spread over the blocks: fraction (each keeps the same fraction) or "
-        "constant (each removes the same number, ToMe's r).",
+        help="How the FLOPs budget is spread over the blocks: fraction (each keeps the same fraction), "
+        "constant (each removes the same number, ToMe's r) or calibrated (measured on a few images: "
+        "merge where it costs least; slower to convert).",
+    ),
+]
+CalibrationImagesOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--calibration-images",
+        metavar="DIR",
+        help="With --schedule calibrated: a folder of photos to measure on (the first 64; default: eight "
+        "views of four bundled photos).",
     ),
 ]
 TopkOpt = Annotated[

@@ -5,6 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from ltm_convert.commands._common import (
+    CalibrationImagesOpt,
     DEFAULT_RATIO,
     CheckpointOpt,
     ExcludeOpt,
@@ -83,6 +84,7 @@ def register(app: typer.Typer) -> None:
         method: MethodOpt = None,
         topk: TopkOpt = None,
         schedule: ScheduleOpt = None,
+        calibration_images: CalibrationImagesOpt = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Convert in memory and print the plan; write nothing.")] = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -91,6 +93,11 @@ def register(app: typer.Typer) -> None:
             raise _UsageError("missing option '--output' / '-o' (required unless --dry-run)")
         if not dry_run:
             check_output(output)
+        if calibration_images is not None:
+            if schedule != "calibrated":
+                raise _UsageError("--calibration-images only applies with --schedule calibrated")
+            if not calibration_images.is_dir():
+                raise _UsageError(f"--calibration-images {calibration_images} is not a folder; give a folder of photos")
         ratio = DEFAULT_RATIO if ratio is None else ratio
         with quiet_stdout(json_out):
             say(f"loading {model} ...", json_out)
@@ -105,7 +112,7 @@ def register(app: typer.Typer) -> None:
             say(f"converting at ratio {ratio:g} ...", json_out)
             options = {k: v for k, v in (("topk", topk), ("schedule", schedule)) if v is not None}
             converted = api_convert(base, ratio=ratio, input_size=input_size, exclude=list(exclude) if exclude else None,
-                                    method=method or "ltm", **options)
+                                    method=method or "ltm", calibration_images=calibration_images, **options)
             info = describe(converted)
             if not dry_run:
                 from ltm_convert.io import save

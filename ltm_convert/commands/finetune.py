@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[float, typer.Option("--epochs", "-e", help="Epochs (fractions allowed).")] = 1.0,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Global batch size (split over processes).")] = 32,
         train: Annotated[str, typer.Option("--train", help="mask: only ltm_* parameters; all: every weight.")] = "mask",
+        training_merge: Annotated[str, typer.Option("--training-merge", help="relaxed: the LTM mask's continuous relaxation while training; hard: the inference merge itself (the backbone adapts to exactly what runs later).")] = "relaxed",
         lr: Annotated[float, typer.Option("--lr", help="Learning rate of the non-mask weights (--train all).")] = 1e-4,
         mask_lr: Annotated[float, typer.Option("--mask-lr", help="Learning rate of the ltm_* parameters (no weight decay).")] = 1e-4,
         weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
@@ -71,6 +72,7 @@ def register(app: typer.Typer) -> None:
         device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda when available).")] = None,
         workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")] = 0,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+        keep_best: Annotated[bool, typer.Option("--keep-best/--no-keep-best", help="Write the weights that validated best (the unchanged start included), not the last ones.")] = True,
     ) -> None:
         """Fine-tune an LTM model against its frozen original (distillation + CE + IB loss)."""
         from rich.console import Console
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
             warmup=warmup, clip_grad=clip_grad or None, amp=amp, train=train, temperature=temperature,
             ce_weight=ce_weight, ib_weight=ib_weight, ib_warmup=ib_warmup, ib_clusters=ib_clusters, ib_compression=ib_compression, ema=ema, freeze=FinetuneConfig.freeze if freeze is None else tuple(f for f in freeze if f != "none"),
             seed=seed, max_steps=max_steps, save_every=save_every, num_workers=workers,
-            progress=not no_progress, device=device)
+            progress=not no_progress, device=device, keep_best=keep_best, training_merge=training_merge)
         _, history = run(model, data, output=output, workdir=workdir, resume=resume, ratio=ratio,
                          pretrained=not no_pretrained, input_size=input_size, val_fraction=val_fraction,
                          train_samples=train_samples, val_samples=val_samples, config=cfg)

@@ -114,6 +114,7 @@ def save_run(trainer: Any, rng: dict[str, Any] | None = None) -> None:
             "ib": trainer.ib.state_dict() if trainer.ib is not None else None,
             "rng": rng if rng is not None else rng_state(),
             "position": {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step},
+            "best": json.dumps(trainer.best),
             "config": json.dumps(asdict(trainer.cfg)),
         })
     trainer.saved_step = st.global_step
@@ -124,7 +125,7 @@ def save_run(trainer: Any, rng: dict[str, Any] | None = None) -> None:
 
 # options that change what is optimised, not how: a run resumed with other values would not be
 # the same run, so they must match; everything else (learning rates, schedule, losses) may change
-_FIXED = ("train", "batch_size", "seed", "freeze", "amp")
+_FIXED = ("train", "batch_size", "seed", "freeze", "amp", "training_merge")
 
 
 def resume_run(trainer: Any, path: Path) -> bool:
@@ -163,6 +164,7 @@ def resume_run(trainer: Any, path: Path) -> bool:
     st = trainer.state
     st.epoch, st.step_in_epoch, st.global_step = int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"])
     trainer.saved_step = st.global_step
+    trainer.best = _resumed_best(trainer, data)
     if trainer.dist.main and trainer.log_path.is_file():  # drop log lines written after the checkpoint
         keep = []
         for line in trainer.log_path.read_text().splitlines():
@@ -175,6 +177,38 @@ def resume_run(trainer: Any, path: Path) -> bool:
         trainer.log_path.write_text("".join(k + "\n" for k in keep))
     D.barrier()
     return True
+
+
+def save_best(trainer: Any) -> None:
+    """Write the best validated weights (those ``final_model`` returns) next to the run checkpoint."""
+    from ltm_convert.finetune import distributed as D
+
+    if trainer.dist.main:
+        model = trainer.ema.model if trainer.ema else trainer.student
+        save_checkpoint(trainer.best_path, {"fingerprint": fingerprint(trainer.student), "model": model.state_dict(),
+                                            "best": json.dumps(trainer.best)})
+    D.barrier()
+
+
+def load_best(trainer: Any, model: nn.Module) -> None:
+    data = load_checkpoint(trainer.best_path, trainer.student)
+    if json.loads(data.get("best") or "null") != trainer.best:
+        raise LtmError(f"{trainer.best_path} holds other weights than the run's best (step {trainer.best['step']}); "
+                       "it was overwritten by another run in the same --workdir: rerun with --no-keep-best or a new --workdir")
+    model.load_state_dict(data["model"])
+
+
+def _resumed_best(trainer: Any, data: dict[str, Any]) -> dict[str, Any] | None:
+    """The resumed run's best so far; forgotten (with a warning) if its weights file is gone."""
+    import warnings
+
+    best = json.loads(data.get("best") or "null") if isinstance(data.get("best"), str) else None
+    if best is not None and not trainer.best_path.is_file():
+        if trainer.dist.main:
+            warnings.warn(f"--resume: the best weights so far ({trainer.best_path}, step {best['step']}) are gone; "
+                          "the best is tracked from here on", UserWarning, stacklevel=3)
+        return None
+    return best
 
 
 def _take_new_rates(trainer: Any, saved: dict[str, Any]) -> list[str]:

@@ -23,6 +23,9 @@ class FinetuneConfig:
     clip_grad: float | None = 1.0
     amp: str = "auto"  # auto | none | bf16 | fp16
     train: str = "mask"  # mask | all
+    # relaxed: the LTM mask's continuous relaxation in training (every token stays, weighted);
+    # hard: the inference merge itself (gradients through the merge weights, not the keep choice)
+    training_merge: str = "relaxed"
     temperature: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 1.0
@@ -41,6 +44,9 @@ class FinetuneConfig:
     save_every: int = 50  # steps; also at the end of each epoch
     log_every: int = 10
     eval_before: bool = True
+    # the model returned and written is the one that validated best (the unchanged start included),
+    # not the last one: measured, fine-tuning can lower agreement on unseen images (benchmarks/README.md)
+    keep_best: bool = True
     num_workers: int = 0
     progress: bool = True
     device: str | None = None
@@ -56,6 +62,8 @@ class FinetuneConfig:
                 raise LtmError(f"{flag(f.name)} must be a finite number, got {value}")
         if self.train not in ("mask", "all"):
             raise LtmError(f"--train must be 'mask' or 'all', got {self.train!r}")
+        if self.training_merge not in ("relaxed", "hard"):
+            raise LtmError(f"--training-merge must be 'relaxed' or 'hard', got {self.training_merge!r}")
         if self.amp not in ("auto", "none", "bf16", "fp16"):
             raise LtmError(f"--amp must be auto, none, bf16 or fp16, got {self.amp!r}")
         checks = [

@@ -118,9 +118,10 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
             (decay if p.ndim >= 2 else no_decay).append(p)
         else:
             p.requires_grad_(False)
-    if not mask:
-        raise LtmError("the model has no ltm_ parameters to train; convert it first (ratio < 1 with the 'ltm' method)")
-    groups = [{"params": mask, "lr": cfg.mask_lr, "weight_decay": 0.0, "name": "ltm"}]
+    if not mask and cfg.train == "mask":
+        raise LtmError("the model has no ltm_ parameters to train (a training-free merge, or ratio 1); fine-tune its "
+                       "weights with --train all, or convert it with the 'ltm' method at a ratio < 1")
+    groups = [{"params": mask, "lr": cfg.mask_lr, "weight_decay": 0.0, "name": "ltm"}] if mask else []
     if decay:
         groups.append({"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"})
     if no_decay:
@@ -234,6 +235,8 @@ class Trainer:
         self.log_path = self.workdir / "log.jsonl"
         self.save_due = False
         self.saved_step: int | None = None
+        self.best_path = self.workdir / "best.pt"
+        self.best: dict[str, Any] | None = None  # {"step", "agreement", "kd"} of the best validated weights
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -291,6 +294,10 @@ class Trainer:
                     module.train()
         else:
             self.model.train()
+        if self.cfg.training_merge == "hard":  # the masks merge as at inference (their soft() is their mode)
+            for module in self.model.modules():
+                if callable(getattr(module, "soft", None)):
+                    module.eval()
 
     def apply_ib_update(self) -> None:
         batch, self._ib_batch = getattr(self, "_ib_batch", None), None
@@ -390,7 +397,9 @@ class Trainer:
     def fit(self, on_step: Callable[["Trainer", dict], None] | None = None) -> list[dict[str, Any]]:
         cfg, st = self.cfg, self.state
         if cfg.eval_before and st.global_step == 0:
-            self._log({"type": "eval", "epoch": 0, "step": 0, "when": "before", **self.evaluate()})
+            result = self.evaluate()
+            self._log({"type": "eval", "epoch": 0, "step": 0, "when": "before", **result})
+            self._consider_best(result)
         n_epochs = int(math.ceil(self.total_steps / self.steps_per_epoch))
         progress = self._progress()
         task = progress.add_task("finetune", total=self.total_steps, completed=st.global_step) if progress else None
@@ -431,6 +440,7 @@ class Trainer:
                            "step": st.global_step, "when": "epoch_end" if finished_epoch else "stop", **result})
                 if not math.isfinite(result["kd"]):
                     raise self._nan_error("evaluation loss")
+                self._consider_best(result)
                 self.save_due = False
                 self.save()
                 self._report_skipped()
@@ -464,8 +474,31 @@ class Trainer:
         p.start()
         return p
 
+    def _consider_best(self, result: dict[str, Any]) -> None:
+        """Keep the weights of the best validation so far (higher agreement, then lower KD loss); a
+        tie goes to the later weights: they are what the user trained for, and nothing says worse."""
+        if not self.cfg.keep_best or not math.isfinite(result["kd"]):
+            return
+        best = self.best
+        if best is not None and (result["agreement"], -result["kd"]) < (best["agreement"], -best["kd"]):
+            return
+        self.best = {"step": self.state.global_step, "agreement": result["agreement"], "kd": result["kd"]}
+        ckpt.save_best(self)
+
     def final_model(self) -> nn.Module:
-        return self.ema.model if self.ema else self.student
+        """The model the run hands back: with ``keep_best``, the best validated weights."""
+        model = self.ema.model if self.ema else self.student
+        if self.best is None or self.best["step"] == self.state.global_step:
+            return model
+        ckpt.load_best(self, model)
+        last = next((r for r in reversed(self.state.history) if r.get("type") == "eval"), None)
+        self._log({"type": "best", "step": self.state.global_step, "best_step": self.best["step"],
+                   "agreement": self.best["agreement"], "last_agreement": last["agreement"] if last else None})
+        if self.dist.main:
+            print(f"keeping the weights of step {self.best['step']} (validation agreement {self.best['agreement']:.4f}; "
+                  f"the last step's was {last['agreement'] if last else float('nan'):.4f}); --no-keep-best keeps the last",
+                  flush=True)
+        return model
 
     def close(self) -> None:
         D.teardown(self.dist)

@@ -68,7 +68,7 @@ def to_tensor(image: Any) -> torch.Tensor:
         raise LtmError(f"expected an HxWx3 image, got shape {a.shape}; pass RGB images")
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
-    t = torch.from_numpy(np.ascontiguousarray(a[..., :3])).permute(2, 0, 1)
+    t = torch.from_numpy(np.array(a[..., :3], copy=True)).permute(2, 0, 1)  # a writable copy: PIL arrays are read-only
     return t.float() / 255.0 if a.dtype == np.uint8 else t.float().clamp(0, 1)
 
 
