@@ -130,25 +130,32 @@ def calibrate(sites: Sequence["Site"], cost: "CostModel", ratio: float, loss: Ca
         value = loss(keep)
         return (value - here_loss) / saved, trial[name], keep, flops, value
 
-    stale: dict[str, float] = {}
+    # name -> (price, steps taken when it was measured, the measured step); a price measured at
+    # the current state is fresh and is taken without measuring it again
+    offers: dict[str, tuple[float, int, tuple]] = {}
+    taken = 0
     for n in names:
         p = price(n)
         if p is not None:
-            stale[n] = p[0]
-    while here_flops > target and stale:
-        name = min(stale, key=stale.__getitem__)
-        p = price(name)
-        if p is None:
-            del stale[name]
-            continue
-        others = [v for k, v in stale.items() if k != name]
-        if others and p[0] > min(others):  # no longer the cheapest: re-queue at its fresh price
-            stale[name] = p[0]
-            continue
+            offers[n] = (p[0], taken, p)
+    while here_flops > target and offers:
+        name = min(offers, key=lambda n: offers[n][0])
+        value, when, p = offers[name]
+        if when != taken:  # stale: measure again, and take it only if it is still the cheapest
+            fresh = price(name)
+            if fresh is None:
+                del offers[name]
+                continue
+            offers[name] = (fresh[0], taken, fresh)
+            rivals = [v[0] for k, v in offers.items() if k != name]
+            if rivals and fresh[0] > min(rivals):
+                continue
+            p = fresh
         _, weights[name], current, here_flops, here_loss = p
+        taken += 1
         nxt = price(name)
         if nxt is None:
-            del stale[name]
+            del offers[name]
         else:
-            stale[name] = nxt[0]
+            offers[name] = (nxt[0], taken, nxt)
     return weights

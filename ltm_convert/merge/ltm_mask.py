@@ -28,7 +28,7 @@ from ltm_convert.config import DEFAULT_TOPK
 from ltm_convert.merge.metric import MergeMetric, no_autocast
 from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.sparse import merge_dense, merge_sparse, mutual_redundancy, preserve_norms
-from ltm_convert.merge.state import SequenceMask, recorder
+from ltm_convert.merge.state import SequenceMask, destination_rows, record_assignment
 
 TAU_RATE = 10.0  # tau's own learning rate, as a multiple of the mask's (see LtmMask.__init__)
 TAU = 0.02  # initial temperature on spread-normalised cosines (measured best untrained, see benchmarks)
@@ -91,6 +91,14 @@ class LtmMask(SequenceMask, MergeMetric):
         """(phi (B, M, d) unit rows, learned keep term (B, M)) of the mergeable tokens."""
         return self.metric_and_score(z, self.kappa, prefix)
 
+    def _inputs(self, z: torch.Tensor, sizes: torch.Tensor | None,
+                prefix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sizes, mergeable sizes as float, phi, learned keep term): what both merges start from."""
+        if sizes is None:
+            sizes = z.new_ones(z.shape[0], z.shape[1], dtype=torch.float32)
+        phi, learned = self._project(z, prefix)
+        return sizes, sizes[:, prefix:].float(), phi, learned
+
     def flops(self, tokens: int, keep: int, prefix: int) -> int:
         """What FlopCounterMode counts for one image (tests/test_schedule.py checks it): the fused
         projection, the token-token cosines, the target logits, the dense merge GEMM if dense."""
@@ -118,12 +126,8 @@ class LtmMask(SequenceMask, MergeMetric):
         bias, as merged-away tokens do. The loss then reaches the metric, the temperature and the keep
         score smoothly; at inference the same scores make the hard decisions of :meth:`forward`.
         """
-        B, N, D = z.shape
-        M = N - prefix
-        if sizes is None:
-            sizes = z.new_ones(B, N, dtype=torch.float32)
-        sm = sizes[:, prefix:].float()
-        phi, learned = self._project(z, prefix)
+        M = z.shape[1] - prefix
+        sizes, sm, phi, learned = self._inputs(z, sizes, prefix)
         with no_autocast(z):
             present = sm > 0.5  # tokens a hard merge would still have
             # the base score is a rank statistic of saturated cosines: its gradient (~1 / its spread)
@@ -182,13 +186,10 @@ class LtmMask(SequenceMask, MergeMetric):
         ``track`` the output row of every input token (B, N), else None). In training mode, the relaxed merge of :meth:`forward_soft` (all N tokens stay)."""
         if self.soft():
             return self.forward_soft(z, sizes, prefix, keep)
-        B, N, D = z.shape
+        B, N, _ = z.shape
         M = N - prefix
         R = M - keep
-        if sizes is None:
-            sizes = z.new_ones(B, N, dtype=torch.float32)
-        sm = sizes[:, prefix:].float()
-        phi, learned = self._project(z, prefix)
+        sizes, sm, phi, learned = self._inputs(z, sizes, prefix)
         with no_autocast(z):
             base = _ranks(-mutual_redundancy(phi))
             kappa = base + KEEP_BOUND * torch.tanh(learned)
@@ -216,18 +217,8 @@ class LtmMask(SequenceMask, MergeMetric):
         merged = preserve_norms(merged, z, rows, s_rows, others + prefix, mass, slot_rows, new_sizes)
         dest = None
         if track:  # targets go to their own row; the others to their strongest target's row
-            slot_of = torch.empty(B, M, dtype=torch.long, device=z.device)
-            slot_of.scatter_(1, targets, torch.arange(prefix, prefix + keep, device=z.device).expand(B, keep))
-            slot_of.scatter_(1, others, slot_rows[..., 0])
-            dest = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), slot_of], dim=1)
-        record = recorder()
-        if record is not None:  # the block put its entry last; add what this module decided
-            full_assign = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
-            eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
-            full_assign.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
-            spread_out = torch.zeros(B, R, keep, dtype=assign.dtype, device=z.device).scatter_(2, near, assign)
-            full_assign.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread_out)
-            record[-1].update(targets=targets, assign=full_assign.detach(), prefix=prefix, sizes_in=sm.detach())
+            dest = destination_rows(targets, others, slot_rows[..., 0], prefix, keep)
+        record_assignment(targets, others, assign, near, sm, prefix)
         return merged, new_sizes.to(sizes.dtype), dest
 
 

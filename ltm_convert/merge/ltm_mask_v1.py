@@ -20,7 +20,7 @@ from ltm_convert.config import DEFAULT_TOPK
 from ltm_convert.merge.metric import MergeMetric
 from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.sparse import merge_dense, merge_sparse, redundancy
-from ltm_convert.merge.state import SequenceMask, recorder
+from ltm_convert.merge.state import SequenceMask, destination_rows, record_assignment
 
 
 class LtmMaskV1(SequenceMask, MergeMetric):
@@ -69,7 +69,6 @@ class LtmMaskV1(SequenceMask, MergeMetric):
         ``track`` the output row of every input token (B, N), else None)."""
         B, N, D = z.shape
         M = N - prefix
-        R = M - keep  # tokens merged away
         if sizes is None:
             sizes = z.new_ones(B, N, dtype=torch.float32)
         sm = sizes[:, prefix:]
@@ -109,19 +108,8 @@ class LtmMaskV1(SequenceMask, MergeMetric):
         if track:  # targets go to their own row; the others to their strongest target's row
             best = assign.argmax(-1, keepdim=True)
             best = (near.gather(2, best) if near is not None else best)[..., 0] + prefix
-            slot_of = torch.empty(B, M, dtype=torch.long, device=z.device)
-            slot_of.scatter_(1, targets, torch.arange(prefix, prefix + keep, device=z.device).expand(B, keep))
-            slot_of.scatter_(1, others, best)
-            dest = torch.cat([torch.arange(prefix, device=z.device).expand(B, prefix), slot_of], dim=1)
-        record = recorder()
-        if record is not None:  # the block put its entry last; add what this module decided
-            full = torch.zeros(B, M, keep, dtype=assign.dtype, device=z.device)
-            eye = torch.eye(keep, dtype=assign.dtype, device=z.device).expand(B, keep, keep)
-            full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
-            spread = assign if near is None else torch.zeros(B, R, keep, dtype=assign.dtype,
-                                                            device=z.device).scatter_(2, near, assign)
-            full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread)
-            record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sm.detach())
+            dest = destination_rows(targets, others, best, prefix, keep)
+        record_assignment(targets, others, assign, near, sm, prefix)
         return merged, new_sizes.to(sizes.dtype), dest
 
 

@@ -119,6 +119,37 @@ def recorder() -> list[dict] | None:
     return getattr(_LOCAL, "records", None)
 
 
+def destination_rows(targets: torch.Tensor, others: torch.Tensor, strongest: torch.Tensor, prefix: int,
+                     keep: int) -> torch.Tensor:
+    """(B, prefix + M) output row of every input token: targets go to their own row, the others to
+    ``strongest`` (B, R), the row of the target they send most of their mass to."""
+    B, keep_ = targets.shape
+    M = keep_ + others.shape[1]
+    slot_of = torch.empty(B, M, dtype=torch.long, device=targets.device)
+    slot_of.scatter_(1, targets, torch.arange(prefix, prefix + keep, device=targets.device).expand(B, keep))
+    slot_of.scatter_(1, others, strongest)
+    return torch.cat([torch.arange(prefix, device=targets.device).expand(B, prefix), slot_of], dim=1)
+
+
+def record_assignment(targets: torch.Tensor, others: torch.Tensor, assign: torch.Tensor, near: torch.Tensor | None,
+                      sizes_in: torch.Tensor, prefix: int) -> None:
+    """Add a mask's decision to the block's entry in the active recording (if any): the full (B, M,
+    keep) assignment of every mergeable token, from ``assign`` (B, R, k) over the targets ``near``
+    (None: over all targets)."""
+    record = recorder()
+    if record is None:
+        return
+    B, keep = targets.shape
+    R = others.shape[1]
+    full = torch.zeros(B, keep + R, keep, dtype=assign.dtype, device=assign.device)
+    eye = torch.eye(keep, dtype=assign.dtype, device=assign.device).expand(B, keep, keep)
+    full.scatter_(1, targets.unsqueeze(-1).expand(B, keep, keep), eye)
+    spread = assign if near is None else torch.zeros(B, R, keep, dtype=assign.dtype,
+                                                    device=assign.device).scatter_(2, near, assign)
+    full.scatter_(1, others.unsqueeze(-1).expand(B, R, keep), spread)
+    record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sizes_in.detach())
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[list[dict]]:
     """Collect, for the forwards run in this thread inside the block, one dict per merging block:
