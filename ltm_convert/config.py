@@ -19,7 +19,8 @@ from ltm_convert.errors import LtmError
 CONFIG_FORMAT = 1
 
 DEFAULT_RATIO = 0.8
-DEFAULT_TOPK = 4  # targets each merged-away token may reach (design section 2.1: local and cheap)
+DEFAULT_TOPK = 2  # targets each merged-away token may reach (design section 2.1: local and cheap; 2 keeps
+# what 4 kept on 350 photos at half the merge work, benchmarks/README.md)
 MAX_TOPK = 4096
 SCHEDULES = ("fraction", "constant", "calibrated")  # schedule shapes (schedule.py; calibrate.py)
 DEFAULT_SCHEDULE = "fraction"
@@ -136,6 +137,7 @@ class LtmConfig:
         if not is_number(kwargs.get("ratio")):
             raise LtmError(f"the saved ratio must be a number, got {kwargs.get('ratio')!r}; the file is corrupt")
         kwargs.setdefault("mask_version", 1)  # written before mask versions existed: 0.1.0's mask
+        kwargs.setdefault("topk", 4)  # every writer stored it; a file without it predates the default of 2
         if not kwargs.get("keep"):
             raise LtmError("the saved config has no schedule (keep); the file is corrupt or was not written by convert")
         try:

@@ -55,7 +55,7 @@ def test_banded_redundancy_is_max_cosine_to_an_earlier_token(m):
 
 
 def test_sparse_mask_keeps_sizes_and_gradients():
-    """topk=4 (the default): sizes add up, each token reaches at most 4 targets, every parameter
+    """topk=4 (the 0.1.0 default): sizes add up, each token reaches at most 4 targets, every parameter
     and the input get a gradient (the straight-through gate carries kappa's)."""
     torch.manual_seed(0)
     mask = LtmMask(24, 8, topk=4)
@@ -142,3 +142,109 @@ def test_base_keep_score_is_used_by_rank():
     present = torch.tensor([[True, True, False, True]])
     rp = _ranks(x, present)
     assert rp[0, 2] < rp[0, [0, 1, 3]].min() and rp[0, [0, 1, 3]].max().item() == pytest.approx(math.sqrt(3.0))
+
+
+def _mutual_by_definition(phi, present=None):
+    """Best cosine to another (present) token; the earlier token of a mutual best pair scores 2 less."""
+    B, M, _ = phi.shape
+    cos = phi @ phi.transpose(1, 2)
+    cos = cos.masked_fill(torch.eye(M, dtype=torch.bool), float("-inf"))
+    if present is not None:
+        cos = cos.masked_fill(~present.unsqueeze(1), float("-inf"))
+    best, partner = cos.max(dim=-1)  # first maximal column
+    idx = torch.arange(M)
+    earlier = (partner.gather(1, partner) == idx) & (partner > idx)
+    return torch.where(earlier, best - 2.0, best)
+
+
+@pytest.mark.parametrize("with_present", [False, True])
+def test_mutual_redundancy_matches_its_definition_with_ties(with_present):
+    """The partner is found without ``max``'s indices (a plain max over shifted values); exact
+    duplicates (ties) must still pick the first maximal column, as ``max`` does."""
+    from ltm_convert.merge.sparse import mutual_redundancy_, partner_cosines
+
+    g = torch.Generator().manual_seed(3)
+    phi = torch.nn.functional.normalize(torch.randn(4, 97, 16, generator=g), dim=-1)
+    phi[:, 5] = phi[:, 40]
+    phi[:, 60] = phi[:, 40]  # three identical tokens
+    phi[:, 7] = phi[:, 8]
+    present = torch.rand(4, 97, generator=g) > 0.2 if with_present else None
+    got = mutual_redundancy_(partner_cosines(phi, present))
+    want = _mutual_by_definition(phi, present)
+    if present is not None:
+        got, want = got[present], want[present]
+    assert torch.equal(got, want)
+
+
+def test_untrained_fast_path_merges_what_the_general_path_merges(monkeypatch):
+    """An untrained keep term (exactly 0) skips one sort: the targets must be the same ones."""
+    from ltm_convert.merge import ltm_mask as L
+    from ltm_convert.merge.state import recording
+
+    torch.manual_seed(4)
+    mask = L.LtmMask(24, 8).eval()
+    z, sizes = torch.randn(3, 1 + 50, 24), torch.rand(3, 51) + 1.0
+
+    def run():
+        with recording() as record, torch.no_grad():
+            record.append({})
+            out = mask(z, sizes, 1, 30)
+        return out, record[-1]["targets"]
+
+    (fast, fast_s, _), fast_t = run()
+    monkeypatch.setattr(L, "_all_zero_on_cpu", lambda x: False)
+    (slow, slow_s, _), slow_t = run()
+    assert torch.equal(fast_t, slow_t)
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(fast_s, slow_s)
+
+
+def test_split_in_order_keeps_original_order():
+    from ltm_convert.merge.ltm_mask import _split_in_order
+
+    order = torch.stack([torch.randperm(12, generator=torch.Generator().manual_seed(s)) for s in range(5)])
+    targets, others = _split_in_order(order, 7)
+    for b in range(5):
+        assert targets[b].tolist() == sorted(order[b, :7].tolist())
+        assert others[b].tolist() == sorted(order[b, 7:].tolist())
+
+
+def test_touched_row_norm_correction_is_the_full_one():
+    """merge_sparse_keep_norms rescales only the rows a token reached; it must equal merge_sparse +
+    preserve_norms on every row, and leave untouched rows exactly as they were."""
+    from ltm_convert.merge.sparse import merge_sparse_keep_norms, preserve_norms
+
+    g = torch.Generator().manual_seed(5)
+    B, N, D, R, k = 3, 40, 16, 9, 2
+    z = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    perm = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    rows, others = perm[:, : N - R], perm[:, N - R:]
+    z_o = z.gather(1, others.unsqueeze(-1).expand(B, R, D))
+    s_rows = torch.rand(B, N - R, generator=g, dtype=torch.float64) + 0.5
+    slot = torch.stack([torch.stack([torch.randperm(6, generator=g)[:k] for _ in range(R)]) for _ in range(B)])
+    mass = torch.rand(B, R, k, generator=g, dtype=torch.float64)
+    want, want_s = merge_sparse(z, rows, s_rows, z_o, mass, slot)
+    want = preserve_norms(want, z, rows, s_rows, others, mass, slot, want_s)
+    got, got_s = merge_sparse_keep_norms(z, rows, s_rows, z_o, mass, slot)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_s, want_s)
+    untouched = torch.ones(B, N - R, dtype=torch.bool).scatter_(1, slot.reshape(B, -1), False)
+    z_rows = z.gather(1, rows.unsqueeze(-1).expand(B, N - R, D))
+    assert torch.equal(got[untouched], z_rows[untouched])
+
+
+def test_spread_is_the_standard_deviation():
+    from ltm_convert.merge.ltm_mask import _spread
+
+    x = torch.randn(4, 7, 33, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(_spread(x), x.std(dim=-1, keepdim=True))
+
+
+def test_a_saved_config_without_topk_replays_the_old_default():
+    """The default went from 4 targets to 2; a file that never stored topk was made with 4."""
+    from ltm_convert.config import DEFAULT_TOPK, LtmConfig
+
+    saved = LtmConfig(ratio=0.7, keep={"blocks.0": 10}).to_dict()
+    assert saved["topk"] == DEFAULT_TOPK == 2
+    del saved["topk"]
+    assert LtmConfig.from_dict(saved).topk == 4

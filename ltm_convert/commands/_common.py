@@ -247,7 +247,7 @@ TopkOpt = Annotated[
         metavar="K",
         min=0,
         help="LTM only: each merged-away token spreads over its K most similar targets "
-        "(default 4; 0 = every target, slower).",
+        "(default 2; 0 = every target, slower).",
     ),
 ]
 

@@ -1,6 +1,6 @@
 """Row gathers and row adds on (B, N, C) token tensors: the primitives every merge is written in.
 
-Both are flat ``index_select`` / ``index_add_`` over (B * N, C): several times faster than
+All are flat ``index_select`` / ``index_add_`` / ``index_copy_`` over (B * N, C): several times faster than
 ``gather`` / ``scatter_add`` along dim 1 on CPU (whole rows move, not single elements), and they
 export to ONNX as one Gather / ScatterElements each.
 """
@@ -26,3 +26,15 @@ def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Ten
     flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
     x = x.contiguous()  # a no-op for fresh tensors; strided inputs (every other row) get one copy
     return x.view(B * T, C).index_add_(0, flat, src.reshape(-1, C)).view(B, T, C)
+
+
+def put_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C) with rows idx (B, K) overwritten by src (B, K, C); in place when x is contiguous
+    (use the result). A row named twice must get the same value twice (which write wins is not
+    defined); ONNX gets ``scatter`` (ScatterElements) as for :func:`add_rows`."""
+    B, T, C = x.shape
+    if torch.onnx.is_in_onnx_export():
+        return x.scatter_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
+    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
+    x = x.contiguous()
+    return x.view(B * T, C).index_copy_(0, flat, src.reshape(-1, C)).view(B, T, C)
