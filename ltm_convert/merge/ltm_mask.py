@@ -88,7 +88,8 @@ def _all_zero_on_cpu(x: torch.Tensor) -> bool:
     the question is a device sync; traced or exported graphs must not depend on a value)."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    exporting = getattr(torch.compiler, "is_exporting", None)  # not in every torch this package allows
+    if torch.compiler.is_compiling() or (exporting is not None and exporting()):
         return False
     return not bool(x.any())
 
