@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 
 
+def _flat(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row indices idx (B, K) into a (B, rows, C) tensor, as indices into its (B * rows, C) view."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * rows).reshape(-1)
+
+
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, N, C), idx (B, K) -> (B, K, C)."""
     B, N, C = x.shape
-    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * N).reshape(-1)
-    return x.reshape(B * N, C).index_select(0, flat).view(B, idx.shape[1], C)
+    return x.reshape(B * N, C).index_select(0, _flat(idx, N)).view(B, idx.shape[1], C)
 
 
 def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -23,9 +27,8 @@ def add_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Ten
     B, T, C = x.shape
     if torch.onnx.is_in_onnx_export():
         return x.scatter_add_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
-    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
     x = x.contiguous()  # a no-op for fresh tensors; strided inputs (every other row) get one copy
-    return x.view(B * T, C).index_add_(0, flat, src.reshape(-1, C)).view(B, T, C)
+    return x.view(B * T, C).index_add_(0, _flat(idx, T), src.reshape(-1, C)).view(B, T, C)
 
 
 def put_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,5 @@ def put_rows(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Ten
     B, T, C = x.shape
     if torch.onnx.is_in_onnx_export():
         return x.scatter_(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C), src)
-    flat = (idx + torch.arange(B, device=idx.device).unsqueeze(1) * T).reshape(-1)
     x = x.contiguous()
-    return x.view(B * T, C).index_copy_(0, flat, src.reshape(-1, C)).view(B, T, C)
+    return x.view(B * T, C).index_copy_(0, _flat(idx, T), src.reshape(-1, C)).view(B, T, C)

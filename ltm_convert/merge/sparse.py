@@ -121,8 +121,9 @@ def mutual_redundancy_(cos: torch.Tensor) -> torch.Tensor:
     best = cos.amax(dim=-1, keepdim=True)
     # the partner is the first column holding the row's maximum, found with a plain max (``max``
     # with indices runs scalar code on CPU, 2.5-2.9 ms at batch 32): rev_j = M - j where cos_ij is
-    # the maximum, below -1e20 elsewhere (a smaller cosine is at least a denormal ulp below, times
-    # 1e30), so the largest value is the first maximal column's rev
+    # the maximum, and far below 0 elsewhere, since a smaller cosine is at least one ulp of the
+    # maximum below it (6e-8 near 1, 7e-9 near 0.1 in float32; times 1e30, far beyond M); only a
+    # row whose best cosine is within ~1e-20 of 0 could be tie-broken differently from ``max``
     rev = torch.arange(M, 0, -1, device=cos.device, dtype=cos.dtype)
     partner = M - cos.sub_(best).mul_(1e30).add_(rev).amax(dim=-1).long()
     partner = partner.clamp_(0, M - 1)  # a NaN row (diverged weights) must still index in range
