@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train", default="mask", choices=["mask", "all"])
-    p.add_argument("--mask-lr", type=float, default=1e-4)
-    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--mask-lr", type=float, default=None, help="default: the library's (FinetuneConfig.mask_lr)")
+    p.add_argument("--lr", type=float, default=None, help="default: the library's (FinetuneConfig.lr)")
     p.add_argument("--ib-weight", type=float, default=0.1)
     p.add_argument("--freeze", action="append", default=None,
                    help="keep parameters whose name contains this frozen (default: the library's; 'none': train all ltm_)")
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     model = convert(bundled_timm(img_size=args.img_size), args.ratio)
     info = describe(model)
     t_convert = time.perf_counter() - t0
-    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, train=args.train, mask_lr=args.mask_lr,
-                         lr=args.lr, ib_weight=args.ib_weight, freeze=FinetuneConfig.freeze if args.freeze is None else tuple(f for f in args.freeze if f != 'none'), save_every=0, log_every=1, progress=sys.stderr.isatty())
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, train=args.train,
+                         **{k: v for k, v in (("mask_lr", args.mask_lr), ("lr", args.lr)) if v is not None}, ib_weight=args.ib_weight, freeze=FinetuneConfig.freeze if args.freeze is None else tuple(f for f in args.freeze if f != 'none'), save_every=0, log_every=1, progress=sys.stderr.isatty())
     import shutil
 
     shutil.rmtree(args.workdir, ignore_errors=True)

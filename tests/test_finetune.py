@@ -490,3 +490,38 @@ def test_hard_training_merge_trains_on_the_inference_computation(tiny, tmp_path)
     assert not torch.equal(before["blocks.0.ltm_mask.phi.weight"], model.state_dict()["blocks.0.ltm_mask.phi.weight"])
     with pytest.raises(LtmError, match="--training-merge"):
         quiet(training_merge="soft").validate()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr, mask_lr, should_hold", [(None, None, True), (1e-4, 1e-4, False)])
+def test_default_rates_keep_a_real_models_agreement(tmp_path, lr, mask_lr, should_hold):
+    """A converted real model fine-tuned with the default rates on a few photos agrees with the
+    original at least as well on those very photos as before. Adam moves every weight by about lr
+    per step whatever its gradient, so the old defaults (1e-4) undo the pretrained agreement in a
+    few steps; that case is run too, so this test can tell the two apart."""
+    from ltm_convert.sources.bundled import bundled_timm
+    from ltm_convert.tools.images import sample_photos
+
+    pytest.importorskip("skimage.data")
+    photos = sample_photos(224)
+    photos = torch.cat([photos, photos.flip(-1)])  # 8 views of 4 real photos
+    teacher = bundled_timm()
+    model = convert(bundled_timm(), 0.5)
+
+    def agreement() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(torch.cosine_similarity(model(photos), teacher(photos)).mean())
+
+    before = agreement()
+    data = DataBundle(train=TensorDataset(photos, torch.zeros(8, dtype=torch.long)),
+                      val=TensorDataset(photos[:2], torch.zeros(2, dtype=torch.long)), classes=["photo"], skipped=0)
+    rates = {} if lr is None else {"lr": lr, "mask_lr": mask_lr}
+    cfg = FinetuneConfig(train="all", training_merge="hard", batch_size=4, epochs=4, progress=False,
+                         eval_before=False, keep_best=False, save_every=0, **rates)
+    Trainer(model, data, cfg, tmp_path / "run").fit()
+    after = agreement()
+    if should_hold:
+        assert after >= before - 1e-3, (before, after)
+    else:
+        assert after < before - 0.01, (before, after)

@@ -19,7 +19,7 @@ FINETUNE_EPILOG = """\
 
   ltm-convert finetune bundled --ratio 0.5 --input-size 112 --data fashion-mnist --train-samples 2000 -o tuned.pt
 
-  ltm-convert finetune model.pt --data ./imagenet_subset --train all --lr 1e-5 --ema 0.999 -o tuned/
+  ltm-convert finetune model.pt --data ./imagenet_subset --train all --training-merge hard -o tuned/
 
   torchrun --nproc_per_node 2 -m ltm_convert.cli finetune model.pt --data ./images -o tuned.pt
 
@@ -44,8 +44,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Global batch size (split over processes).")] = 32,
         train: Annotated[str, typer.Option("--train", help="mask: only ltm_* parameters; all: every weight.")] = "mask",
         training_merge: Annotated[str, typer.Option("--training-merge", help="relaxed: the LTM mask's continuous relaxation while training; hard: the inference merge itself (the backbone adapts to exactly what runs later).")] = "relaxed",
-        lr: Annotated[float, typer.Option("--lr", help="Learning rate of the non-mask weights (--train all).")] = 1e-4,
-        mask_lr: Annotated[float, typer.Option("--mask-lr", help="Learning rate of the ltm_* parameters (no weight decay).")] = 1e-4,
+        lr: Annotated[float, typer.Option("--lr", help="Learning rate of the non-mask weights (--train all). Small on purpose: Adam moves each weight by about this much per step, and 1e-5 already undid a pretrained model's agreement.")] = 1e-6,
+        mask_lr: Annotated[float, typer.Option("--mask-lr", help="Learning rate of the ltm_* parameters (no weight decay).")] = 1e-5,
         weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.05,
         warmup: Annotated[float, typer.Option("--warmup", help="Fraction of steps with linear LR warm-up.")] = 0.1,
         clip_grad: Annotated[float, typer.Option("--clip-grad", help="Gradient norm clip; 0 turns it off.")] = 1.0,
