@@ -19,6 +19,7 @@ from ltm_convert.merge.baselines.common import bipartite_match, merge_round, rou
 from ltm_convert.merge.methods import method_names
 from ltm_convert.model_inputs import run_model
 from ltm_convert.sources import load_model
+from photo_folder import write_gradient_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_quality.py"
@@ -35,17 +36,7 @@ def _bench():
 @pytest.fixture
 def image_dir(tmp_path):
     """12 small photos-to-be (smooth colour gradients + noise, varied sizes) and a stray text file."""
-    from PIL import Image
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        h, w = 40 + 7 * i, 90 - 3 * i
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        base = np.stack([np.sin(3 * xx + i), np.cos(4 * yy - i), xx * yy], -1) * 0.4 + 0.5
-        arr = np.clip(base + rng.normal(0, 0.1, base.shape), 0, 1)
-        Image.fromarray((arr * 255).astype(np.uint8)).save(folder / f"img_{i:02d}.png")
+    folder = write_gradient_photos(tmp_path / "photos", 12)
     (folder / "README.md").write_text("not an image")
     return folder
 
