@@ -60,13 +60,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train on the held-out photos themselves (flips only): what the parameters could learn at best")
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: off), as `finetune` does")
     p.add_argument("--crop-scale", type=float, default=0.35, help="smallest crop area of a training view")
+    p.add_argument("--fit-keep", type=int, default=0, metavar="N",
+                   help="before any step, fit the keep terms to first-order merge prices on N training views "
+                        "(ltm_convert.finetune.keep_fit; 0: off)")
+    p.add_argument("--fit-scale", type=float, default=None, help="the keep fit's scale (default: the product's)")
+    p.add_argument("--fit-rounds", type=int, default=1,
+                   help="fit again this many times, each on new views priced with the last fit in place")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the run (per-eval intervals, losses) here")
     args = p.parse_args(argv)
     if args.held_out < 300 and not args.allow_small:
         p.error("--held-out must be >= 300 for meaningful intervals (use --allow-small for tests)")
-    if args.steps < 1 or args.eval_every < 1 or args.batch < 1:
-        p.error("--steps, --eval-every and --batch must be >= 1")
+    if args.steps < 0 or args.eval_every < 1 or args.batch < 1 or args.fit_keep < 0:
+        p.error("--eval-every and --batch must be >= 1, --steps and --fit-keep >= 0")
+    if args.deep and args.fit_keep:
+        p.error("--deep and --fit-keep do not combine (the --deep hooks would hold every fit batch's graph)")
+    if args.steps == 0 and not args.fit_keep:
+        p.error("nothing to measure: give --steps or --fit-keep")
     return args
 
 
@@ -167,6 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     evals = [{"step": 0, **bq.summary(start)}]
     bq.log(f"step 0: held-out mean {start.mean():.4f} ({len(held)} photos); training {len(chosen)} tensors, "
            f"{sum(p.numel() for _, p in chosen)} values")
+    if args.fit_keep:
+        from ltm_convert.finetune.keep_fit import KEEP_FIT_SCALE, fit_keep_terms
+
+        sizes = [min(32, args.fit_keep - i) for i in range(0, args.fit_keep, 32)]
+        old_batch, args.batch = args.batch, 32
+        for round_ in range(1, args.fit_rounds + 1):
+            report = fit_keep_terms(student, (batch()[:n] for n in sizes), seed=args.seed + round_ - 1,
+                                    scale=KEEP_FIT_SCALE if args.fit_scale is None else args.fit_scale)
+            cos = held_cosines()
+            diff = bq.paired_bootstrap(cos, start, args.seed)
+            evals.append({"step": 0, "after": "fit_keep", "round": round_, **bq.summary(cos), "minus_start": diff,
+                          "fit_keep": report})
+            r2 = [b["r2"] for b in report["blocks"].values()] or [float("nan")]
+            bq.log(f"keep fit {round_} on {report['images']} views ({report['seconds']:.0f} s, R2 {min(r2):.3f}-"
+                   f"{max(r2):.3f}): held-out mean {cos.mean():.4f}, minus start "
+                   f"{bq.fmt_ci(diff['diff_mean'], diff['diff_mean_ci'])}")
+        args.batch = old_batch
     losses: list[float] = []
     for step in range(1, args.steps + 1):
         set_merge_mode(student, args.soft)
@@ -205,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(args.json)
     last = evals[-1]
-    print(f"{args.method}@{args.ratio} --params {args.params} lr {args.lr:g}, {args.steps} steps: held-out mean "
+    fit = f"keep fit on {args.fit_keep} views, " if args.fit_keep else ""
+    print(f"{args.method}@{args.ratio} {fit}--params {args.params} lr {args.lr:g}, {args.steps} steps: held-out mean "
           f"{evals[0]['mean']:.4f} -> {last['mean']:.4f}, minus start "
           f"{bq.fmt_ci(last['minus_start']['diff_mean'], last['minus_start']['diff_mean_ci'])}")
     return 0

@@ -69,3 +69,14 @@ def test_refuses_a_small_held_out_set_by_default(photos):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--images", str(photos), "--held-out", "20"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--held-out must be >= 300" in proc.stderr
+
+
+def test_keep_fit_alone_is_scored_against_the_start(photos, tmp_path):
+    run = _run(photos, tmp_path, "--fit-keep", "8", "--steps", "0")
+    fit = run["evals"][-1]
+    assert fit["after"] == "fit_keep" and fit["fit_keep"]["images"] == 8
+    assert abs(fit["mean"] - run["evals"][0]["mean"] - fit["minus_start"]["diff_mean"]) < 1e-9
+    # exactly the keep terms of the merging blocks change
+    assert sorted(run["changed_tensors"]) == sorted(f"{b}.kappa.weight" for b in fit["fit_keep"]["blocks"])
+    with pytest.raises(SystemExit):
+        _bench().parse_args(["--images", str(photos), "--steps", "0"])

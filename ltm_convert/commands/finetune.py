@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
         epochs: Annotated[float, typer.Option("--epochs", "-e", help="Epochs (fractions allowed).")] = 1.0,
         batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Global batch size (split over processes).")] = 32,
         train: Annotated[str, typer.Option("--train", help="mask: only ltm_* parameters; all: every weight.")] = "mask",
+        fit_keep: Annotated[int, typer.Option("--fit-keep", metavar="N", help="Before training, fit the LTM keep terms to first-order merge prices on N training views (the training images in a seeded random order, again with new crops past their number; a closed-form fit, about 0.25 s per image on 2 CPU cores for ViT-S); kept only if validation agrees at least as well. 0: off.")] = 0,
         training_merge: Annotated[str, typer.Option("--training-merge", help="relaxed: the LTM mask's continuous relaxation while training; hard: the inference merge itself (the backbone adapts to exactly what runs later).")] = "relaxed",
         lr: Annotated[float, typer.Option("--lr", help="Learning rate of the non-mask weights (--train all). Small on purpose: Adam moves each weight by about this much per step, and 1e-5 already undid a pretrained model's agreement.")] = 1e-6,
         mask_lr: Annotated[float, typer.Option("--mask-lr", help="Learning rate of the ltm_* parameters (no weight decay).")] = 1e-5,
@@ -87,7 +88,8 @@ def register(app: typer.Typer) -> None:
             warmup=warmup, clip_grad=clip_grad or None, amp=amp, train=train, temperature=temperature,
             ce_weight=ce_weight, ib_weight=ib_weight, ib_warmup=ib_warmup, ib_clusters=ib_clusters, ib_compression=ib_compression, ema=ema, freeze=FinetuneConfig.freeze if freeze is None else tuple(f for f in freeze if f != "none"),
             seed=seed, max_steps=max_steps, save_every=save_every, num_workers=workers,
-            progress=not no_progress, device=device, keep_best=keep_best, training_merge=training_merge)
+            progress=not no_progress, device=device, keep_best=keep_best, training_merge=training_merge,
+            keep_fit=fit_keep)
         _, history = run(model, data, output=output, workdir=workdir, resume=resume, ratio=ratio,
                          pretrained=not no_pretrained, input_size=input_size, val_fraction=val_fraction,
                          train_samples=train_samples, val_samples=val_samples, config=cfg)

@@ -74,18 +74,24 @@ class FeatureTap:
 
     def __init__(self, model: nn.Module) -> None:
         self.captured: torch.Tensor | None = None
+        self.active = False  # capture only inside __call__: a forward elsewhere (the keep fit, user code)
+        # must not leave a tensor, and its graph, held by a hook that deepcopy would then copy
         head = head_module(model)
         self.handle = head.register_forward_pre_hook(self._hook) if head is not None else None
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor):
+        if self.active and args and isinstance(args[0], torch.Tensor):
             self.captured = args[0]
 
     def __call__(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.captured = None
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         args, kwargs = call_kwargs(inner, images)  # DDP forwards them to the wrapped model
-        out = main_output(model(*args, **kwargs))
+        self.active = True
+        try:
+            out = main_output(model(*args, **kwargs))
+        finally:
+            self.active = False
         feat = self.captured if self.captured is not None else out
         self.captured = None
         return out, pool_tokens(feat)
@@ -165,6 +171,10 @@ class Ema:
                 e.copy_(p)
 
 
+KEEP_FIT_SEED = 7919  # the keep fit's image order: its own stream, not the training sampler's
+KEEP_FIT_EPOCH = 1_000_000  # augmentation epochs of the keep fit's passes: crops no training epoch sees
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 
@@ -205,6 +215,11 @@ class Trainer:
                          compression=cfg.ib_compression).to(dev) \
             if self.use_ib else None
         self.tap_s, self.tap_t = FeatureTap(self.student), FeatureTap(self.teacher)
+        from ltm_convert.merge.ltm_mask import LtmMask
+
+        if cfg.keep_fit and not any(isinstance(m, LtmMask) for m in self.student.modules()):
+            raise LtmError("--fit-keep fits the keep term of LTM masks, and this model has none "
+                           "(convert it with the ltm method, or leave --fit-keep out)")
 
         world = self.dist.world
         if cfg.batch_size % world:
@@ -400,6 +415,8 @@ class Trainer:
             result = self.evaluate()
             self._log({"type": "eval", "epoch": 0, "step": 0, "when": "before", **result})
             self._consider_best(result)
+        if cfg.keep_fit and st.global_step == 0:
+            self.fit_keep(result if cfg.eval_before else None)
         n_epochs = int(math.ceil(self.total_steps / self.steps_per_epoch))
         progress = self._progress()
         task = progress.add_task("finetune", total=self.total_steps, completed=st.global_step) if progress else None
@@ -448,6 +465,52 @@ class Trainer:
             if progress:
                 progress.stop()
         return st.history
+
+    def fit_keep(self, before: dict[str, Any] | None) -> None:
+        """Fit the LTM keep terms on ``keep_fit`` training views (keep_fit.py), all processes'
+        statistics summed; undone when validation agrees less than ``before`` (with no ``before``,
+        ``eval_before`` off, it is kept unchecked)."""
+        from torch.utils.data import Subset
+
+        from ltm_convert.finetune.keep_fit import fit_keep_terms, keep_terms, set_keep_terms
+
+        ds = shard(self.data.train, self.dist.rank, self.dist.world)
+        n = max(1, math.ceil(self.cfg.keep_fit / self.dist.world))
+        # a seeded random order (folders list their images class by class); past the end of the data,
+        # the images again with the crops of an epoch that training never uses
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(self.cfg.seed + KEEP_FIT_SEED))
+
+        def views():
+            try:
+                for start in range(0, n, len(ds)):
+                    if hasattr(self.data, "set_epoch"):
+                        self.data.set_epoch(KEEP_FIT_EPOCH + start // len(ds))
+                    part = Subset(ds, order[:min(len(ds), n - start)].tolist())
+                    for images, _ in DataLoader(part, batch_size=min(32, max(1, self.per_rank)), shuffle=False,
+                                                num_workers=self.cfg.num_workers):
+                        yield images.to(self.dist.device)
+            finally:
+                if hasattr(self.data, "set_epoch"):
+                    self.data.set_epoch(self.state.epoch)
+
+        saved = keep_terms(self.student)
+        report = fit_keep_terms(self.student, views(), seed=self.cfg.seed, reduce=lambda t: D.all_reduce_sum(t))
+        record: dict[str, Any] = {"type": "keep_fit", "step": 0, "images": n * self.dist.world,
+                                  "seconds": report["seconds"], "r2": {k: v["r2"] for k, v in report["blocks"].items()}}
+        if before is not None:
+            result = self.evaluate()
+            self._log({"type": "eval", "epoch": 0, "step": 0, "when": "keep_fit", **result})
+            record["kept"] = (result["agreement"], -result["kd"]) >= (before["agreement"], -before["kd"])
+            if record["kept"]:
+                self._consider_best(result)
+            else:
+                set_keep_terms(self.student, saved)
+        if self.ema is not None:  # no steps yet: the average starts from the weights training starts from
+            self.ema = Ema(self.student, self.cfg.ema)
+        self._log(record)
+        if self.dist.main:
+            what = "" if before is None else (" kept" if record["kept"] else " undone: validation agreed less")
+            print(f"keep terms fitted on {record['images']} images in {report['seconds']:.0f} s{what}", flush=True)
 
     def _report_skipped(self) -> None:
         """Images that could not be read are skipped, never silently: counted at every epoch end."""

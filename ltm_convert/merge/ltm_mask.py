@@ -7,8 +7,10 @@ of it learns from a signal that means something (docs/internals.md, "The LTM mas
 * keep score kappa = base + A tanh(w . LN(z)): ``base`` is the rank (per image, spread over unit
   deviation) of the negative mutual redundancy (:func:`mutual_redundancy`); the learned term is bounded by A (it can
   move a token by at most A standard deviations of the base), starts at 0 (w = 0, so an
-  untrained mask is exactly the base) and learns what keeping or merging each token costs
-  through the relaxed merge used in training (:meth:`LtmMask.forward_soft`);
+  untrained mask is exactly the base). It learns what merging each token costs from a closed-form
+  fit to first-order merge prices (ltm_convert/finetune/keep_fit.py, ``finetune --fit-keep``).
+  Gradient steps through the relaxed merge (:meth:`LtmMask.forward_soft`) also reach it, but
+  measured, they teach it nothing;
 * the K tokens with the highest kappa are targets; every other token spreads over its k nearest
   targets by a softmax of its cosines scaled by their spread across the targets and by a learned
   temperature tau (so tau means the same in every block and its gradient is not vanishingly small);
@@ -120,6 +122,9 @@ class LtmMask(SequenceMask, MergeMetric):
         # so tau learns TAU_RATE times faster than the other mask parameters (its gradient is small)
         self.tau_param = nn.Parameter(torch.tensor(math.log(tau) / TAU_RATE))
         self.topk = topk
+
+    # set by ltm_convert.finetune.keep_fit while it prices each token's merge; never saved
+    keep_probe: Any = None
 
     def tau(self) -> torch.Tensor:
         return (TAU_RATE * self.tau_param).exp()
@@ -254,6 +259,10 @@ class LtmMask(SequenceMask, MergeMetric):
             merged = preserve_norms(merged, z, rows, s_rows, others + prefix, mass, slot_rows, new_sizes)
         else:
             merged, new_sizes = merge_sparse_keep_norms(z, rows, s_rows, z_o, mass, slot_rows)
+        if self.keep_probe is not None:
+            self.keep_probe(self, {"z": z, "targets": targets, "others": others, "mass": mass, "slot": slot_rows,
+                                   "merged": merged, "sizes": new_sizes, "prefix": prefix, "phi": phi,
+                                   "rows": rows, "s_rows": s_rows})
         dest = None
         if track:  # targets go to their own row; the others to their strongest target's row
             dest = destination_rows(targets, others, slot_rows[..., 0], prefix, keep)
