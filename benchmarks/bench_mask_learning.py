@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     augment = v2.Compose([v2.RandomResizedCrop(size, scale=(args.crop_scale, 1.0), antialias=True),
                           v2.RandomHorizontalFlip()])
 
-    def batch() -> torch.Tensor:
+    def batch(n: int = args.batch) -> torch.Tensor:
         if args.on_held:
-            idx = [rng.randrange(len(held)) for _ in range(args.batch)]
+            idx = [rng.randrange(len(held)) for _ in range(n)]
             x = held_x[idx]
             return torch.where(torch.rand(len(idx), 1, 1, 1) < 0.5, x, x.flip(-1))
-        idx = [rng.randrange(len(train)) for _ in range(args.batch)]
+        idx = [rng.randrange(len(train)) for _ in range(n)]
         x = torch.stack([augment(train_u8[i]) for i in idx]).float() / 255
         return (x - mean_t) / std_t
 
@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         from ltm_convert.finetune.keep_fit import KEEP_FIT_SCALE, fit_keep_terms
 
         sizes = [min(32, args.fit_keep - i) for i in range(0, args.fit_keep, 32)]
-        old_batch, args.batch = args.batch, 32
         for round_ in range(1, args.fit_rounds + 1):
-            report = fit_keep_terms(student, (batch()[:n] for n in sizes), seed=args.seed + round_ - 1,
+            report = fit_keep_terms(student, (batch(n) for n in sizes), seed=args.seed + round_ - 1,
                                     scale=KEEP_FIT_SCALE if args.fit_scale is None else args.fit_scale)
             cos = held_cosines()
             diff = bq.paired_bootstrap(cos, start, args.seed)
@@ -193,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
             bq.log(f"keep fit {round_} on {report['images']} views ({report['seconds']:.0f} s, R2 {min(r2):.3f}-"
                    f"{max(r2):.3f}): held-out mean {cos.mean():.4f}, minus start "
                    f"{bq.fmt_ci(diff['diff_mean'], diff['diff_mean_ci'])}")
-        args.batch = old_batch
     losses: list[float] = []
     for step in range(1, args.steps + 1):
         set_merge_mode(student, args.soft)

@@ -17,6 +17,7 @@ from ltm_convert.finetune.keep_fit import fit_keep_terms, keep_terms, merge_pric
 from ltm_convert.merge.ltm_mask import LtmMask
 from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.sparse import merge_dense, preserve_norms
+from ltm_convert.merge.state import recorder, recording_merges
 from ltm_convert.sources import load_model
 
 TINY = dict(depth=3, img_size=64, global_pool="avg", num_classes=10)
@@ -102,7 +103,8 @@ def test_fit_replaces_the_keep_terms_and_nothing_else(tiny):
     assert report["images"] == 16 and set(report["blocks"]) == set(masks)
     for name, block in report["blocks"].items():
         assert block["tokens"] > 0 and 0.0 <= block["r2"] <= 1.0, (name, block)
-        assert masks[name].kappa.weight.abs().sum() > 0 and masks[name].keep_probe is None
+        assert masks[name].kappa.weight.abs().sum() > 0
+    assert recorder() is None and not recording_merges()  # the recording ended with the fit
     after = model.state_dict()
     assert list(after) == list(before)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
@@ -121,7 +123,7 @@ def test_fit_refuses_a_model_without_ltm_masks(tmp_path):
     with pytest.raises(LtmError, match="--fit-keep"):
         fit_keep_terms(tome, [_images(2)])
     with pytest.raises(LtmError, match="--fit-keep"):  # before any work, not after the first evaluation
-        Trainer(tome, _data(), FinetuneConfig(batch_size=8, keep_fit=8, progress=False), tmp_path / "run")
+        Trainer(tome, _data(), FinetuneConfig(batch_size=8, fit_keep=8, progress=False), tmp_path / "run")
 
 
 def _data(n: int = 16) -> DataBundle:
@@ -139,7 +141,7 @@ def test_trainer_keeps_the_fit_only_if_validation_agrees_as_well(tiny, tmp_path,
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     model = copy.deepcopy(tiny)
-    cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, keep_fit=8, mask_lr=0.0, save_every=0, ema=0.99)
+    cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, fit_keep=8, mask_lr=0.0, save_every=0, ema=0.99)
     tr = Trainer(model, _data(), cfg, tmp_path / "run")
     tr.fit()
     for name, term in keep_terms(tr.ema.model).items():  # the average starts from the fitted terms
@@ -151,7 +153,7 @@ def test_trainer_keeps_the_fit_only_if_validation_agrees_as_well(tiny, tmp_path,
     assert fitted is kept
     assert tr.best["agreement"] == after if kept else tr.best["agreement"] == 0.90
     with pytest.raises(LtmError, match="--fit-keep must be >= 0"):
-        FinetuneConfig(keep_fit=-1).validate()
+        FinetuneConfig(fit_keep=-1).validate()
 
 
 DIST_SCRIPT = """
@@ -162,7 +164,7 @@ from ltm_convert.io import load
 from ltm_convert.finetune import FinetuneConfig, Trainer
 from ltm_convert.finetune.keep_fit import keep_terms
 work = sys.argv[1]
-cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, keep_fit=8, mask_lr=0.0, save_every=0,
+cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, fit_keep=8, mask_lr=0.0, save_every=0,
                      eval_before=False, device="cpu")
 tr = Trainer(load({model!r}), _data(), cfg, work)
 tr.fit()
@@ -198,7 +200,7 @@ def test_two_processes_fit_one_keep_term_from_both_shards(tiny, tmp_path):
 
 def test_more_views_than_images_go_round_again(tiny, tmp_path):
     model = copy.deepcopy(tiny)
-    cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, keep_fit=20, mask_lr=0.0, save_every=0,
+    cfg = FinetuneConfig(batch_size=8, max_steps=1, progress=False, fit_keep=20, mask_lr=0.0, save_every=0,
                          eval_before=False)
     tr = Trainer(model, _data(16), cfg, tmp_path / "run")
     tr.fit()

@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
             ce_weight=ce_weight, ib_weight=ib_weight, ib_warmup=ib_warmup, ib_clusters=ib_clusters, ib_compression=ib_compression, ema=ema, freeze=FinetuneConfig.freeze if freeze is None else tuple(f for f in freeze if f != "none"),
             seed=seed, max_steps=max_steps, save_every=save_every, num_workers=workers,
             progress=not no_progress, device=device, keep_best=keep_best, training_merge=training_merge,
-            keep_fit=fit_keep)
+            fit_keep=fit_keep)
         _, history = run(model, data, output=output, workdir=workdir, resume=resume, ratio=ratio,
                          pretrained=not no_pretrained, input_size=input_size, val_fraction=val_fraction,
                          train_samples=train_samples, val_samples=val_samples, config=cfg)

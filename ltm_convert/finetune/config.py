@@ -28,7 +28,7 @@ class FinetuneConfig:
     train: str = "mask"  # mask | all
     # before the first step, fit the LTM keep terms to first-order merge prices on this many training
     # images (keep_fit.py; 0: off); kept only if validation agrees at least as well as before
-    keep_fit: int = 0
+    fit_keep: int = 0
     # relaxed: the LTM mask's continuous relaxation in training (every token stays, weighted);
     # hard: the inference merge itself (gradients through the merge weights, not the keep choice)
     training_merge: str = "relaxed"
@@ -94,8 +94,8 @@ class FinetuneConfig:
             ("save_every", self.save_every >= 0, ">= 0 (0: only at epoch ends)"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
-            ("keep_fit", self.keep_fit >= 0, ">= 0 images (0: off)"),
+            ("fit_keep", self.fit_keep >= 0, ">= 0 images (0: off)"),
         ]
         for name, ok, what in checks:
             if not ok:
-                raise LtmError(f"{flag(name).replace('--num-workers', '--workers').replace('--keep-fit', '--fit-keep')} must be {what}, got {getattr(self, name)}")
+                raise LtmError(f"{flag(name).replace('--num-workers', '--workers')} must be {what}, got {getattr(self, name)}")

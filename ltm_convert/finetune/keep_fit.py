@@ -40,6 +40,7 @@ from torch import nn
 from ltm_convert.errors import LtmError
 from ltm_convert.merge.ltm_mask import KEEP_BOUND, LtmMask, _ranks
 from ltm_convert.merge.rows import take_rows
+from ltm_convert.merge.state import recording
 
 KEEP_FIT_SCALE = 0.5  # predicted price ranks, in units of the base's standard deviation (see the module docstring)
 KEEP_FIT_DIRECTIONS = 2  # backward passes per batch; the price is a sum of squares over them
@@ -162,14 +163,10 @@ def fit_keep_terms(model: nn.Module, batches: Iterable[torch.Tensor], *, directi
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     stats = {name: _Normal(m.norm.normalized_shape[0], device) for name, m in masks.items()}
-    records: dict[str, dict[str, Any]] = {}
-
-    def probe(mask: LtmMask, rec: dict[str, Any]) -> None:
-        if rec["merged"].requires_grad:
-            rec["merged"].retain_grad()
-            records[names[id(mask)]] = rec
-
-    names = {id(m): name for name, m in masks.items()}
+    # recordings name blocks by their ltm_name; the fit and its report name masks by module path
+    mask_of = {id(m): name for name, m in masks.items()}
+    by_block = {b.ltm_name: mask_of[id(b.ltm_mask)] for b in model.modules()
+                if id(getattr(b, "ltm_mask", None)) in mask_of}
     was_training = model.training
     grads = {p: p.requires_grad for p in model.parameters()}
     gen = torch.Generator().manual_seed(seed)
@@ -178,13 +175,15 @@ def fit_keep_terms(model: nn.Module, batches: Iterable[torch.Tensor], *, directi
         model.eval()  # the hard merge: the prices are those of the merge that runs at inference
         for p in model.parameters():
             p.requires_grad_(False)
-        for m in masks.values():
-            m.keep_probe = probe
         for x in batches:
-            records.clear()
             x = x.detach().clone() if x.is_floating_point() else x.float()
             x.requires_grad_(True)  # so the graph reaches the merged rows (every weight is frozen here)
-            out = _output(model, x)
+            with recording(merges=True) as entries:
+                out = _output(model, x)
+            records = {by_block[e["block"]]: e["merge"] for e in entries
+                       if "merge" in e and e["merge"]["merged"].requires_grad}
+            for rec in records.values():
+                rec["merged"].retain_grad()
             unit = F.normalize(out.detach(), dim=1)
             sums: dict[str, torch.Tensor] = {}
             for d in range(directions):
@@ -199,18 +198,14 @@ def fit_keep_terms(model: nn.Module, batches: Iterable[torch.Tensor], *, directi
                         sums[name] = sums.get(name, 0) + merge_prices(rec, rec["merged"].grad) ** 2
             for name, price in sums.items():
                 rec, m = records[name], masks[name]
-                prefix = rec["prefix"]
                 with torch.no_grad():
                     weight, bias = (None if t is None else t.float() for t in (m.norm.weight, m.norm.bias))
                     feats = F.layer_norm(rec["z"].detach().float(), m.norm.normalized_shape, weight, bias,
-                                         m.norm.eps)[:, prefix:]
+                                         m.norm.eps)[:, rec["prefix"]:]
                     feats = feats - feats.mean(1, keepdim=True)  # the base is ranked per image: offsets rank nothing
                     stats[name].add(feats.reshape(-1, feats.shape[-1]), _ranks(price).reshape(-1))
             images += len(x)
-            records.clear()
     finally:
-        for m in masks.values():
-            m.keep_probe = None
         for p, flag in grads.items():
             p.requires_grad_(flag)
         model.train(was_training)

@@ -217,7 +217,7 @@ class Trainer:
         self.tap_s, self.tap_t = FeatureTap(self.student), FeatureTap(self.teacher)
         from ltm_convert.merge.ltm_mask import LtmMask
 
-        if cfg.keep_fit and not any(isinstance(m, LtmMask) for m in self.student.modules()):
+        if cfg.fit_keep and not any(isinstance(m, LtmMask) for m in self.student.modules()):
             raise LtmError("--fit-keep fits the keep term of LTM masks, and this model has none "
                            "(convert it with the ltm method, or leave --fit-keep out)")
 
@@ -415,8 +415,8 @@ class Trainer:
             result = self.evaluate()
             self._log({"type": "eval", "epoch": 0, "step": 0, "when": "before", **result})
             self._consider_best(result)
-        if cfg.keep_fit and st.global_step == 0:
-            self.fit_keep(result if cfg.eval_before else None)
+        if cfg.fit_keep and st.global_step == 0:
+            self.run_keep_fit(result if cfg.eval_before else None)
         n_epochs = int(math.ceil(self.total_steps / self.steps_per_epoch))
         progress = self._progress()
         task = progress.add_task("finetune", total=self.total_steps, completed=st.global_step) if progress else None
@@ -466,8 +466,8 @@ class Trainer:
                 progress.stop()
         return st.history
 
-    def fit_keep(self, before: dict[str, Any] | None) -> None:
-        """Fit the LTM keep terms on ``keep_fit`` training views (keep_fit.py), all processes'
+    def run_keep_fit(self, before: dict[str, Any] | None) -> None:
+        """Fit the LTM keep terms on ``fit_keep`` training views (keep_fit.py), all processes'
         statistics summed; undone when validation agrees less than ``before`` (with no ``before``,
         ``eval_before`` off, it is kept unchecked)."""
         from torch.utils.data import Subset
@@ -475,7 +475,7 @@ class Trainer:
         from ltm_convert.finetune.keep_fit import fit_keep_terms, keep_terms, set_keep_terms
 
         ds = shard(self.data.train, self.dist.rank, self.dist.world)
-        n = max(1, math.ceil(self.cfg.keep_fit / self.dist.world))
+        n = max(1, math.ceil(self.cfg.fit_keep / self.dist.world))
         # a seeded random order (folders list their images class by class); past the end of the data,
         # the images again with the crops of an epoch that training never uses
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(self.cfg.seed + KEEP_FIT_SEED))
@@ -494,7 +494,7 @@ class Trainer:
                     self.data.set_epoch(self.state.epoch)
 
         saved = keep_terms(self.student)
-        report = fit_keep_terms(self.student, views(), seed=self.cfg.seed, reduce=lambda t: D.all_reduce_sum(t))
+        report = fit_keep_terms(self.student, views(), seed=self.cfg.seed, reduce=D.all_reduce_sum)
         record: dict[str, Any] = {"type": "keep_fit", "step": 0, "images": n * self.dist.world,
                                   "seconds": report["seconds"], "r2": {k: v["r2"] for k, v in report["blocks"].items()}}
         if before is not None:

@@ -36,7 +36,13 @@ from ltm_convert.merge.sparse import (
     partner_cosines,
     preserve_norms,
 )
-from ltm_convert.merge.state import SequenceMask, destination_rows, record_assignment
+from ltm_convert.merge.state import (
+    SequenceMask,
+    destination_rows,
+    record_assignment,
+    recorder,
+    recording_merges,
+)
 
 TAU_RATE = 10.0  # tau's own learning rate, as a multiple of the mask's (see LtmMask.__init__)
 TAU = 0.02  # initial temperature on spread-normalised cosines (measured best untrained, see benchmarks)
@@ -122,9 +128,6 @@ class LtmMask(SequenceMask, MergeMetric):
         # so tau learns TAU_RATE times faster than the other mask parameters (its gradient is small)
         self.tau_param = nn.Parameter(torch.tensor(math.log(tau) / TAU_RATE))
         self.topk = topk
-
-    # set by ltm_convert.finetune.keep_fit while it prices each token's merge; never saved
-    keep_probe: Any = None
 
     def tau(self) -> torch.Tensor:
         return (TAU_RATE * self.tau_param).exp()
@@ -259,14 +262,14 @@ class LtmMask(SequenceMask, MergeMetric):
             merged = preserve_norms(merged, z, rows, s_rows, others + prefix, mass, slot_rows, new_sizes)
         else:
             merged, new_sizes = merge_sparse_keep_norms(z, rows, s_rows, z_o, mass, slot_rows)
-        if self.keep_probe is not None:
-            self.keep_probe(self, {"z": z, "targets": targets, "others": others, "mass": mass, "slot": slot_rows,
-                                   "merged": merged, "sizes": new_sizes, "prefix": prefix, "phi": phi,
-                                   "rows": rows, "s_rows": s_rows})
         dest = None
         if track:  # targets go to their own row; the others to their strongest target's row
             dest = destination_rows(targets, others, slot_rows[..., 0], prefix, keep)
         record_assignment(targets, others, assign, near, sm, prefix)
+        if recording_merges():  # the keep fit's prices (finetune/keep_fit.py)
+            recorder()[-1]["merge"] = {"z": z, "targets": targets, "others": others, "mass": mass, "slot": slot_rows,
+                                       "merged": merged, "sizes": new_sizes, "prefix": prefix, "phi": phi,
+                                       "rows": rows, "s_rows": s_rows}
         return merged, new_sizes.to(sizes.dtype), dest
 
 

@@ -150,17 +150,24 @@ def record_assignment(targets: torch.Tensor, others: torch.Tensor, assign: torch
     record[-1].update(targets=targets, assign=full.detach(), prefix=prefix, sizes_in=sizes_in.detach())
 
 
+def recording_merges() -> bool:
+    """True inside ``recording(merges=True)`` in this thread."""
+    return bool(getattr(_LOCAL, "merges", False))
+
+
 @contextlib.contextmanager
-def recording() -> Iterator[list[dict]]:
+def recording(merges: bool = False) -> Iterator[list[dict]]:
     """Collect, for the forwards run in this thread inside the block, one dict per merging block:
-    block name, tokens in, targets, soft assignment, prefix, input sizes (see tools/visualize.py)."""
-    previous = recorder()
+    block name, tokens in, targets, soft assignment, prefix, input sizes (see tools/visualize.py).
+    With ``merges``, an LTM mask's hard merge also adds ``merge``: the tensors of its merge with
+    their graph (finetune/keep_fit.py prices each token's merge from them)."""
+    previous, previous_merges = recorder(), recording_merges()
     records: list[dict] = []
-    _LOCAL.records = records
+    _LOCAL.records, _LOCAL.merges = records, merges
     try:
         yield records
     finally:
-        _LOCAL.records = previous
+        _LOCAL.records, _LOCAL.merges = previous, previous_merges
 
 
 def sources_tracked() -> bool:
