@@ -26,7 +26,15 @@ from torch import nn
 
 from ltm_convert.analysis.block_split import BlockCall, SplitBlock, split_block
 from ltm_convert.errors import LtmError
-from ltm_convert.merge.state import TokenState, captured, recorder, sources_tracked, state_of, with_state
+from ltm_convert.merge.state import (
+    TokenState,
+    captured,
+    recorder,
+    sources_tracked,
+    spread_over_grid,
+    state_of,
+    with_state,
+)
 
 CLASS_PREFIX = "LtmBlock__"
 _CLASSES: dict[type, type] = {}
@@ -95,6 +103,8 @@ class LtmBlockMixin:
 
     ltm_original_class: type
     ltm_mask: Any
+    ltm_track_sources = False  # (class defaults: models pickled before these settings existed)
+    ltm_full_grid_out = False
 
     def ltm_setup(self, *, call: BlockCall, attn_child: str, name: str, prefix: int, tokens_in: int, keep: int,
                   mask: nn.Module | None, prop_attn: bool = False, unmerge: bool = False) -> None:
@@ -103,6 +113,8 @@ class LtmBlockMixin:
         self.ltm_prefix = prefix
         self.ltm_unmerge = unmerge
         self.ltm_collapse = False  # keep one patch token, their size-weighted mean (nothing reads them)
+        self.ltm_track_sources = False  # keep the source map: a later block spreads the tokens over the grid
+        self.ltm_full_grid_out = False  # last block before a pooling head: hand it the original's shape
         self.__dict__["_ltm_call"] = call
         self.__dict__["_ltm_attn_child"] = attn_child
         self.register_buffer("ltm_schedule", torch.zeros(2, dtype=torch.long))
@@ -203,13 +215,18 @@ class LtmBlockMixin:
             if self.ltm_collapse and keep == 1:
                 z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
             else:
-                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name)
+                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name,
+                                                      track=self.ltm_track_sources)
                 if soft:
                     state = state._replace(soft=True)
         out = split.part_b(self, z, *[values[n] for n in split.b_inputs])
         if self.ltm_unmerge and state is not None and state.grid is not None:
             out = state.grid.unmerge_sequence(out) if isinstance(out, torch.Tensor) else \
                 (state.grid.unmerge_sequence(out[0]), *out[1:])
+            state = None
+        if self.ltm_full_grid_out and state is not None and not state.soft and state.source is not None:
+            out = spread_over_grid(out, state, self.ltm_prefix) if isinstance(out, torch.Tensor) else \
+                (spread_over_grid(out[0], state, self.ltm_prefix), *out[1:])
             state = None
         head = out if isinstance(out, torch.Tensor) else out[0]
         with_state(head, state)

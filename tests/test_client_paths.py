@@ -101,6 +101,61 @@ def test_forward_head_on_cached_features_equals_the_full_forward():
         torch.testing.assert_close(model.forward_head(feats), full, rtol=0, atol=1e-6)
 
 
+def _user_ops(f: torch.Tensor) -> dict[str, tuple[torch.Tensor, slice]]:
+    """What users do to features between forward_features and forward_head (each drops any
+    attribute riding on the tensor object)."""
+    return {"clone": (f.clone(), slice(None)), "slice": (f[:2], slice(0, 2)),
+            "cat": (torch.cat([f, f]), slice(None)), "+0": (f + 0, slice(None)),
+            "double-float": (f.double().float(), slice(None)),
+            "numpy": (torch.from_numpy(f.numpy().copy()), slice(None)),
+            "plain": (f, slice(None)), "detach": (f.detach(), slice(None)), "contiguous": (f.contiguous(), slice(None))}
+
+
+@pytest.mark.parametrize("pool,class_token", [("avg", False), ("avg", True), ("map", True), ("avgmax", False)])
+def test_pooled_features_survive_what_users_do_to_tensors(pool, class_token):
+    """A pooling head gets the patch tokens back on the full grid (each patch takes the value of the token
+    holding it): the features have the original's shape and the original head pools them, so no side
+    state can be lost. Before, every operation below silently gave the unweighted mean (cosine 0.67)."""
+    torch.manual_seed(0)
+    original = timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, img_size=96, num_classes=5,
+                                 global_pool=pool, class_token=class_token).eval()
+    model = convert(copy.deepcopy(original), 0.5)
+    assert any(b.merges() for b in model.blocks)
+    x = torch.randn(3, 3, 96, 96)
+    with torch.no_grad():
+        full = model(x)
+        feats = model.forward_features(x)
+        assert feats.shape == original.forward_features(x).shape
+        for name, (g, rows) in _user_ops(feats).items():
+            got = model.forward_head(g)
+            want = full[rows] if name != "cat" else torch.cat([full, full])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+        # a hook on the final norm that returns a new tensor, inside the model's own forward
+        handle = model.norm.register_forward_hook(lambda mod, args, out: out * 1.0)
+        try:
+            torch.testing.assert_close(model(x), full, rtol=0, atol=1e-6)
+        finally:
+            handle.remove()
+
+
+def test_merged_features_save_and_load_weights_only(tmp_path):
+    """torch.save(features) of a class-token model (merged tokens with their sizes) loads back with
+    torch.load's default weights_only=True, sizes included."""
+    from ltm_convert.merge.state import state_of
+
+    model = convert(_vit(), 0.5)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    assert state_of(feats) is not None
+    torch.save(feats, tmp_path / "f.pt")
+    back = torch.load(tmp_path / "f.pt")
+    torch.testing.assert_close(back, feats, rtol=0, atol=0)
+    assert torch.equal(state_of(back).sizes, state_of(feats).sizes)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(back), model.forward_head(feats), rtol=0, atol=0)
+
+
 def test_dinov2_classifier_gets_exactly_what_it_is_given():
     model = convert(hf_model("Dinov2ForImageClassification"), 0.5)
     x = images_for(model, batch=2)

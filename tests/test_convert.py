@@ -1,6 +1,8 @@
 """convert(): parity at ratio 1.0, FLOPs on target, static shapes, the LTM block's properties."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from model_zoo import HF_FAMILIES, TIMM_FAMILIES, hf_model, images_for, timm_model
@@ -117,18 +119,29 @@ def test_proportional_attention_is_applied():
     assert not torch.allclose(with_bias, without)
 
 
-def test_average_pool_is_size_weighted():
+def test_average_pool_counts_each_merged_token_by_the_patches_it_holds():
+    """The last block spreads its tokens back over the full patch grid (merge/state.py
+    spread_over_grid), so the original mean weighs each merged token by the patches it holds."""
     from ltm_convert.merge.state import state_of
 
-    model = convert(timm_model("vit-avg"), 0.5)
+    original = timm_model("vit-avg")
+    model = convert(copy.deepcopy(original), 0.5)
     x = images_for(model)
     with torch.no_grad():
         feats = model.forward_features(x)
-        sizes = state_of(feats).sizes
+        assert feats.shape == original.forward_features(x).shape and state_of(feats) is None
         pooled = model.pool(feats)
-    weighted = (feats * sizes.unsqueeze(-1)).sum(1) / sizes.sum(1, keepdim=True)
+        last = model.blocks[-1]
+        last.ltm_full_grid_out = False  # the merged tokens and the map of which patch each holds
+        merged = model.forward_features(x)
+        last.ltm_full_grid_out = True
+    prefix = model.num_prefix_tokens
+    source = state_of(merged).source - prefix
+    counts = torch.stack([torch.bincount(s, minlength=merged.shape[1] - prefix) for s in source]).float()
+    assert merged.shape[1] < feats.shape[1] and counts.sum(1).eq(feats.shape[1] - prefix).all()
+    weighted = (merged[:, prefix:] * counts.unsqueeze(-1)).sum(1) / counts.sum(1, keepdim=True)
     assert torch.allclose(pooled, weighted, atol=1e-5)
-    assert not torch.allclose(pooled, feats.mean(1), atol=1e-4)
+    assert not torch.allclose(pooled, merged[:, prefix:].mean(1), atol=1e-4)
 
 
 def test_every_ltm_parameter_gets_a_gradient_and_a_step_lowers_the_loss():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections import OrderedDict
 from typing import Any, Iterator, NamedTuple
 
 import torch
@@ -45,6 +46,11 @@ class TokenState(NamedTuple):
     source: torch.Tensor | None = None
     grid: Any = None
     soft: bool = False  # from a relaxed (training) merge: every token is still there, some with ~0 size
+
+    def __reduce__(self) -> tuple:
+        # ``torch.save(features)`` pickles the tensor's attributes: as plain containers, the sizes load
+        # back with ``torch.load(weights_only=True)`` (the family payload ``grid`` is left out)
+        return (OrderedDict, ([("sizes", self.sizes), ("source", self.source), ("soft", bool(self.soft))],))
 
 
 # Reentrant checkpointing re-runs a block on ``x.detach()``: a new tensor object over the same
@@ -84,17 +90,28 @@ def with_state(x: torch.Tensor, state: TokenState | None) -> torch.Tensor:
     return x
 
 
+def _as_state(found: Any) -> TokenState | None:
+    """A state read back from a pickle (:meth:`TokenState.__reduce__`) is a dict: make it a state again."""
+    if found is None or isinstance(found, TokenState):
+        return found
+    if isinstance(found, dict) and isinstance(found.get("sizes"), torch.Tensor):
+        source = found.get("source")
+        return TokenState(found["sizes"], source if isinstance(source, torch.Tensor) else None, None,
+                          bool(found.get("soft", False)))
+    return None
+
+
 def state_of(x: Any) -> TokenState | None:
     """The state attached to ``x``, or to the tensor ``x`` was detached from; None if nothing merged."""
     if not isinstance(x, torch.Tensor):
         return None
-    state = getattr(x, ATTR, None)
+    state = _as_state(getattr(x, ATTR, None))
     if state is not None or _tracing():
         return state
     key = _key(x)
     ref = _REGISTRY.get(key) if key is not None else None
     owner = ref() if ref is not None else None
-    return getattr(owner, ATTR, None) if owner is not None else None
+    return _as_state(getattr(owner, ATTR, None)) if owner is not None else None
 
 
 def carry_state(module: torch.nn.Module, args: tuple, output: Any) -> Any:
@@ -223,15 +240,27 @@ def unmerge_tokens(x: torch.Tensor, state: TokenState | None, prefix: int) -> to
     return x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
 
 
+def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.Tensor:
+    """(B, prefix + N', C) merged tokens -> (B, prefix + P0, C), the original sequence's shape: prefix
+    tokens stay in front and every original patch takes the value of the token that holds it. A
+    head's plain mean over this grid is each merged token counted once per patch it holds, and an
+    attention pool over it is proportional attention by those counts: the original head computes
+    that on its own, with no side state to lose (``f.clone()``, slicing, numpy, hooks all keep it)."""
+    B, _, C = x.shape
+    patches = x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
+    return torch.cat([x[:, :prefix], patches], dim=1)
+
+
 def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
-                   name: str) -> tuple[torch.Tensor, TokenState]:
+                   name: str, track: bool = False) -> tuple[torch.Tensor, TokenState]:
     """Run a sequence mask (``mask(z, sizes, prefix, keep, track) -> (tokens, sizes, dest)``) and
-    build the state of its output: the new sizes, and the source map when this thread tracks them
+    build the state of its output: the new sizes, and the source map when the block asks for it
+    (``track``: its model spreads the last tokens back over the grid) or this thread tracks them
     (``dest``: the output row of every input token)."""
     record = recorder()
     if record is not None:
         record.append({"block": name, "tokens_in": z.shape[1]})
-    track = sources_tracked()
+    track = track or sources_tracked()
     merged, sizes, dest = mask(z, state.sizes if state is not None else None, prefix, keep, track)
     source = None
     if track and dest is not None:
@@ -248,5 +277,5 @@ class SequenceMask:
     """Mixin of every mask that merges a token sequence: the block calls ``merge_tokens``."""
 
     def merge_tokens(self, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
-                     name: str) -> tuple[torch.Tensor, TokenState]:
-        return merge_sequence(self, z, state, prefix, keep, name)  # type: ignore[arg-type]
+                     name: str, track: bool = False) -> tuple[torch.Tensor, TokenState]:
+        return merge_sequence(self, z, state, prefix, keep, name, track)  # type: ignore[arg-type]

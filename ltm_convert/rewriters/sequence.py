@@ -38,6 +38,11 @@ def side_templates(call: Any, args: tuple, kwargs: dict, block: nn.Module) -> di
     return {name: meta_like(bound[name]) for name in call.tensor_names if name != call.x_name}
 
 
+def pools_patches(plan: "ConversionPlan") -> bool:
+    """Whether the head reads the patch tokens as a set (average, max or attention pooling)."""
+    return bool(set(plan.heads) & {"avg", "max", "attention-pool"})
+
+
 def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
     modules = dict(model.named_modules())
     return [modules[name] for name in plan.block_names]
@@ -96,6 +101,10 @@ class SequenceFamily:
             block.__dict__["_ltm_split"] = split
             block.__dict__["_ltm_dim"] = match.dim
             block.__dict__["_ltm_side"] = side
+            # a head that pools the patch tokens gets them back on the full grid (merge/state.py
+            # spread_over_grid): the original head then weighs each merged token by the patches it holds
+            block.ltm_track_sources = pools_patches(plan)
+            block.ltm_full_grid_out = pools_patches(plan) and i == len(plan.blocks) - 1
         install_head_adapters(model, plan)
 
     def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> "SequenceCost":

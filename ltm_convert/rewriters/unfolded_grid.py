@@ -64,7 +64,7 @@ class UnfoldedGridMerge(GridMerge):
         return f"{super().extra_repr()}, patch_area={self.patch_area}"
 
     def merge_tokens(self, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
-                     name: str) -> tuple[torch.Tensor, TokenState]:
+                     name: str, track: bool = False) -> tuple[torch.Tensor, TokenState]:
         BP, N, C = z.shape
         (h, w), (hk, wk), P = self.grid, self.grid_out, self.patch_area
         if N != h * w or BP % P:
