@@ -63,14 +63,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def make_runner(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None = None,
-                compile: bool = False) -> Callable[[torch.Tensor], Any]:
+                compile: bool = False, backend: str = "inductor") -> Callable[[torch.Tensor], Any]:
     """A callable that runs one inference forward of ``model`` (compiled if asked) and waits for it."""
+    from ltm_convert.model_inputs import call_kwargs
+
     model = model.to(device).eval()
-    fn = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
+    fn = torch.compile(model, fullgraph=True, dynamic=False, backend=backend) if compile else model
 
     def run(x: torch.Tensor) -> Any:
+        args, kwargs = call_kwargs(model, x)  # read from the model: a compiled wrapper hides its signature
         with torch.inference_mode(), _autocast(device, amp_dtype):
-            out = run_model(fn, x)
+            out = fn(*args, **kwargs)
         _sync(device)
         return out
 
