@@ -1,5 +1,6 @@
-"""benchmarks/bench_gpu.py cannot rot: its --smoke mode runs the same code on CPU (tiny ViT, batch 4;
-compile rows through dynamo's fullgraph capture with the eager backend) and prints every table row."""
+"""The speed benchmarks cannot rot: bench_gpu.py --smoke runs the same code on CPU (tiny ViT, batch 4;
+compile rows through dynamo's fullgraph capture with the eager backend); bench_train.py --tiny times the
+real Trainer step."""
 from __future__ import annotations
 
 import json
@@ -35,3 +36,19 @@ def test_bench_gpu_refuses_without_a_gpu_unless_smoke():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py")], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no GPU")
+
+
+def test_bench_train_tiny_times_the_real_trainer_step(tmp_path):
+    """benchmarks/bench_train.py on a tiny random ViT: one row per model and merge, student time =
+    step - teacher forward, FLOPs ratios near the targets."""
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--batch", "4",
+                           "--ratios", "0.5", "--steps", "2", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["merge"]) for r in rows] == [("original", "hard"), ("ltm@0.5", "hard"),
+                                                        ("ltm@0.5", "relaxed"), ("tome@0.5", "hard")]
+    assert rows[0]["flops_ratio"] == 1.0 and all(0.45 < r["flops_ratio"] < 0.55 for r in rows[1:])
+    assert all(0 < r["teacher_s"] < r["step_s"] and abs(r["student_s"] - (r["step_s"] - r["teacher_s"])) < 1e-9
+               for r in rows)

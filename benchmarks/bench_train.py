@@ -1,0 +1,104 @@
+"""How much faster is a fine-tuning step of a converted model? The real Trainer step, timed.
+
+    python benchmarks/bench_train.py                          # bundled DINOv2 ViT-S/14, 224 px, batch 32
+    python benchmarks/bench_train.py --ratios 0.5 --steps 3 --json train.json
+
+For the bundled model converted at each ratio (LTM and ToMe) and for the original (the same model
+converted at 1.0, which merges nothing, so the step runs the same code), it times
+``Trainer.train_step`` (tools/train_speed.py): teacher forward, student forward and backward, AdamW.
+
+* ``hard``: `--train all --training-merge hard` (the merge of inference; the recipe that helps);
+* ``relaxed``: `--train mask --training-merge relaxed` (LTM only: every token stays, weighted, so
+  the student does at least the original's work plus the masks').
+
+The teacher's forward is timed on its own; "student" is the step without it. The goal of the issue
+is a hard-merge student step at least 0.9 x (1 / FLOPs ratio) faster than the original's.
+Progress goes to stderr, the Markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.8, 0.65, 0.5])
+    p.add_argument("--methods", nargs="+", default=["ltm", "tome"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-relaxed", action="store_true", help="skip the relaxed-merge rows")
+    p.add_argument("--tiny", action="store_true", help="a random-weight ViT-Ti at 32 px (tests)")
+    p.add_argument("--json", dest="json_out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ltm_convert.api import convert
+    from ltm_convert.flops import count_flops
+    from ltm_convert.tools.train_speed import make_trainer, time_steps
+
+    if args.tiny:
+        import timm
+
+        torch.manual_seed(0)
+        base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                                 num_classes=10).eval()
+        size = (32, 32)
+    else:
+        from ltm_convert.sources.bundled import bundled_timm
+
+        size = (args.size, args.size)
+        base = bundled_timm(args.size).eval()
+    flops0 = count_flops(base, size)
+    runs = [("original", 1.0, "ltm", "hard")]
+    for method in args.methods:
+        for ratio in args.ratios:
+            runs.append((f"{method}@{ratio:g}", ratio, method, "hard"))
+            if method == "ltm" and not args.no_relaxed:
+                runs.append((f"{method}@{ratio:g}", ratio, method, "relaxed"))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"CPU, {torch.get_num_threads()} threads, load {load:.1f} at start; batch {args.batch}, {size[0]} px, "
+          f"median of {args.steps} steps after {args.warmup} warm-up (quartiles in brackets).\n", flush=True)
+    print("| model | merge | FLOPs ratio | step s | im/s | teacher s | student s | student speed-up | ideal "
+          "| / ideal |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    results, base_student = [], None
+    for name, ratio, method, merge in runs:
+        log(f"{name} ({merge}) ...")
+        student = convert(copy.deepcopy(base), ratio, method=method, input_size=size)
+        fr = count_flops(student, size) / flops0
+        trainer = make_trainer(student, batch=args.batch, size=size, train="all" if merge == "hard" else "mask",
+                               training_merge=merge)
+        t = time_steps(trainer, steps=args.steps, warmup=args.warmup)
+        student_s = t.step_s - (t.teacher_s or 0.0)
+        base_student = base_student or student_s
+        sp = base_student / student_s
+        print(f"| {name} | {merge} | {fr:.3f} | {t.step_s:.2f} ({t.quartiles_s[0]:.2f}-{t.quartiles_s[1]:.2f}) | "
+              f"{t.images_per_s:.2f} | {t.teacher_s:.2f} | {student_s:.2f} | {sp:.2f}x | {1 / fr:.2f}x | "
+              f"{sp * fr:.2f} |", flush=True)
+        results.append({"model": name, "merge": merge, "flops_ratio": fr, "step_s": t.step_s,
+                        "quartiles_s": t.quartiles_s, "teacher_s": t.teacher_s, "student_s": student_s,
+                        "student_speedup": sp, "of_ideal": sp * fr, "samples_s": t.samples_s})
+        del trainer, student
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload {end_load:.1f} at the end; {time.time() - T0:.0f} s", flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"batch": args.batch, "size": size, "rows": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
