@@ -52,3 +52,15 @@ def test_bench_train_tiny_times_the_real_trainer_step(tmp_path):
     assert rows[0]["flops_ratio"] == 1.0 and all(0.45 < r["flops_ratio"] < 0.55 for r in rows[1:])
     assert all(0 < r["teacher_s"] < r["step_s"] and abs(r["student_s"] - (r["step_s"] - r["teacher_s"])) < 1e-9
                for r in rows)
+
+
+def test_bench_deploy_tiny_onnx_against_its_own_original(tmp_path):
+    """benchmarks/bench_deploy.py: exported, verified and timed in onnxruntime against the exported original."""
+    out = tmp_path / "deploy.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_deploy.py"), "--tiny", "--batch", "4",
+                           "--ratios", "0.5", "--repeats", "2", "--runtimes", "onnx", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runtime"], r["model"]) for r in rows] == [("onnx", "ltm@0.5"), ("onnx", "tome@0.5")]
+    assert all(0.45 < r["flops_ratio"] < 0.55 and r["speedup"] > 0 and len(r["pairs"]) == 2 for r in rows)

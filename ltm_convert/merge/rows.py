@@ -15,8 +15,11 @@ def _flat(idx: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, C), idx (B, K) -> (B, K, C)."""
+    """x (B, N, C), idx (B, K) -> (B, K, C). ONNX gets ``gather`` (GatherElements): the flat form's
+    reshapes were exported with a batch-dependent shape that failed at another batch size."""
     B, N, C = x.shape
+    if torch.onnx.is_in_onnx_export():
+        return x.gather(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C))
     return x.reshape(B * N, C).index_select(0, _flat(idx, N)).view(B, idx.shape[1], C)
 
 
