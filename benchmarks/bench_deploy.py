@@ -61,24 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from speed_models import speed_model
 
     from ltm_convert.api import convert
     from ltm_convert.flops import count_flops
     from ltm_convert.model_inputs import example_input
     from ltm_convert.tools.bench import make_runner, time_against_original
 
-    if args.tiny:
-        import timm
-
-        torch.manual_seed(0)
-        base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                                 num_classes=10).eval()
-        size = (32, 32)
-    else:
-        from ltm_convert.sources.bundled import bundled_timm
-
-        size = (args.size, args.size)
-        base = bundled_timm(args.size).eval()
+    base, size = speed_model("tiny" if args.tiny else "bundled", args.size)
     flops0 = count_flops(base, size)
     models = {"original": base}
     for method in args.methods:

@@ -61,17 +61,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build(arch: str, smoke: bool) -> tuple[Any, tuple[int, int]]:
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    if smoke:
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                                 num_classes=10).eval(), (32, 32)
-    return timm.create_model(arch, pretrained=False).eval(), (224, 224)
-
-
 class Budget:
     """What is left of --budget; ``fits(estimate)`` says whether a step of that many seconds may start."""
 
@@ -183,6 +172,7 @@ def finetune_rows(name: str, original: Any, size: tuple[int, int], args: argpars
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
+    from speed_models import speed_model
 
     from ltm_convert.tools.bench import convert_all
 
@@ -215,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit(f"| {arch} | - | skipped: {budget.left():.0f} s left |", lines)
                 continue
             log(f"building and converting {arch} ...")
-            original, size = build(arch, args.smoke)
+            original, size = speed_model("tiny" if args.smoke else arch)
             converted = convert_all(original, args.ratios, args.methods, input_size=size, log=log)
             models[arch] = (original, converted, size)
         original, converted, size = models[arch]

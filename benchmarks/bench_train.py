@@ -46,23 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from speed_models import speed_model
 
     from ltm_convert.api import convert
     from ltm_convert.flops import count_flops
     from ltm_convert.tools.train_speed import make_trainer, time_steps
 
-    if args.tiny:
-        import timm
-
-        torch.manual_seed(0)
-        base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-                                 num_classes=10).eval()
-        size = (32, 32)
-    else:
-        from ltm_convert.sources.bundled import bundled_timm
-
-        size = (args.size, args.size)
-        base = bundled_timm(args.size).eval()
+    base, size = speed_model("tiny" if args.tiny else "bundled", args.size)
     flops0 = count_flops(base, size)
     runs = [("original", 1.0, "ltm", "hard")]
     for method in args.methods:
