@@ -28,7 +28,7 @@ from torch import nn
 
 from ltm_convert.config import LtmConfig, is_int
 from ltm_convert.errors import LtmError
-from ltm_convert.safe_write import (  # noqa: F401 - check_writable and replace_atomically are used via io
+from ltm_convert.safe_write import (  # check_writable and replace_atomically are also imported from here
     CONFIG_NAME,
     MODEL_SUFFIXES,
     WEIGHTS_NAME,
@@ -274,7 +274,10 @@ def _hf_key_renamer(model: nn.Module) -> Any:
     except ImportError:  # transformers < 5: checkpoint names are the module names
         return lambda key: key
     mapping = getattr(model, "_weight_conversions", None)
-    mapping = copy.deepcopy(mapping if mapping is not None else get_model_conversion_mapping(model))
+    try:
+        mapping = copy.deepcopy(mapping if mapping is not None else get_model_conversion_mapping(model))
+    except (AttributeError, TypeError):  # an internal API that moved: the names as saved
+        return lambda key: key
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     names = model.state_dict()
@@ -294,7 +297,8 @@ def schedule_keys(model: nn.Module) -> list[str]:
 
     keys = []
     for name, module in model.named_modules():
-        attr = "ltm_schedule" if isinstance(module, LtmBlockMixin) else "schedule" if isinstance(module, GridMerge) else None
+        attr = "ltm_schedule" if isinstance(module, LtmBlockMixin) else None
+        attr = "schedule" if isinstance(module, GridMerge) else attr
         if attr is not None:
             keys.append(f"{name}.{attr}" if name else attr)
     return keys
@@ -327,9 +331,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, *
             raise LtmError(f"{where}: {key} holds NaN or infinite values; the file is damaged (was it saved "
                            "from a diverged run?)")
     for key in scheduled:
-        if key in state and (state[key].shape != expected[key].shape or not torch.equal(state[key].long(), expected[key])):
+        theirs = state.get(key)
+        if theirs is not None and (theirs.shape != expected[key].shape or not torch.equal(theirs.long(), expected[key])):
             raise LtmError(f"{where}: the schedule in its recipe ({key.rsplit('.', 1)[0]}: {expected[key].tolist()}) "
-                           f"disagrees with its weights' ({state[key].tolist()[:4]}); {_TAMPERED}")
+                           f"disagrees with its weights' ({theirs.flatten().tolist()[:4]}); {_TAMPERED}")
     try:
         model.load_state_dict({**{k: v for k, v in expected.items() if k not in state}, **state}, strict=True)
     except RuntimeError as exc:
