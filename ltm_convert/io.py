@@ -3,125 +3,46 @@
 A file holds where the base model comes from (ModelSource), the LtmConfig with its solved
 schedule, and the state dict. Loading checks the recipe (sources/options.py allow-lists, config
 types and ranges) *before* any model code runs, rebuilds the base model, replays the conversion
-with the saved schedule and loads the weights strictly (finite floats of the expected dtype), so
-the result is bit-identical and a downloaded file cannot run code. Two layouts:
+with the saved schedule and loads the weights strictly (finite floats where the model has floats,
+integers where it has integers, the schedule buffers present and equal to the recipe's schedule),
+checks that the schedule reaches the FLOPs ratio the recipe claims, and gives the model back in
+the dtype it was saved in, so the result is bit-identical and a downloaded file cannot run code
+or pass off another schedule. Two layouts:
 
 * ``model.pt``: one ``torch.save`` of plain containers and tensors (read with weights_only=True);
 * a directory: ``ltm_config.json`` + ``model.safetensors``.
 
-Writes never leave a mix: a file is written beside its target and renamed over it; a directory
-is written whole beside its target and swapped in with one atomic exchange, so a reader sees the
-old output or the new one. Files get the user's umask, like any file they create.
+Writes go through safe_write.py: atomic, and never over something ltm_convert did not write. A
+recipe records no local path (a checkpoint's file name at most): the weights are in the file.
 """
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ltm_convert.config import LtmConfig, is_int
 from ltm_convert.errors import LtmError
+from ltm_convert.safe_write import (  # check_writable and replace_atomically are also imported from here
+    CONFIG_NAME,
+    MODEL_SUFFIXES,
+    WEIGHTS_NAME,
+    check_writable,
+    replace_atomically,
+    replace_directory,
+)
 
 FILE_FORMAT = 1
-CONFIG_NAME = "ltm_config.json"
-WEIGHTS_NAME = "model.safetensors"
-OUR_FILES = {CONFIG_NAME, WEIGHTS_NAME, "config.json", "README.md"}
-
-
-# --------------------------------------------------------------------------------------------
-# writing files safely
-
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def check_writable(path: Path | str) -> Path:
-    """Refuse, before any work is done, an output path that cannot be written: a directory where a
-    file goes, a parent that is a file, a folder without write permission."""
-    path = Path(path)
-    if path.suffix in (".pt", ".pth", ".onnx", ".png") and path.is_dir():
-        raise LtmError(f"{path} is an existing directory; give a file name that does not exist or is a file")
-    parent = path.parent if path.suffix or not path.is_dir() else path
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise LtmError(f"cannot write {path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise LtmError(f"cannot write {path}: no write permission in {probe}; choose another output location")
-    return path
-
-
-def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where not available."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def replace_directory(path: Path, write: Callable[[Path], None]) -> None:
-    """Write the whole directory beside ``path`` and swap it in atomically (the previous output is
-    removed afterwards). A directory holding files that are not an ltm_convert output is refused."""
-    if path.exists():
-        if not path.is_dir():
-            raise LtmError(f"{path} exists and is not a directory; give a .pt file name or a directory")
-        foreign = [p.name for p in path.iterdir() if p.name not in OUR_FILES and not p.name.startswith(".")]
-        if foreign:
-            raise LtmError(f"{path} already holds other files ({', '.join(sorted(foreign)[:3])}); give a new or "
-                           "empty directory, or one written by ltm_convert (it is replaced whole)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~_umask())
-        try:
-            os.rename(tmp, path)  # no previous output (or an empty directory)
-            return
-        except OSError:
-            pass
-        if not _exchange(tmp, path):  # no atomic exchange here: two renames (a moment without output)
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            old.rmdir()
-            os.rename(path, old)
-            os.rename(tmp, path)
-            tmp = old
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+# how far (relative to the ratio) a saved schedule may land further from its ratio than a fresh
+# solve does: FLOPs accounting moves between versions (a 0.1.0 ToMe file at 0.6 counts 0.617
+# today, its solver 0.595); an edited ratio or schedule is off by far more
+CLAIM_TOLERANCE = 0.05
+_TAMPERED = "the file is damaged or was tampered with"
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +76,8 @@ def recipe_of(model: nn.Module, source: Any = None) -> dict[str, Any]:
         raise LtmError(f"source= must be a ModelSource (ltm_convert.sources.parse_source(spec)), got {type(src).__name__}")
     if src.kind == "hf":  # never an absolute path or a hub id that may not be reachable: the config itself
         src = ModelSource("hf-config", type(model).__name__, False, None, {"config": hf_config_dict(model)})
+    if src.checkpoint:  # a shared file names no local path; load takes the weights from the file itself
+        src = dataclasses.replace(src, checkpoint=Path(src.checkpoint).name)
     return {"ltm_format": FILE_FORMAT, "ltm_version": __version__, "source": src.check("the model source").to_dict(),
             "config": model.ltm_config.to_dict()}
 
@@ -171,7 +94,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, source: Any = None) -> Pa
     path = check_writable(Path(path))
     recipe = recipe_of(model, source)
     state = _plain_state_dict(model)
-    if path.suffix in (".pt", ".pth"):
+    if path.suffix in MODEL_SUFFIXES:
         payload = {"ltm_recipe": json.dumps(recipe), "state_dict": state}
         replace_atomically(path, lambda tmp: torch.save(payload, tmp))
         return path
@@ -189,7 +112,7 @@ def is_saved_model(path: str | os.PathLike) -> bool:
     """A path that names a saved model (whether or not it exists yet): a .pt/.pth file, or a
     directory holding ltm_config.json (or an HF directory whose config carries an LTM recipe)."""
     path = Path(path)
-    if path.suffix in (".pt", ".pth"):
+    if path.suffix in MODEL_SUFFIXES:
         return True
     return (path / CONFIG_NAME).is_file() or _hf_recipe(path) is not None
 
@@ -201,7 +124,7 @@ def _hf_recipe(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested past the parser's depth
         return None
     recipe = data.get("ltm_recipe") if isinstance(data, dict) else None
     return recipe if isinstance(recipe, dict) else None
@@ -210,8 +133,9 @@ def _hf_recipe(path: Path) -> dict | None:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LtmError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}); the file is corrupt") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested past the parser's depth
+        why = getattr(exc, "msg", None) or ("nested too deeply" if isinstance(exc, RecursionError) else "not UTF-8")
+        raise LtmError(f"{path} is not valid JSON ({why}); the file is corrupt") from None
     except OSError as exc:
         raise LtmError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") from None
 
@@ -253,7 +177,7 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
             raise LtmError(f"{path} is a torch file but not an ltm_convert model; save one with ltm_convert.save")
         try:
             recipe = json.loads(payload["ltm_recipe"])
-        except (TypeError, json.JSONDecodeError):
+        except (TypeError, ValueError, RecursionError):
             raise LtmError(f"{path} has a corrupt recipe; the file is damaged") from None
         state = payload["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -264,8 +188,13 @@ def read_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.
     fmt = recipe.get("ltm_format")
     if not is_int(fmt):
         raise LtmError(f"{path} has format {fmt!r}, not an integer; the file is corrupt")
+    if fmt < 1:
+        raise LtmError(f"{path} has format {fmt}, which no ltm_convert writes; the file is corrupt")
     if fmt > FILE_FORMAT:
-        raise LtmError(f"{path} was written by a newer ltm_convert ({recipe.get('ltm_version')}); upgrade ltm_convert to load it")
+        from ltm_convert import __version__
+
+        raise LtmError(f"{path} is in file format {fmt}; this ltm_convert ({__version__}) reads formats up to "
+                       f"{FILE_FORMAT}: upgrade ltm_convert (pip install -U ltm_convert) to load it")
     return recipe, state
 
 
@@ -279,18 +208,22 @@ def check_recipe(recipe: dict[str, Any], where: str = "the file") -> tuple[Any, 
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild the base model, replay the saved conversion and load the saved weights."""
+    """Rebuild the base model, replay the saved conversion and load the saved weights; the model
+    comes back in the dtype it was saved in."""
     from ltm_convert.api import convert
     from ltm_convert.sources import ModelSource, build_model
 
     recipe, state = read_file(path)
     source, config = check_recipe(recipe)
+    where = str(path)
     if Path(path).is_dir() and not (Path(path) / CONFIG_NAME).is_file():
         model = _load_hf_directory(Path(path), source, config, state)
     else:
         rebuild = ModelSource(source.kind, source.name, False, None, dict(source.kwargs))
         model = convert(build_model(rebuild), config=config, inplace=True)
-        load_weights(model, state, str(path))
+        load_weights(model, state, where, schedule_required=config.mask_version >= 2)
+    check_ratio_claim(model, where)
+    restore_dtypes(model, state)
     model.ltm_source = source
     model.eval()
     return model
@@ -298,7 +231,8 @@ def load(path: str | os.PathLike) -> nn.Module:
 
 def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """A converted HF model written by ``save_pretrained``: transformers reads its own weights (it
-    renames some on save), ltm_convert converts with the saved schedule and loads the ltm_* tensors."""
+    renames some on save), ltm_convert converts with the saved schedule and loads the ltm_* tensors
+    under the names transformers' own load-time renaming gives them."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -307,36 +241,149 @@ def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[s
     cls = getattr(transformers, source.name, None) if source.kind == "hf-config" else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LtmError(f"{path}: its recipe names {source.name!r}, not a transformers model class; the file is corrupt")
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the ltm_* tensors are "unused" to transformers: expected
+    hf_logging.disable_progress_bar()
     try:
         base = cls.from_pretrained(str(path), trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = convert(base, config=config, inplace=True)
-    ours = {k: v for k, v in state.items() if is_ltm_name(k)}
-    load_weights(model, {**{k: v for k, v in model.state_dict().items() if not is_ltm_name(k)}, **ours}, str(path))
+        if bars:
+            hf_logging.enable_progress_bar()
+    model = convert(base.float(), config=config, inplace=True)  # float32 until restore_dtypes, like load()
+    rename = _hf_key_renamer(model)
+    saved = {rename(k): v for k, v in state.items()}
+    own = {k: v for k, v in model.state_dict().items() if not is_ltm_name(k)}
+    load_weights(model, {**own, **{k: v for k, v in saved.items() if is_ltm_name(k)}}, str(path),
+                 schedule_required=config.mask_version >= 2)
+    state.clear()
+    state.update({k: v for k, v in saved.items() if k in own or is_ltm_name(k)})  # saved dtypes, model names
     return model
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load of a saved state dict: same keys, same shapes, floating tensors of a floating
-    dtype and finite (a file with int64 or NaN weights is damaged, not a model)."""
+def _hf_key_renamer(model: nn.Module) -> Any:
+    """checkpoint key -> the model's key, by transformers' own load-time renaming (the conversion
+    mapping ``from_pretrained`` applied to this model's weights; ``save_pretrained`` writes its
+    reverse, e.g. ViT's in-memory ``layers.N`` as ``encoder.layer.N``). Identity where this
+    transformers has no such mapping."""
+    import copy
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5: checkpoint names are the module names
+        return lambda key: key
+    mapping = getattr(model, "_weight_conversions", None)
+    try:
+        mapping = copy.deepcopy(mapping if mapping is not None else get_model_conversion_mapping(model))
+    except (AttributeError, TypeError):  # an internal API that moved: the names as saved
+        return lambda key: key
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    names = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, names)
+        return key if renamed not in names and key in names else renamed
+
+    return rename
+
+
+def schedule_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the buffers that record a converted model's schedule (per merge site)."""
+    from ltm_convert.ltm_block import LtmBlockMixin
+    from ltm_convert.merge.grid import GridMerge
+
+    keys = []
+    for name, module in model.named_modules():
+        attr = "ltm_schedule" if isinstance(module, LtmBlockMixin) else None
+        attr = "schedule" if isinstance(module, GridMerge) else attr
+        if attr is not None:
+            keys.append(f"{name}.{attr}" if name else attr)
+    return keys
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, *,
+                 schedule_required: bool = True) -> None:
+    """Strict load of a saved state dict: same keys, same shapes, floats where the model has floats
+    (finite) and integers where it has integers. The schedule buffers must equal the schedule the
+    model was rebuilt with (the recipe's): a file whose recipe and weights disagree, or that lost
+    some of them, is refused. Only files from before the buffers existed (0.1.0, mask version 1)
+    may lack them all; the recipe's FLOPs claim is checked separately (check_ratio_claim)."""
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    missing = [k for k in missing if not k.endswith((".ltm_schedule", ".ltm_mask.schedule"))]  # none in 0.1.0 files
+    scheduled = schedule_keys(model)
+    absent = [k for k in scheduled if k not in state]
+    if absent and (schedule_required or len(absent) < len(scheduled)):
+        raise LtmError(f"{where} lacks the schedule buffer{'s' if len(absent) > 1 else ''} {', '.join(absent[:2])}"
+                       f"{' ...' if len(absent) > 2 else ''}; {_TAMPERED}")
+    missing, unexpected = sorted(set(expected) - set(state) - set(absent)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise LtmError(f"{where} does not match the model rebuilt from its recipe ({len(missing)} missing, "
                        f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:2]}); the file is damaged")
     for key, value in state.items():
         own = expected[key]
-        if own.is_floating_point() and not value.is_floating_point():
-            raise LtmError(f"{where}: {key} holds {value.dtype} values where the model has {own.dtype} weights; "
-                           "the file is damaged")
+        if own.is_floating_point() != value.is_floating_point() or value.is_complex():
+            kind = "floating-point" if own.is_floating_point() else "integer"
+            raise LtmError(f"{where}: {key} holds {value.dtype} values where the model has {kind} ({own.dtype}) "
+                           f"values; {_TAMPERED}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise LtmError(f"{where}: {key} holds NaN or infinite values; the file is damaged (was it saved "
                            "from a diverged run?)")
+    for key in scheduled:
+        theirs = state.get(key)
+        if theirs is not None and (theirs.shape != expected[key].shape or not torch.equal(theirs.long(), expected[key])):
+            raise LtmError(f"{where}: the schedule in its recipe ({key.rsplit('.', 1)[0]}: {expected[key].tolist()}) "
+                           f"disagrees with its weights' ({theirs.flatten().tolist()[:4]}); {_TAMPERED}")
     try:
         model.load_state_dict({**{k: v for k, v in expected.items() if k not in state}, **state}, strict=True)
     except RuntimeError as exc:
         raise LtmError(f"{where} has weights of the wrong shape ({str(exc).splitlines()[-1].strip()[:160]})") from None
+
+
+def check_ratio_claim(model: nn.Module, where: str) -> None:
+    """Refuse a recipe whose schedule does not reach the FLOPs ratio it claims.
+
+    The saved ratio is only a label; the schedule (``keep``) decides what runs. A conversion at
+    that ratio lands as close to it as the solver can (within CLAIM_TOLERANCE of the best schedule
+    of its shape), so a recipe whose schedule is further off had its ratio or its schedule edited.
+    The FLOPs come from the family's cost model on a weightless copy (what convert solves with),
+    so this costs a fraction of a conversion; it also fills in the original FLOPs for describe().
+    """
+    from ltm_convert.flops import meta_copy
+    from ltm_convert.schedule import shaped, solve
+
+    config, plan, family = model.ltm_config, model.ltm_plan, model.ltm_family
+    sites = family.sites(model, plan)
+    cost = family.cost_model(meta_copy(model), plan)
+    reached = cost.flops(config.keep) / cost.base
+    try:
+        best = solve(sites, cost, config.ratio, config.schedule, model_class=plan.model_class).flops_ratio
+    except LtmError:  # out of reach: the closest any schedule gets merges the most
+        best = cost.flops(shaped(sites, "fraction", 1e-9)) / cost.base
+    if abs(reached - config.ratio) > abs(best - config.ratio) + CLAIM_TOLERANCE * config.ratio:
+        raise LtmError(f"{where} claims FLOPs ratio {config.ratio:g}, but its schedule uses {reached:.3f} of the "
+                       f"original FLOPs (a conversion at {config.ratio:g} reaches {best:.3f}); {_TAMPERED}")
+    model.ltm_base_flops = int(cost.base)
+
+
+def restore_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give the model back in the floating dtypes it was saved in (the rebuild is float32): a model
+    saved in one dtype (``model.half()``) is cast whole, as its owner did; a mixed one per tensor."""
+    saved = {k: v.dtype for k, v in state.items() if v.is_floating_point()}
+    kinds = set(saved.values())
+    if not kinds or kinds == {torch.float32}:
+        return
+    if len(kinds) == 1:
+        model.to(kinds.pop())
+        return
+    for key, dtype in saved.items():
+        owner, _, name = key.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if name in module._parameters and module._parameters[name].dtype != dtype:
+            module._parameters[name].data = module._parameters[name].data.to(dtype)
+        elif name in module._buffers and module._buffers[name].dtype != dtype:
+            module._buffers[name] = module._buffers[name].to(dtype)

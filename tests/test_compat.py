@@ -22,3 +22,18 @@ def test_files_from_0_1_0_load_and_agree(name):
     with torch.no_grad():
         out = main_output(run_model(model, x))
     torch.testing.assert_close(out, torch.tensor(EXPECTED[name]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_0_1_0_file_has_no_schedule_buffers_so_its_schedule_is_checked_by_flops(tmp_path):
+    """0.1.0 files carry no schedule buffers; an edited schedule there is caught by the FLOPs it uses."""
+    import shutil
+
+    from ltm_convert.errors import LtmError
+
+    target = tmp_path / "tome"
+    shutil.copytree(DATA / "v010_vit_tiny_tome", target)
+    recipe = json.loads((target / "ltm_config.json").read_text())
+    recipe["config"]["keep"] = {"blocks.0": 14, "blocks.1": 12, "blocks.2": 10}
+    (target / "ltm_config.json").write_text(json.dumps(recipe))
+    with pytest.raises(LtmError, match="claims FLOPs ratio 0.6.*tampered"):
+        load(target)
