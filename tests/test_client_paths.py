@@ -395,10 +395,8 @@ def test_cli_takes_a_checkpoint_with_its_own_head(tmp_path):
     torch.manual_seed(0)
     mine = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2, img_size=64)
     torch.save(mine.state_dict(), tmp_path / "my_2class.pth")
-    line = assert_one_line_error(run_cli("convert", "vit_tiny_patch16_224", "--checkpoint", "my_2class.pth",
-                                         "--model-kwargs", "img_size=64", "-o", "m.pt", cwd=tmp_path))
-    assert "--num-classes 2" in line
-    ok(run_cli("convert", "vit_tiny_patch16_224", "--checkpoint", "my_2class.pth", "--num-classes", "2",
+    # the head size is read from the checkpoint (README "Works with"), and recorded in the file
+    ok(run_cli("convert", "vit_tiny_patch16_224", "--checkpoint", "my_2class.pth",
                "--model-kwargs", "img_size=64", "-o", "m.pt", cwd=tmp_path))
     recipe = json.loads(torch.load(tmp_path / "m.pt", weights_only=True)["ltm_recipe"])
     assert recipe["source"]["kwargs"] == {"num_classes": 2, "img_size": 64}
@@ -407,3 +405,8 @@ def test_cli_takes_a_checkpoint_with_its_own_head(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert load(tmp_path / "m.pt")(x).shape == (1, 2)
+    # an explicit --num-classes the checkpoint contradicts is one line that names the right one
+    line = assert_one_line_error(run_cli("convert", "vit_tiny_patch16_224", "--checkpoint", "my_2class.pth",
+                                         "--num-classes", "3", "--model-kwargs", "img_size=64", "-o", "m3.pt",
+                                         cwd=tmp_path))
+    assert "--num-classes 2" in line

@@ -16,6 +16,8 @@ from torch import nn
 
 from ltm_convert.errors import LtmError
 from ltm_convert.sources.checkpoints import fit_state_dict, read_checkpoint
+from ltm_convert.sources.guard import constructor_error, hub_offline, quiet_hf, sized
+from ltm_convert.sources.options import check_hf_config
 from ltm_convert.sources.spec import (
     _NO_HUB,
     KINDS,
@@ -90,23 +92,43 @@ def build_model(src: ModelSource) -> nn.Module:
 
     A checkpoint wins over ``pretrained``: the file is loaded strictly, into a model built on the
     meta device when the file holds every tensor (random init of a ViT-B costs seconds on a small
-    CPU). ``hf-config`` gives random weights. Calling this inside ``with torch.device("meta")``
-    gives an empty skeleton for ``load_state_dict(..., assign=True)``.
+    CPU); a timm head's class count is read from it unless ``num_classes`` is given. ``hf-config``
+    gives random weights. Calling this inside ``with torch.device("meta")`` gives an empty skeleton
+    for ``load_state_dict(..., assign=True)``. Only ``pretrained`` sources reach the model hub.
     """
+    return _build_model(src)[0]
+
+
+def _build_model(src: ModelSource) -> tuple[nn.Module, ModelSource]:
+    """(model, the source it was built from: ``src`` checked, with the checkpoint's head size)."""
     if not isinstance(src, ModelSource):
         raise LtmError(f"expected a ModelSource, got {type(src).__name__}; use parse_source(spec)")
+    kwargs = dict(src.kwargs) if isinstance(src.kwargs, dict) else src.kwargs
+    src = ModelSource(src.kind, src.name, src.pretrained, src.checkpoint, kwargs).check()
     if src.checkpoint is None:
-        return _build(src, src.pretrained).eval()
+        return _build(src, src.pretrained).eval(), src
     sd = read_checkpoint(src.checkpoint)
+    given = src.kwargs.get("num_classes")
+    src = _with_head_size(src, sd)
     try:
-        return _build_from_checkpoint(src, sd)
+        return _build_from_checkpoint(src, sd), src
     except LtmError as exc:
         classes = head_size(src, sd) if src.kind in ("timm", "bundled") else None
-        own = src.kwargs.get("num_classes")
-        if "does not fit" in str(exc) and classes is not None and classes != own:
+        if "does not fit" in str(exc) and classes is not None and given is not None and classes != given:
             raise LtmError(f"{exc}; the checkpoint's head has {classes} classes: pass --num-classes {classes} "
                            f"(num_classes={classes})") from None
         raise
+
+
+def _with_head_size(src: ModelSource, sd: dict) -> ModelSource:
+    """``src`` with ``num_classes`` read from the checkpoint's classifier when the user gave none."""
+    if src.kind not in ("timm", "bundled") or "num_classes" in src.kwargs:
+        return src
+    classes = head_size(src, sd)
+    if classes is None:
+        return src
+    return ModelSource(src.kind, src.name, src.pretrained, src.checkpoint,
+                       {**src.kwargs, "num_classes": classes}).check(f"the head of checkpoint {src.checkpoint}")
 
 
 def _build_from_checkpoint(src: ModelSource, sd: dict) -> nn.Module:
@@ -140,10 +162,12 @@ def _has_meta(model: nn.Module) -> bool:
 
 
 def _build(src: ModelSource, weights: bool) -> nn.Module:
+    """``weights``: load the source's own weights. The hub is reached only when the user asked for
+    them (``src.pretrained``): a checkpoint's hf-hub architecture config may then be fetched too."""
     if src.kind == "timm":
-        model = _build_timm(src.name, weights, src.kwargs)
+        model = _build_timm(src.name, weights, src.kwargs, hub=src.pretrained)
     elif src.kind == "hf":
-        model = _build_hf(src.name, weights, src.kwargs)
+        model = _build_hf(src.name, weights, src.kwargs, hub=src.pretrained)
     elif src.kind == "hf-config":
         model = _build_hf_config(src.name, src.kwargs)
     elif src.kind == "bundled":
@@ -154,65 +178,147 @@ def _build(src: ModelSource, weights: bool) -> nn.Module:
             model = make(pretrained=weights, **src.kwargs)
         except TypeError as e:
             raise LtmError(f"bundled model {src.name} rejected the options {sorted(src.kwargs)} ({_first(e)})") from None
+        except Exception as e:  # noqa: BLE001 - timm's assertions on bad options
+            raise constructor_error(e, f"bundled model {src.name}") from None
     else:
         raise LtmError(f"unknown model source kind {src.kind!r}; expected one of {KINDS}")
     return model
 
 
-def _build_timm(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+def _offline_error(name: str, what: str) -> LtmError:
+    return LtmError(f"{name} names a model on the hub and its {what} is not in the local cache; without pretrained "
+                    "weights ltm_convert never goes online: pass a local name (a timm architecture, a directory "
+                    "saved with save_pretrained()) or ask for pretrained weights")
+
+
+def _build_timm(name: str, pretrained: bool, kwargs: dict, hub: bool | None = None) -> nn.Module:
+    """``timm.create_model``; an ``hf-hub:`` name reads its config from the hub only when ``hub``
+    (default: ``pretrained``), else from the local cache (HF offline mode)."""
     import timm
 
-    if pretrained and not name.startswith(("hf-hub:", "hf_hub:")):
+    hub = pretrained if hub is None else hub
+    on_hub = name.startswith(("hf-hub:", "hf_hub:"))
+    if pretrained and not on_hub:
         cfg = timm.models.get_pretrained_cfg(name)  # timm would build the model, then refuse
         if cfg is not None and not (cfg.url or cfg.hf_hub_id or cfg.file or cfg.state_dict):
             raise LtmError(f"timm has no pretrained weights for {name}; pass --checkpoint FILE, --no-pretrained, or use 'bundled'")
+    what = f"timm model {name}"
     try:
-        if pretrained:
-            with _hub(name):
-                return timm.create_model(name, pretrained=True, **kwargs)
-        return timm.create_model(name, pretrained=False, **kwargs)
+        online = hub and (pretrained or on_hub)  # a local architecture without weights needs nothing
+        with _hub(name, "pretrained weights" if pretrained else "the config") if online else hub_offline():
+            return sized(lambda: timm.create_model(name, pretrained=pretrained, **kwargs), what,
+                         probe=lambda: timm.create_model(name, pretrained=False, **kwargs))
+    except LtmError:
+        raise
     except TypeError as e:
         raise LtmError(f"timm model {name} rejected the options {sorted(kwargs)} ({_first(e)}); drop or fix them") from None
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
+    except Exception as e:  # noqa: BLE001 - see constructor_error
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
             raise LtmError(_unknown(name)) from None
+        if on_hub and isinstance(e, _download_errors()):
+            raise _offline_error(name, "config") from None
+        raise constructor_error(e, what) from None
+
+
+_MAX_CONFIG_BYTES = 16 * 2**20  # HF configs are a few KB; label names of 100k classes stay far below this
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    """A model directory's config.json as a dict, with one-line errors (too big, not JSON, too deep)."""
+    import json
+
+    p = Path(path) / "config.json"
+    try:
+        if p.stat().st_size > _MAX_CONFIG_BYTES:
+            raise LtmError(f"{p} is {p.stat().st_size:,} bytes, not an HF config; pass a directory saved with save_pretrained()")
+        config = json.loads(p.read_text(encoding="utf-8"))
+    except LtmError:
         raise
+    except OSError as e:
+        raise LtmError(f"cannot read {p} ({_first(e)})") from None
+    except RecursionError:
+        raise LtmError(f"{p} nests too deep to be an HF config; fix config.json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LtmError(f"{p} is not valid JSON ({_first(e)}); fix config.json") from None
+    check_hf_config(config, str(p), from_file=False)
+    return config
 
 
-def _build_hf(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
-    """AutoConfig, then AutoModelForImageClassification when the config's architectures name a
-    classification head (else AutoModel); ``kwargs`` override config fields (e.g. num_labels)."""
+def _hf_config(name: str, kwargs: dict, hub: bool, pretrained: bool = False) -> Any:
+    """The config of an HF id or directory, checked like a saved recipe's before any model code
+    sees it (a directory's config.json as written, and the config transformers makes of it)."""
     import transformers
 
     local = Path(name).is_dir()
+    if local:
+        read_config_json(name)
     try:
-        if local:
+        need = "pretrained weights" if pretrained else "the config"
+        with quiet_hf(), (_hub(name, need) if hub and not local else hub_offline()):
             config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
-        else:
-            with _hub(name, "pretrained weights" if pretrained else "the config"):
-                config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
-    except ValueError as e:
+    except LtmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ValueError, StrictDataclassError, OSError, ...
+        if not local and isinstance(e, _download_errors()):
+            raise _offline_error(name, "config") from None
         raise LtmError(f"transformers cannot read the config of {name} ({_first(e)}); upgrade it or fix config.json") from None
+    check_hf_config(config.to_dict(), f"the config of {name}", from_file=False)
+    return config
+
+
+def _build_hf(name: str, pretrained: bool, kwargs: dict, hub: bool | None = None) -> nn.Module:
+    """AutoConfig, then AutoModelForImageClassification when the config's architectures name a
+    classification head (else AutoModel); ``kwargs`` override config fields (e.g. num_labels).
+    The hub is reached only when ``hub`` (default: ``pretrained``); a directory never reaches it."""
+    import transformers
+
+    hub = pretrained if hub is None else hub
+    config = _hf_config(name, kwargs, hub, pretrained)
     heads = any("ForImageClassification" in a for a in getattr(config, "architectures", None) or [])
     auto = transformers.AutoModelForImageClassification if heads else transformers.AutoModel
+    kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a resized head starts fresh
+    return from_pretrained_checked(auto, name, config, pretrained=pretrained, hub=hub, **kw)
+
+
+def from_pretrained_checked(cls: Any, name: str | os.PathLike, config: Any = None, *, pretrained: bool = True,
+                            hub: bool = False, quiet: bool = False, **kwargs: Any) -> nn.Module:
+    """``cls.from_pretrained(name, config=config)`` (``cls.from_config(config)`` when not
+    ``pretrained``) with every guard of an HF load: a directory's config.json checked like a saved
+    recipe's (``config=None``: read here; it must describe ``cls``), the size bounded before any
+    weight is read, no progress bars (``quiet``: no warnings either), the hub only when ``hub``, and
+    one-line errors for everything transformers raises (a pickled pytorch_model.bin, validation
+    errors). ``cls`` is a model class or an Auto class.
+    """
+    name = str(name)
+    if config is None:
+        config = _hf_config(name, {}, hub, pretrained)
+    expected = getattr(cls, "config_class", None)
+    if isinstance(expected, type) and not isinstance(config, expected):
+        raise LtmError(f"the config of {name} describes a {type(config).__name__}, not the {expected.__name__} of "
+                       f"{getattr(cls, '__name__', cls)}; the directory was altered or mixes two models")
+    what = f"HF model {name}"
+    if pretrained:
+        make = lambda: cls.from_pretrained(name, config=config, trust_remote_code=False, **kwargs)  # noqa: E731
+    else:
+        make = lambda: cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # noqa: E731
+    probe = lambda: cls.from_config(config) if hasattr(cls, "from_config") else cls(config)  # noqa: E731
+    online = hub and pretrained and not Path(name).is_dir()
     try:
-        if not pretrained:
-            return auto.from_config(config)
-        kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a resized head starts fresh
-        if local:
-            return auto.from_pretrained(name, config=config, trust_remote_code=False, **kw)
-        with _hub(name):
-            return auto.from_pretrained(name, config=config, trust_remote_code=False, **kw)
-    except ValueError:
-        raise LtmError(f"transformers has no model class for {name} ({type(config).__name__}); pass an HF vision model") from None
-    except OSError as e:
-        raise LtmError(f"could not load weights from {name} ({_first(e)}); pass --no-pretrained or --checkpoint FILE") from None
-    except Exception as e:  # noqa: BLE001 - torch's weights-only unpickler refusing a pickled .bin
-        if "weights_only" in str(e) or "Unpickl" in type(e).__name__ or "Unpickl" in str(e):
+        with quiet_hf(quiet), (_hub(name) if online else hub_offline()):
+            return sized(make, what, probe)
+    except LtmError:
+        raise
+    except Exception as e:  # noqa: BLE001 - sorted below
+        text = str(e)
+        if "weights_only" in text or "Unpickl" in type(e).__name__ or "Unpickl" in text:
             raise LtmError(f"{name} holds pickled Python objects in its weights file (pytorch_model.bin), which "
                            "ltm_convert refuses to unpickle (it could run code); re-save the model with "
                            "save_pretrained(..., safe_serialization=True) to get model.safetensors") from None
-        raise
+        if isinstance(e, ValueError) and "Unrecognized configuration class" in text:
+            raise LtmError(f"transformers has no model class for {name} ({type(config).__name__}); pass an HF vision model") from None
+        if pretrained and isinstance(e, OSError):
+            raise LtmError(f"could not load weights from {name} ({_first(e)}); pass --no-pretrained or --checkpoint FILE") from None
+        raise constructor_error(e, what) from None
 
 
 def _build_hf_config(name: str, kwargs: dict) -> nn.Module:
@@ -226,14 +332,19 @@ def _build_hf_config(name: str, kwargs: dict) -> nn.Module:
         raise LtmError(f"cannot rebuild HF model {name!r} from its saved config; use a transformers version that has it")
     if cfg.get("model_type") not in CONFIG_MAPPING:
         raise LtmError(f"transformers does not know model_type {cfg.get('model_type')!r}; upgrade it to rebuild {name}")
-    return cls(CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg))
+    try:
+        with quiet_hf(), hub_offline():
+            config = CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg)
+            check_hf_config(config.to_dict(), f"the saved config of {name}")
+            return sized(lambda: cls(config), f"HF model {name}")
+    except Exception as e:  # noqa: BLE001 - see constructor_error
+        raise constructor_error(e, f"HF model {name}") from None
 
 
 def load_model(spec: str, *, pretrained: bool = True, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a model from a spec and remember how (``model.ltm_source``), so a converted copy can
     be saved and rebuilt anywhere."""
-    src = parse_source(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    model = build_model(src)
+    model, src = _build_model(parse_source(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs))
     model.ltm_source = src
     return model
 

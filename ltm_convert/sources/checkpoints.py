@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,9 @@ def load_weights_only(path: str | os.PathLike, what: str = "file") -> Any:
 
     p = Path(path)
     try:
-        return torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol N": noise before the one-line error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LtmError(f"{what} {path} not found") from None
     except IsADirectoryError:
@@ -37,22 +40,28 @@ def load_weights_only(path: str | os.PathLike, what: str = "file") -> Any:
         raise LtmError(f"cannot read {what} {path}: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files; all mean one thing here
         text = str(exc)
-        pickled = isinstance(exc, pickle.UnpicklingError) and ("weights_only" in text or "Unsupported" in text
-                                                               or "global" in text.lower())
-        if pickled or ("Weights only load failed" in text and (zipfile.is_zipfile(p) or _starts_pickle(p))):
+        if isinstance(exc, pickle.UnpicklingError) and "global" in text.lower():  # it names a class to import
             raise LtmError(f"{what} {path} contains pickled Python objects, refusing to load it (unpickling could run "
                            "code); ltm_convert reads only tensors: save a plain state_dict "
                            "(torch.save(model.state_dict(), f)) or safetensors") from None
-        first = text.splitlines()[0][:120] if text else type(exc).__name__
-        raise LtmError(f"{what} {path} is corrupt or not a torch file ({first})") from None
+        if _starts_pickle(p) and not zipfile.is_zipfile(p):
+            raise LtmError(f"{what} {path} is a plain Python pickle (pickle.dump), not a torch file; ltm_convert does "
+                           "not unpickle it (that could run code): save it with torch.save(model.state_dict(), f) "
+                           "or as safetensors") from None
+        weights_only = "Weights only load failed" in text  # torch's long advice; the bytes are simply not a torch file
+        detail = "" if weights_only or not text else f" ({text.splitlines()[0][:120]})"
+        raise LtmError(f"{what} {path} is corrupt or not a torch / safetensors file{detail}; pass a file written by "
+                       "torch.save or safetensors") from None
 
 
 def _starts_pickle(path: Path) -> bool:
+    """A pickle stream's first bytes: the PROTO opcode and a protocol torch and Python write (2-5)."""
     try:
         with open(path, "rb") as f:
-            return f.read(1) == b"\x80"
+            head = f.read(2)
     except OSError:
         return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -24,8 +24,9 @@ def _cannot(model: nn.Module) -> LtmError:
 
 def source_of(model: nn.Module) -> ModelSource:
     """The recipe that rebuilds ``model``'s architecture: the tag from ``load_model`` if present,
-    else inferred (HF: class + config, exact; timm: architecture + read-back options, verified by
-    rebuilding with random weights and comparing state-dict keys and shapes)."""
+    else inferred (HF: class + config, exact; timm: architecture + read-back options, depth, width,
+    heads, ... included, verified by rebuilding on the meta device and comparing state-dict keys
+    and shapes and the options no shape shows, such as the number of heads)."""
     tag = getattr(model, "ltm_source", None)
     if isinstance(tag, ModelSource):
         return tag
@@ -39,11 +40,68 @@ def source_of(model: nn.Module) -> ModelSource:
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     if not isinstance(arch, str) or not _is_timm(arch):
         raise _cannot(model)
-    kwargs = _timm_kwargs(model)
-    for kw in (kwargs, {k: v for k, v in kwargs.items() if k == "num_classes"}):
-        if _same_layout(_probe(arch, kw), model):
+    for kw in _timm_candidates(arch, model):
+        probe = _probe(arch, kw)
+        if _same_layout(probe, model) and _structure(probe) == _structure(model):
             return ModelSource("timm", arch, False, None, kw)
     raise _cannot(model)
+
+
+def _timm_candidates(arch: str, model: nn.Module) -> list[dict]:
+    """Recipes to try, most specific first: the options the model shows, plus every structural
+    option (depth, width, heads, ...) where it differs from the architecture built with the rest."""
+    base = _timm_kwargs(model)
+    default = _probe(arch, base)
+    shown = _structure(model)
+    theirs = _structure(default) if default is not None else {}
+    extra = {k: _as_option(k, v, model) for k, v in shown.items() if v is not None and theirs.get(k) != v}
+    classes = {k: v for k, v in base.items() if k == "num_classes"}
+    candidates: list[dict] = []
+    for kw in ({**base, **extra}, base, classes):
+        if kw not in candidates:
+            candidates.append(kw)
+    return candidates
+
+
+def _structure(model: nn.Module | None) -> dict[str, Any]:
+    """Constructor options a timm ViT-like model shows in its modules, by option name; None where
+    this model does not show it. The heads count and the like do not change any tensor's shape,
+    so comparing state dicts alone would miss them."""
+    if model is None:
+        return {}
+    blocks = getattr(model, "blocks", None)
+    block = blocks[0] if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) else None
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    embed = getattr(model, "patch_embed", None)
+    patch, proj = getattr(embed, "patch_size", None), getattr(embed, "proj", None)
+    dim = getattr(model, "embed_dim", None)
+    fc1 = getattr(mlp, "fc1", None)
+    qkv = getattr(attn, "qkv", None)
+    ls1, q_norm, fc_norm = getattr(block, "ls1", None), getattr(attn, "q_norm", None), getattr(model, "fc_norm", None)
+    return {
+        "depth": len(blocks) if block is not None else None,
+        "embed_dim": dim if isinstance(dim, int) else None,
+        "num_heads": getattr(attn, "num_heads", None),
+        "mlp_ratio": fc1.out_features if isinstance(fc1, nn.Linear) else None,  # as a width: exact
+        "patch_size": int(patch[0]) if isinstance(patch, (tuple, list)) and len(set(patch)) == 1 else None,
+        "in_chans": getattr(proj, "in_channels", None),
+        "qkv_bias": qkv.bias is not None if isinstance(qkv, nn.Linear) else None,
+        "qk_norm": None if q_norm is None else not isinstance(q_norm, nn.Identity),
+        "init_values": None if ls1 is None else not isinstance(ls1, nn.Identity),  # layer scale or not
+        "no_embed_class": getattr(model, "no_embed_class", None),
+        "fc_norm": None if fc_norm is None else not isinstance(fc_norm, nn.Identity),
+    }
+
+
+def _as_option(key: str, value: Any, model: nn.Module) -> Any:
+    """A :func:`_structure` reading as the constructor option that produces it."""
+    if key == "mlp_ratio":  # timm builds int(embed_dim * mlp_ratio) hidden units
+        dim = model.embed_dim
+        ratio = value / dim
+        return ratio if int(dim * ratio) == value else (value + 0.5) / dim
+    if key == "init_values":
+        return 1e-5 if value else None  # its value is a weight (saved); only its presence shapes the model
+    return value
 
 
 def _timm_kwargs(model: nn.Module) -> dict:

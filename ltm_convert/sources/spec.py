@@ -59,23 +59,29 @@ class ModelSource:
         known = {f.name for f in dataclasses.fields(cls)}
         src = cls(**{k: v for k, v in d.items() if k in known})
         src.kwargs = dict(src.kwargs or {}) if isinstance(src.kwargs or {}, dict) else src.kwargs
-        src.check("the saved model source")
+        src.check("the saved model source", from_file=True)
         return src
 
-    def check(self, where: str = "the model source") -> "ModelSource":
-        """Refuse anything a recipe must not ask for (options.py), before any model code runs."""
+    def check(self, where: str = "the model source", *, from_file: bool = False) -> "ModelSource":
+        """Refuse anything a recipe must not ask for (options.py), before any model code runs.
+
+        ``from_file``: the recipe was read from a saved model, so a refusal blames the file; else the
+        options are the user's own and the refusal names the option to fix."""
+        corrupt = "the file is corrupt" if from_file else "fix the model name"
         if not isinstance(self.pretrained, bool) or not (self.checkpoint is None or isinstance(self.checkpoint, str)):
-            raise LtmError(f"{where} is malformed (pretrained must be true/false, checkpoint a path); the file is corrupt")
+            raise LtmError(f"{where} is malformed (pretrained must be true/false, checkpoint a path); "
+                           f"{'the file is corrupt' if from_file else 'pass a bool and a path'}")
         if self.kind == "timm" and not _TIMM_NAME.match(self.name):
-            raise LtmError(f"{where} names timm model {self.name[:60]!r}, which is not a model name; the file is corrupt")
+            raise LtmError(f"{where} names timm model {self.name[:60]!r}, which is not a model name; {corrupt}")
         if self.kind == "bundled":
             from ltm_convert.sources.bundled import BUNDLED_NAMES
 
             if self.name not in BUNDLED_NAMES:
                 raise LtmError(f"{where} names bundled model {self.name[:60]!r}; choose one of {', '.join(BUNDLED_NAMES)}")
         if self.kind == "hf-config" and not self.name.isidentifier():
-            raise LtmError(f"{where} names HF class {self.name[:60]!r}, which is not a class name; the file is corrupt")
-        self.kwargs = check_options(self.kind, self.kwargs, f"{where}'s options")
+            raise LtmError(f"{where} names HF class {self.name[:60]!r}, which is not a class name; {corrupt}")
+        options = where if where.endswith("options") else f"{where}'s options"
+        self.kwargs = check_options(self.kind, self.kwargs, options, from_file=from_file)
         return self
 
 
@@ -132,8 +138,11 @@ def _hf_name(name: str) -> str:
 
 
 def _first(e: BaseException) -> str:
-    """An exception's first line, shortened, so wrapped messages stay one line."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    """An exception's first line, shortened, so wrapped messages stay one line (a first line that
+    ends in ':' announces the next one, e.g. huggingface_hub's validation errors: both are kept)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+    text = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:160]
 
 
 def _is_timm(name: str) -> bool:
