@@ -234,22 +234,16 @@ def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[s
     renames some on save), ltm_convert converts with the saved schedule and loads the ltm_* tensors
     under the names transformers' own load-time renaming gives them."""
     import transformers
-    from transformers.utils import logging as hf_logging
 
     from ltm_convert.api import convert, is_ltm_name
+    from ltm_convert.sources.build import from_pretrained_checked
 
     cls = getattr(transformers, source.name, None) if source.kind == "hf-config" else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LtmError(f"{path}: its recipe names {source.name!r}, not a transformers model class; the file is corrupt")
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the ltm_* tensors are "unused" to transformers: expected
-    hf_logging.disable_progress_bar()
-    try:
-        base = cls.from_pretrained(str(path), trust_remote_code=False)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    # the directory's config.json is checked like a saved recipe (allow-lists, size, offline) and
+    # transformers' messages stay quiet (the ltm_* tensors are "unused" to it: expected)
+    base = from_pretrained_checked(cls, path, quiet=True)
     model = convert(base.float(), config=config, inplace=True)  # float32 until restore_dtypes, like load()
     rename = _hf_key_renamer(model)
     saved = {rename(k): v for k, v in state.items()}

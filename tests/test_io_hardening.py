@@ -346,3 +346,29 @@ def test_deeply_nested_json_is_one_line(saved_dir, tmp_path, layout):
         torch.save({"ltm_recipe": nested, "state_dict": {}}, target)
     line = assert_one_line_error(run_cli("inspect", str(target), cwd=tmp_path))
     assert "corrupt" in line, line
+
+
+@pytest.mark.parametrize("tamper", [{"_attn_implementation": "kernels-community/flash-attn"},
+                                    {"hidden_size": 16384, "num_hidden_layers": 128, "num_attention_heads": 128,
+                                     "intermediate_size": 65536}], ids=["hub-kernel", "huge"])
+def test_save_pretrained_directory_config_json_is_checked_on_load(tmp_path, tamper):
+    """``ltm_convert.load(dir)`` of a save_pretrained directory builds what its config.json says: that
+    file goes through the same allow-list, size bound and offline rule as a saved recipe."""
+    import json as _json
+
+    from model_zoo import hf_model
+
+    from ltm_convert.api import convert
+    from ltm_convert.io import load
+
+    model = convert(hf_model("Dinov2Model"), 0.6)
+    model.save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = _json.loads(cfg_path.read_text())
+    cfg.update(tamper)
+    cfg_path.write_text(_json.dumps(cfg))
+    with pytest.raises(LtmError) as e:
+        load(tmp_path / "m")
+    line = str(e.value)
+    assert "\n" not in line and (("_attn_implementation" in line) if "hidden_size" not in tamper
+                                 else ("billion parameters" in line))
