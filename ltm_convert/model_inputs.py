@@ -49,10 +49,15 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
 
 
 def in_channels(model: nn.Module) -> int:
+    """Channels of the input image. The first convolution decides where there is one: timm keeps the
+    pretrained config's 3 channels in ``pretrained_cfg`` for a model built with ``in_chans=1``."""
     config = getattr(model, "config", None)
     for holder in (config, getattr(config, "vision_config", None)):
         if holder is not None and getattr(holder, "num_channels", None):
             return int(holder.num_channels)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None:
+        return int(first_conv.in_channels)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("input_size"):
         return int(cfg["input_size"][0])

@@ -410,3 +410,17 @@ def test_cli_takes_a_checkpoint_with_its_own_head(tmp_path):
                                          "--num-classes", "3", "--model-kwargs", "img_size=64", "-o", "m3.pt",
                                          cwd=tmp_path))
     assert "--num-classes 2" in line
+
+
+def test_single_channel_timm_model_converts_saves_and_loads(tmp_path):
+    """timm keeps 3 channels in pretrained_cfg for ``in_chans=1``: the input is read from the first
+    convolution, so tracing, FLOPs and a save/load round trip use 1-channel images."""
+    from ltm_convert.io import load, save
+
+    torch.manual_seed(0)
+    model = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, in_chans=1, depth=2,
+                                      img_size=64).eval(), 0.7)
+    x = torch.randn(2, 1, 64, 64)
+    save(model, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m.pt")(x), model(x))
