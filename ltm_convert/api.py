@@ -191,6 +191,7 @@ def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None
     model.ltm_base_flops = base
     _update_data_config(model, config.input_size)
     _record_hf_recipe(model)
+    _refuse_torchscript(model)
     clock.lap("finish")
     model.ltm_timings = clock.laps
 
@@ -220,6 +221,22 @@ class _Clock:
         now = self._now()
         self.laps[name] = now - self._last
         self._last = now
+
+
+SCRIPT_REFUSAL = ("torch.jit.script cannot compile a converted model (its merge modules use Python that TorchScript "
+                  "does not support); use torch.jit.trace(model, example), torch.export.export or torch.compile instead")
+
+
+def _script_refused() -> nn.Module:
+    raise LtmError(SCRIPT_REFUSAL)
+
+
+def _refuse_torchscript(model: nn.Module) -> None:
+    """``torch.jit.script`` asks every module for ``__prepare_scriptable__`` before compiling it: the
+    converted model and each of its merging modules answer with one clear line instead of the compiler's
+    "Unknown type annotation: 'Any'" deep inside. Tracing, export and torch.compile are unaffected."""
+    for module in (model, *(m for m in model.modules() if isinstance(m, (LtmBlockMixin, GridMerge)))):
+        module.__prepare_scriptable__ = _script_refused
 
 
 def _record_hf_recipe(model: nn.Module) -> None:
@@ -282,10 +299,11 @@ def describe(model: nn.Module) -> dict[str, Any]:
     plan = _plan(model)
     config: LtmConfig = model.ltm_config
     size = tuple(config.input_size)
-    converted_flops = count_flops(model, size)
+    counted = _float_meta_copy(model)  # FLOPs do not depend on the dtype; the example input is float32
+    converted_flops = count_flops(counted, size)
     base = getattr(model, "ltm_base_flops", None)
     if base is None:
-        base = model.ltm_base_flops = _original_flops(model, size)
+        base = model.ltm_base_flops = _original_flops(counted, size)
     added = sum(p.numel() for _, p in ltm_parameters(model))
     total = sum(p.numel() for p in model.parameters())
     family = family_of(model)
@@ -327,9 +345,20 @@ def merge_counts(model: nn.Module) -> list[dict[str, Any]]:
 
 def _original_flops(model: nn.Module, size: tuple[int, int]) -> int:
     """FLOPs of the model with merging switched off (identical to the original model)."""
-    counted = meta_copy(model)
+    counted = _float_meta_copy(model)
     disable_merging(counted)
     return count_flops(counted, size)
+
+
+def _float_meta_copy(model: nn.Module) -> nn.Module:
+    """A weightless float32 copy for counting: a half-precision model (``model.half()``) would meet a
+    float32 example input, and counting needs only shapes."""
+    counted = meta_copy(model)
+    if counted is model:
+        counted = copy.deepcopy(model)
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in (*counted.parameters(), *counted.buffers())):
+        counted.float()
+    return counted
 
 
 def disable_merging(model: nn.Module) -> None:

@@ -7,8 +7,10 @@
 Each command lives in ``ltm_convert/commands/`` (one module each, sharing ``_common.py``); this
 module builds the app and runs it. Errors a user can fix (:class:`LtmError`, bad arguments) print
 as one line ``error: ...`` on stderr (``{"error": ...}`` on stdout with ``--json``) and exit with
-status 2; anything else prints one line and exits with status 1. ``LTM_DEBUG=1`` adds the full
-traceback (the exit status stays the same).
+status 2; so do the other failures an input can cause (commands/_errors.py: memory, nesting, paths,
+options the model library rejects while building or loading the model). Anything else is a bug in
+ltm_convert: one line, exit status 1. ``LTM_DEBUG=1`` adds the full traceback (the exit status stays
+the same).
 
 Importing this module stays light: torch, timm and transformers load inside the commands.
 """
@@ -24,7 +26,7 @@ import typer
 
 from ltm_convert import __version__
 from ltm_convert.commands._common import _ClickException, _join_input_size, _UsageError
-from ltm_convert.errors import LtmError
+from ltm_convert.commands._errors import user_error as _user_error
 
 PROG = "ltm-convert"
 DEBUG_ENV = "LTM_DEBUG"
@@ -112,19 +114,16 @@ class _Buffer(logging.Handler):
             pass
 
 
-def _user_error(exc: BaseException) -> Optional[str]:
-    """The one-line message of an error the user can fix, or None for a bug."""
-    if isinstance(exc, LtmError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory; use a smaller --input-size or --batch-size"
-    if isinstance(exc, PermissionError):
-        return f"permission denied: {exc.filename or exc}; choose another path"
-    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
-        return f"{exc.strerror}: {exc.filename}; choose another path"
-    if isinstance(exc, OSError) and exc.errno in (28, 30):  # no space left, read-only file system
-        return f"{exc.strerror}: {exc.filename or ''}; free space or choose another output location"
-    return None
+def _quiet_progress_bars() -> None:
+    """HF's download / "Loading weights" tqdm bars would write lines to stderr: off, also when the
+    libraries were imported before ``main`` ran (the environment variable is read at import)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None and hasattr(hub, "disable_progress_bars"):
+        hub.disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None and hasattr(hf_logging, "disable_progress_bar"):
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -135,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Library chatter on stderr would break "one error line"; keep only real warnings.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _quiet_progress_bars()
     command = typer.main.get_command(app)
     buffer = _Buffer()
     root = logging.getLogger()

@@ -14,3 +14,8 @@ class LtmError(Exception):
 
 class UnsupportedModelError(LtmError):
     """The model has no block that ltm_convert can convert safely (the reason names what was found)."""
+
+
+class TrainingDiverged(LtmError):
+    """Fine-tuning produced a NaN/inf loss, gradient or weights. The message says where it happened,
+    what was kept (checkpoint, best weights written to the output) and whether ``--resume`` can help."""

@@ -190,3 +190,59 @@ def test_two_threads_converting_at_once():
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def test_describe_of_half_precision_models():
+    """describe() counts FLOPs on a float32 meta copy: model.half() / .to(bfloat16) of a converted
+    model describes exactly as the float32 model does (it raised a dtype error)."""
+    import copy
+
+    from ltm_convert.api import describe
+    from ltm_convert.sources import load_model
+
+    model = convert(load_model(TINY, pretrained=False, depth=2, img_size=64, embed_dim=64, num_heads=2), 0.6)
+    reference = describe(model)
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16)):
+        half = cast(copy.deepcopy(model))
+        half.ltm_base_flops = None  # counted again, on the half model
+        info = describe(half)
+        for key in ("flops_original", "flops_converted", "flops_ratio", "blocks", "params_added"):
+            assert info[key] == reference[key], key
+        assert next(half.parameters()).dtype in (torch.float16, torch.bfloat16)  # the model itself is untouched
+
+
+def test_torch_jit_script_is_refused_in_one_line_and_trace_works(tmp_path):
+    """TorchScript cannot compile the merge modules: torch.jit.script of a converted model (or of one
+    of its merging blocks, or of a loaded one) raises one LtmError naming what works instead."""
+    import warnings
+
+    from ltm_convert.io import load, save
+    from ltm_convert.sources import load_model
+
+    model = convert(load_model(TINY, pretrained=False, depth=2, img_size=64, embed_dim=64, num_heads=2), 0.6).eval()
+    loaded = load(save(model, tmp_path / "m.pt")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "torch.jit.script is deprecated"
+        for target in (model, model.blocks[0], model.blocks, loaded):
+            with pytest.raises(LtmError) as e:
+                torch.jit.script(target)
+            text = str(e.value)
+            assert "\n" not in text and "torch.jit.trace" in text and "torch.export" in text
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, x)
+            torch.testing.assert_close(traced(x), model(x))
+
+
+def test_calibration_images_in_class_folders_are_used(tmp_path):
+    """An ImageFolder-style --calibration-images (class subfolders, as for finetune --data) is read
+    class by class instead of being reported as holding no images."""
+    folder = _image_folder(tmp_path)
+    proc = run_cli("convert", TINY, "--no-pretrained", "--model-kwargs", "depth=2", "-s", "64", "--dry-run", "--json",
+                   "--schedule", "calibrated", "--calibration-images", str(folder), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["schedule"] == "calibrated"
+    from ltm_convert.commands._common import calibration_files
+
+    files = calibration_files(folder)
+    assert [f.parent.name for f in files[:4]] == ["a", "b", "a", "b"] and len(files) == 8

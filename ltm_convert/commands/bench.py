@@ -54,11 +54,17 @@ def _methods(values: Optional[List[str]]) -> Optional[List[str]]:
     return list(dict.fromkeys(method_callback(v) for v in values))
 
 
+MAX_BENCH_BATCH = 4096  # a larger batch only asks the allocator for tens of GB
+
+
 def _batches(values: Optional[List[int]]) -> Optional[List[int]]:
     if not values:
         return None
     if any(v < 1 for v in values):
         raise typer.BadParameter("batch sizes must be positive")
+    if max(values) > MAX_BENCH_BATCH:
+        raise typer.BadParameter(f"batch size {max(values)} is too large to time; use at most {MAX_BENCH_BATCH} "
+                                 "(throughput stops growing long before)")
     return sorted(set(values))
 
 

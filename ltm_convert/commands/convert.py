@@ -19,6 +19,7 @@ from ltm_convert.commands._common import (
     ScheduleOpt,
     TopkOpt,
     _UsageError,
+    calibration_files,
     check_output,
     emit_json,
     model_kwargs_callback,
@@ -93,11 +94,16 @@ def register(app: typer.Typer) -> None:
             raise _UsageError("missing option '--output' / '-o' (required unless --dry-run)")
         if not dry_run:
             check_output(output)
+        photos = None
         if calibration_images is not None:
             if schedule != "calibrated":
                 raise _UsageError("--calibration-images only applies with --schedule calibrated")
             if not calibration_images.is_dir():
                 raise _UsageError(f"--calibration-images {calibration_images} is not a folder; give a folder of photos")
+            photos = calibration_files(calibration_images)
+        if topk is not None and (method or "ltm") != "ltm":
+            raise _UsageError(f"--topk applies to the ltm method only (each merged token's targets); "
+                              f"--method {method} has no such setting: leave --topk out")
         ratio = DEFAULT_RATIO if ratio is None else ratio
         with quiet_stdout(json_out):
             say(f"loading {model} ...", json_out)
@@ -112,7 +118,7 @@ def register(app: typer.Typer) -> None:
             say(f"converting at ratio {ratio:g} ...", json_out)
             options = {k: v for k, v in (("topk", topk), ("schedule", schedule)) if v is not None}
             converted = api_convert(base, ratio=ratio, input_size=input_size, exclude=list(exclude) if exclude else None,
-                                    method=method or "ltm", calibration_images=calibration_images, **options)
+                                    method=method or "ltm", calibration_images=photos, **options)
             info = describe(converted)
             if not dry_run:
                 from ltm_convert.io import save

@@ -83,6 +83,10 @@ def register(app: typer.Typer) -> None:
 
         if output is None and workdir is None:
             raise LtmError("give --output/-o (the fine-tuned model) or --workdir (checkpoints only)")
+        from ltm_convert.commands._common import check_output
+
+        check_output(output)  # refused before any model or data is loaded
+        check_output(workdir if workdir is not None else Path(f"{output}.run"))
         cfg = FinetuneConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup=warmup, clip_grad=clip_grad or None, amp=amp, train=train, temperature=temperature,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ltm_convert.errors import LtmError
+from ltm_convert.errors import LtmError, TrainingDiverged
 from ltm_convert.finetune.loop import FinetuneConfig, Trainer
 
 __all__ = ["finetune", "prepare_model", "FinetuneConfig", "Trainer"]
@@ -86,7 +86,10 @@ def finetune(model: Any, data: Any, *, output: str | os.PathLike | None = None, 
             trainer.resume(None if resume is True else Path(resume))
         if bundle.skipped and trainer.dist.main:
             trainer._log({"type": "data", "step": trainer.state.global_step, "skipped_images": bundle.skipped})
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except TrainingDiverged as exc:
+            raise _rescued(trainer, exc, output) from None
         final = trainer.final_model()
         if output is not None and trainer.dist.main:
             from ltm_convert.io import save
@@ -95,3 +98,28 @@ def finetune(model: Any, data: Any, *, output: str | os.PathLike | None = None, 
         return final, history
     finally:
         trainer.close()
+
+
+def _rescued(trainer: Trainer, exc: TrainingDiverged, output: str | os.PathLike | None) -> TrainingDiverged:
+    """After a divergence, write the best validated weights so far (the unchanged start at least, with
+    ``keep_best``) to ``output``, so the run leaves a usable model, and say so in the error. Every
+    process words the same line; the main one writes."""
+    if output is None:
+        return exc
+    if trainer.best is None:
+        why = "--no-keep-best" if not trainer.cfg.keep_best else "no weights were validated yet"
+        return TrainingDiverged(f"{exc}; nothing was written to {output} ({why})")
+    if trainer.dist.main:
+        model = trainer.best_model()
+        if model is None:
+            return TrainingDiverged(f"{exc}; nothing was written to {output} (the best weights' file "
+                                    f"{trainer.best_path} is gone)")
+        from ltm_convert.io import save
+
+        try:
+            save(model, str(output))
+        except (LtmError, OSError) as failed:
+            return TrainingDiverged(f"{exc}; writing the best weights to {output} failed too: {failed}")
+    best = trainer.best
+    return TrainingDiverged(f"{exc}; the best validated weights so far (step {best['step']}, agreement "
+                            f"{best['agreement']:.4f}) were written to {output}")

@@ -169,7 +169,14 @@ def _hf_splits(root: Path, transform: Preprocess) -> dict[str, HFDiskDataset]:
         import datasets
     except ImportError:
         raise LtmError(f"{root} is a HuggingFace datasets directory; pip install datasets to read it") from None
-    obj = datasets.load_from_disk(str(root))
+    try:
+        obj = datasets.load_from_disk(str(root))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever datasets / pyarrow make of a damaged directory
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise LtmError(f"{root} looks like a HuggingFace datasets directory but cannot be read ({text}); "
+                       "re-create it with Dataset.save_to_disk, or give an ImageFolder directory") from None
     splits = dict(obj) if isinstance(obj, datasets.DatasetDict) else {"train": obj}
     out = {}
     for name, ds in splits.items():

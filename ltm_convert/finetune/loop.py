@@ -7,7 +7,6 @@ same weights as one that never stopped.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -20,12 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ltm_convert.errors import LtmError
+from ltm_convert.errors import LtmError, TrainingDiverged
 from ltm_convert.finetune import checkpoint as ckpt
 from ltm_convert.finetune import distributed as D
 from ltm_convert.finetune.config import FinetuneConfig
 from ltm_convert.finetune.data import DataBundle, ResumableSampler, shard
 from ltm_convert.finetune.losses import IBLoss, distill, pool_tokens
+from ltm_convert.finetune.optim import (  # noqa: F401 - re-exported: loop is where callers look
+    Ema,
+    amp_settings,
+    cosine_with_warmup,
+    merges_tokens,
+    param_groups,
+)
 from ltm_convert.model_inputs import call_kwargs, main_output
 
 
@@ -38,10 +44,6 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
     return value
-
-
-def is_ltm_name(name: str) -> bool:
-    return any(part.startswith("ltm_") for part in name.split("."))
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,68 +111,7 @@ def make_teacher(student: nn.Module) -> nn.Module:
     return teacher
 
 
-def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
-    """Mask parameters at --mask-lr without weight decay (the merge temperature learns faster through
-    its parametrisation, ltm_mask.TAU_RATE), the rest (--train all) at --lr with weight decay on matrices."""
-    mask, decay, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if any(pat and pat in name for pat in cfg.freeze):
-            p.requires_grad_(False)
-        elif is_ltm_name(name):
-            p.requires_grad_(True)
-            mask.append(p)
-        elif cfg.train == "all":
-            p.requires_grad_(True)
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        else:
-            p.requires_grad_(False)
-    if not mask and cfg.train == "mask":
-        raise LtmError("the model has no ltm_ parameters to train (a training-free merge, or ratio 1); fine-tune its "
-                       "weights with --train all, or convert it with the 'ltm' method at a ratio < 1")
-    groups = [{"params": mask, "lr": cfg.mask_lr, "weight_decay": 0.0, "name": "ltm"}] if mask else []
-    if decay:
-        groups.append({"params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "decay"})
-    if no_decay:
-        groups.append({"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
-
-
-def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def amp_settings(cfg: FinetuneConfig, device: torch.device) -> tuple[bool, torch.dtype]:
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "none"
-    if mode == "none":
-        return False, torch.float32
-    return True, torch.bfloat16 if mode == "bf16" else torch.float16
-
-
-class Ema:
-    """Exponential moving average of the trainable weights (buffers copied)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for (_, e), (_, p) in zip(self.model.state_dict().items(), model.state_dict().items()):
-            if e.dtype.is_floating_point:
-                e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-            else:
-                e.copy_(p)
-
-
+KEEP_FIT_PASSES = 8  # --fit-keep may ask for at most this many passes over the training images
 KEEP_FIT_SEED = 7919  # the keep fit's image order: its own stream, not the training sampler's
 KEEP_FIT_EPOCH = 1_000_000  # augmentation epochs of the keep fit's passes: crops no training epoch sees
 
@@ -220,6 +161,16 @@ class Trainer:
         if cfg.fit_keep and not any(isinstance(m, LtmMask) for m in self.student.modules()):
             raise LtmError("--fit-keep fits the keep term of LTM masks, and this model has none "
                            "(convert it with the ltm method, or leave --fit-keep out)")
+
+        if cfg.train == "mask" and not merges_tokens(self.student):
+            raise LtmError("this model merges no token (converted at ratio 1.0?), so its LTM masks get no gradient and "
+                           "--train mask has nothing to learn; fine-tune its weights with --train all, or convert it "
+                           "at a ratio < 1")
+        limit = KEEP_FIT_PASSES * len(data.train)
+        if cfg.fit_keep > limit:
+            raise LtmError(f"--fit-keep {cfg.fit_keep} asks for more than {KEEP_FIT_PASSES} passes over the "
+                           f"{len(data.train)} training images; use at most {limit} (each pass past the first sees "
+                           "the same images with new crops)")
 
         world = self.dist.world
         if cfg.batch_size % world:
@@ -331,6 +282,11 @@ class Trainer:
             if self.save_due and self._weights_gave_finite_loss():
                 self.save(rng)  # the batch was bad, not the weights: they are the last good checkpoint
             raise self._nan_error("loss")
+        if not loss.requires_grad:
+            raise LtmError(f"nothing that --train {self.cfg.train} trains changes the loss (no merge reaches the "
+                           "output: none happens, or only where the head does not read, e.g. in the last block of a "
+                           "class-token model; or --freeze holds what would train); fine-tune with --train all, or "
+                           "convert so that earlier blocks merge (a lower ratio)")
         if self.save_due:
             self.save(rng)
             self.save_due = False
@@ -368,11 +324,22 @@ class Trainer:
         self._ib_batch = None
         return not D.any_flag(not bool(torch.isfinite(loss)), self.dist.device)
 
-    def _nan_error(self, what: str) -> LtmError:
-        where = (f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})" if self.ckpt_path.is_file()
-                 else "no checkpoint was written yet")
-        return LtmError(f"the {what} became NaN/inf at step {self.state.global_step + 1} (epoch {self.state.epoch + 1}); "
-                        f"training stopped; {where}; lower --lr/--mask-lr or turn off --amp")
+    def _nan_error(self, what: str) -> TrainingDiverged:
+        """One line: where it diverged, what was kept, and whether ``--resume`` with lower rates can help.
+        A NaN loss or gradient of the step that starts at the checkpoint does not depend on the learning
+        rate: resuming would compute it again, so only a new run with lower rates takes another path."""
+        step = self.state.global_step + 1
+        head = f"the {what} became NaN/inf at step {step} (epoch {self.state.epoch + 1}); training stopped"
+        fix = "lower --lr/--mask-lr or turn off --amp"
+        if not self.ckpt_path.is_file():
+            return TrainingDiverged(f"{head}; no checkpoint was written yet: {fix} and start again")
+        where = f"the last good checkpoint is {self.ckpt_path} (step {self.saved_step})"
+        if self.saved_step == self.state.global_step and what in ("loss", "gradient"):
+            return TrainingDiverged(f"{head}; {where}, where this step starts, so --resume would repeat it and fail "
+                                    f"again whatever the rates: {fix} and start a new run (without --resume, or "
+                                    "another --workdir)")
+        return TrainingDiverged(f"{head}; {where}: {fix} and --resume (the steps after {self.saved_step} are redone "
+                                "at the new rates), or start a new run")
 
     # -- eval -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -561,6 +528,15 @@ class Trainer:
             print(f"keeping the weights of step {self.best['step']} (validation agreement {self.best['agreement']:.4f}; "
                   f"the last step's was {last['agreement'] if last else float('nan'):.4f}); --no-keep-best keeps the last",
                   flush=True)
+        return model
+
+    def best_model(self) -> nn.Module | None:
+        """The model holding the best validated weights so far, read back from their file (the live
+        weights may be NaN after a divergence); None when none were kept."""
+        if self.best is None or not self.best_path.is_file():
+            return None
+        model = self.ema.model if self.ema else self.student
+        ckpt.load_best(self, model)
         return model
 
     def close(self) -> None:
