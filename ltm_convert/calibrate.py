@@ -46,19 +46,14 @@ def calibration_batch(model: nn.Module, images: Any, size: tuple[int, int]) -> t
     """Images (paths, a folder, PIL, arrays, or a (N, 3, H, W) tensor in [0, 1]) -> the model's input."""
     from pathlib import Path
 
-    from ltm_convert.tools.images import model_input
+    from ltm_convert.tools.images import folder_photos, model_input
 
     if images is None:
         images = default_calibration_images()
     elif isinstance(images, (str, Path)) and not Path(images).is_dir():
         images = [images]
     elif isinstance(images, (str, Path)):
-        folder = Path(images)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
-        if not files:
-            raise LtmError(f"calibration folder {folder} holds no .jpg/.jpeg/.png/.bmp/.webp images; "
-                           "point --calibration-images at a folder of photos")
-        images = files
+        images = folder_photos(Path(images), "the calibration folder")
     if isinstance(images, torch.Tensor):
         items = list(images) if images.dim() == 4 else [images]
     else:

@@ -242,7 +242,13 @@ def test_calibration_images_in_class_folders_are_used(tmp_path):
                    "--schedule", "calibrated", "--calibration-images", str(folder), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["schedule"] == "calibrated"
-    from ltm_convert.commands._common import calibration_files
+    from ltm_convert.calibrate import calibration_batch
+    from ltm_convert.tools.images import folder_photos
 
-    files = calibration_files(folder)
+    files = folder_photos(folder)
     assert [f.parent.name for f in files[:4]] == ["a", "b", "a", "b"] and len(files) == 8
+    # the Python API reads the same folder (convert(..., calibration_images=folder))
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1)
+    assert calibration_batch(model, folder, (64, 64)).shape[0] == 8

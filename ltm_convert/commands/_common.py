@@ -443,35 +443,3 @@ def check_output(path: Optional[Path]) -> None:
                        "choose another output location") from None
     os.close(fd)
     os.unlink(name)
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def calibration_files(folder: Path) -> List[Path]:
-    """The photos of a ``--calibration-images`` folder: its image files, or, for an ImageFolder-style
-    tree (one subfolder per class), those of its subfolders taken in turn, so that the first images
-    (calibration uses the first 64) come from every class."""
-    def images(d: Path) -> List[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-    files = images(folder)
-    if files:
-        return files
-    subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    per_class = [images(d) for d in subfolders]
-    mixed = [f for group in _round_robin(per_class) for f in group]
-    if not mixed:
-        kinds = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
-        where = f" nor in its {len(subfolders)} subfolder(s)" if subfolders else ""
-        raise LtmError(f"--calibration-images {folder} holds no {kinds} images{where}; "
-                       "point it at a folder of photos (or of class folders of photos)")
-    return mixed
-
-
-def _round_robin(groups: List[List[Path]]) -> List[List[Path]]:
-    """[[a1, a2], [b1]] -> [[a1, b1], [a2]]: one file of each group per round."""
-    rounds: List[List[Path]] = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        rounds.append([g[i] for g in groups if i < len(g)])
-    return rounds

@@ -19,7 +19,6 @@ from ltm_convert.commands._common import (
     ScheduleOpt,
     TopkOpt,
     _UsageError,
-    calibration_files,
     check_output,
     emit_json,
     model_kwargs_callback,
@@ -29,6 +28,7 @@ from ltm_convert.commands._common import (
     say,
 )
 from ltm_convert.errors import LtmError
+from ltm_convert.tools.images import folder_photos
 
 CONVERT_EPILOG = """\
 [bold]Examples[/bold]
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 raise _UsageError("--calibration-images only applies with --schedule calibrated")
             if not calibration_images.is_dir():
                 raise _UsageError(f"--calibration-images {calibration_images} is not a folder; give a folder of photos")
-            photos = calibration_files(calibration_images)
+            photos = folder_photos(calibration_images, "--calibration-images")
         if topk is not None and (method or "ltm") != "ltm":
             raise _UsageError(f"--topk applies to the ltm method only (each merged token's targets); "
                               f"--method {method} has no such setting: leave --topk out")
