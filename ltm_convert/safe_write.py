@@ -48,10 +48,11 @@ def _umask() -> int:
     return 0o022
 
 
-def check_writable(path: Path | str) -> Path:
+def check_writable(path: Path | str, replace: bool = True) -> Path:
     """Refuse, before any work is done, an output path that cannot be written (a directory where a
-    file goes, a parent that is a file, a folder without write permission) or that holds something
-    ltm_convert did not write (it would be replaced)."""
+    file goes, a parent that is a file, a folder without write permission) or, when the output will
+    ``replace`` what is there, that holds something ltm_convert did not write. A fine-tuning work
+    directory is written into, never replaced (``replace=False``): a run resumes from it."""
     path = Path(path)
     if path.suffix in FILE_SUFFIXES and path.is_dir():
         raise LtmError(f"{path} is an existing directory; give a file name that does not exist or is a file")
@@ -63,7 +64,8 @@ def check_writable(path: Path | str) -> Path:
         raise LtmError(f"cannot write {path}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise LtmError(f"cannot write {path}: no write permission in {probe}; choose another output location")
-    check_replaceable(path)
+    if replace:
+        check_replaceable(path)
     return path
 
 

@@ -130,6 +130,11 @@ def test_resume_with_another_train_mode_is_one_line(tmp_path, tiny_saved):
     assert run.returncode == 0, run.stderr[-2000:]
     line = assert_one_line_error(run_cli(*common, "--resume", "--train", "all", cwd=tmp_path))
     assert "--train" in line
+    # the run's work directory (t.pt.run) is resumed from, never refused as "not ours"
+    more = run_cli(*common[:-1], "3", "--resume", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    again = run_cli(*common, cwd=tmp_path)  # the same command again starts over in the same folder
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_api_refusals_and_honoured_inputs():

@@ -421,10 +421,11 @@ def resolve_model(target: str, *, no_pretrained: bool = False, checkpoint: Optio
                       **(model_kwargs or {})), False
 
 
-def check_output(path: Optional[Path]) -> None:
+def check_output(path: Optional[Path], replace: bool = True) -> None:
     """Refuse an output that cannot be written before any work starts: the permission checks of
-    ``io.check_writable``, then a real file created (and removed) where the output will go, since
-    some folders refuse new files whatever their permissions say (/proc, /sys, for root too)."""
+    ``io.check_writable`` (``replace``: the output replaces what is there, so that must be ours),
+    then a real file created (and removed) where the output will go, since some folders refuse new
+    files whatever their permissions say (/proc, /sys, for root too)."""
     if path is None:
         return
     import os
@@ -432,7 +433,7 @@ def check_output(path: Optional[Path]) -> None:
 
     from ltm_convert.io import check_writable
 
-    path = check_writable(path)
+    path = check_writable(path, replace)
     probe = path if path.is_dir() else path.parent
     while not probe.exists():
         probe = probe.parent

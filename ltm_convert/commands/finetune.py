@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         from ltm_convert.commands._common import check_output
 
         check_output(output)  # refused before any model or data is loaded
-        check_output(workdir if workdir is not None else Path(f"{output}.run"))
+        check_output(workdir if workdir is not None else Path(f"{output}.run"), replace=False)  # resumed from
         cfg = FinetuneConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup=warmup, clip_grad=clip_grad or None, amp=amp, train=train, temperature=temperature,
