@@ -411,3 +411,24 @@ def test_item6_hf_directory_size_is_bounded_before_any_weight_is_read(tmp_path: 
         with pytest.raises(LtmError) as e:
             load_model(f"hf:{d}", pretrained=pretrained)
         assert "billion parameters" in one_line(e)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_tanh"])
+def test_save_refuses_a_setting_no_recorded_option_rebuilds(tmp_path: Path, act: str) -> None:
+    """An activation (or norm) of the user's own changes outputs without changing any tensor shape:
+    a recipe that rebuilt GELU instead would load silently different (0.46 on a tiny ViT). Refused,
+    naming the module; dropout rates (training only) do not stop a save."""
+    import timm
+
+    from ltm_convert.api import convert
+    from ltm_convert.io import save
+
+    model = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                                      act_layer=act).eval(), 0.8)
+    with pytest.raises(LtmError) as e:
+        save(model, tmp_path / "m.pt")
+    assert "blocks.0.mlp.act" in one_line(e) and "source=" in str(e.value)
+    assert not (tmp_path / "m.pt").exists()
+    fine = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                                     drop_path_rate=0.1).eval(), 0.8)
+    save(fine, tmp_path / "ok.pt")

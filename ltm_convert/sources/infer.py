@@ -40,10 +40,19 @@ def source_of(model: nn.Module) -> ModelSource:
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     if not isinstance(arch, str) or not _is_timm(arch):
         raise _cannot(model)
+    unmatched = None
     for kw in _timm_candidates(arch, model):
         probe = _probe(arch, kw)
         if _same_layout(probe, model) and _structure(probe) == _structure(model):
-            return ModelSource("timm", arch, False, None, kw)
+            ours, theirs = _modules(model), _modules(probe)
+            if ours == theirs:
+                return ModelSource("timm", arch, False, None, kw)
+            unmatched = unmatched or next((n for n in ours if ours[n] != theirs.get(n)), None)
+    if unmatched is not None:
+        got = _modules(model)[unmatched]
+        raise LtmError(f"cannot record how to rebuild this {type(model).__name__}: its {unmatched} is "
+                       f"{got[0].rsplit('.', 1)[-1]}({got[1]}), a setting no recorded option rebuilds (an "
+                       "activation or norm of your own?); create it with ltm_convert.load_model(...) or pass source=...")
     raise _cannot(model)
 
 
@@ -135,6 +144,26 @@ def _probe(arch: str, kw: dict) -> nn.Module | None:
         except (LtmError, TypeError, ValueError, RuntimeError, NotImplementedError):
             continue
     return None
+
+
+def _modules(model: nn.Module | None) -> dict[str, tuple[str, str]]:
+    """Every module's class and settings (``extra_repr``: activation approximations, norm eps, ...),
+    which change outputs without changing a tensor's shape: a recipe that rebuilds GELU where the
+    user built ReLU must not pass. Dropout rates change only training and are left out; converted
+    blocks compare as their original class, and ltm_* modules not at all."""
+    if model is None:
+        return {}
+    out = {}
+    for name, m in model.named_modules():
+        if any(p.startswith("ltm_") for p in name.split(".")) or "drop" in name.rsplit(".", 1)[-1].lower() \
+                or "Drop" in type(m).__name__:
+            continue
+        cls = getattr(type(m), "ltm_original_class", type(m))
+        settings = m.extra_repr()
+        if hasattr(type(m), "ltm_original_class"):
+            settings = settings.split("ltm: ")[0].rstrip(", ")
+        out[name] = (f"{cls.__module__}.{cls.__qualname__}", settings)
+    return out
 
 
 def _same_layout(a: nn.Module | None, b: nn.Module) -> bool:
