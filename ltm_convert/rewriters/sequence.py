@@ -39,8 +39,10 @@ def side_templates(call: Any, args: tuple, kwargs: dict, block: nn.Module) -> di
 
 
 def pools_patches(plan: "ConversionPlan") -> bool:
-    """Whether the head reads the patch tokens as a set (average, max or attention pooling)."""
-    return bool(set(plan.heads) & {"avg", "max", "attention-pool"})
+    """Whether what follows the blocks reads the patch tokens: as a set (average, max or attention
+    pooling), or as the model's output sequence (an HF base model's last_hidden_state), which then
+    has the original's shape and every patch the value of the token holding it."""
+    return bool(set(plan.heads) & {"avg", "max", "attention-pool", "sequence"})
 
 
 def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
