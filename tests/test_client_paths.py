@@ -431,3 +431,18 @@ def test_single_channel_timm_model_converts_saves_and_loads(tmp_path):
     save(model, tmp_path / "m.pt")
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "m.pt")(x), model(x))
+
+
+def test_timm_nchw_intermediates_with_prefix_tokens():
+    """forward_intermediates(return_prefix_tokens=True) gives (map, prefix tokens) pairs: the maps are
+    full-grid like without prefix tokens, the prefix tokens as the blocks left them."""
+    original = _vit()
+    model = convert(copy.deepcopy(original), 0.5)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        got = model.forward_intermediates(x, indices=2, intermediates_only=True, return_prefix_tokens=True)
+        ref = original.forward_intermediates(x, indices=2, intermediates_only=True, return_prefix_tokens=True)
+        plain = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert len(got) == len(ref) == 2
+    for (m, p), (rm, rp), pm in zip(got, ref, plain):
+        assert m.shape == rm.shape and p.shape == rp.shape and torch.equal(m, pm)

@@ -165,13 +165,16 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
             y = y.gather(1, src)
         return y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
 
+    def to_maps(items: list) -> list:  # return_prefix_tokens=True: (spatial tokens, prefix tokens) pairs
+        return [(to_map(y[0], i), *y[1:]) if isinstance(y, tuple) else to_map(y, i) for y, i in zip(items, take)]
+
     if isinstance(out, dict):
-        out["image_intermediates"] = [to_map(y, i) for y, i in zip(out["image_intermediates"], take)]
+        out["image_intermediates"] = to_maps(out["image_intermediates"])
         return out
     if isinstance(out, tuple):
         final, inter = out
-        return final, [to_map(y, i) for y, i in zip(inter, take)]
-    return [to_map(y, i) for y, i in zip(out, take)]
+        return final, to_maps(inter)
+    return to_maps(out)
 
 
 def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
