@@ -226,7 +226,25 @@ def load(path: str | os.PathLike) -> nn.Module:
     restore_dtypes(model, state)
     model.ltm_source = source
     model.eval()
+    if len({v.dtype for v in state.values() if v.is_floating_point()}) > 1:
+        check_runs(model, where)
     return model
+
+
+def check_runs(model: nn.Module, where: str) -> None:
+    """A file of mixed floating dtypes (fp32 norms in a bf16 model is legitimate) must still give a
+    model whose layers fit together: one small forward, refused in one line if it fails (a float64
+    head behind float32 blocks would otherwise fail later, in every command that runs it)."""
+    from ltm_convert.model_inputs import example_input, run_model
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        with torch.no_grad():
+            run_model(model, example_input(model, batch=1).to(dtype))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LtmError(f"{where}: the model rebuilt from it does not run with its weights' dtypes ({first}); "
+                       f"{_TAMPERED}") from None
 
 
 def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -317,6 +335,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str, *
                        f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:2]}); the file is damaged")
     for key, value in state.items():
         own = expected[key]
+        if value.layout != torch.strided or value.is_quantized:
+            raise LtmError(f"{where}: {key} is a {str(value.layout).replace('torch.', '')} tensor where the model has "
+                           f"dense weights; {_TAMPERED}")
         if own.is_floating_point() != value.is_floating_point() or value.is_complex():
             kind = "floating-point" if own.is_floating_point() else "integer"
             raise LtmError(f"{where}: {key} holds {value.dtype} values where the model has {kind} ({own.dtype}) "

@@ -372,3 +372,29 @@ def test_save_pretrained_directory_config_json_is_checked_on_load(tmp_path, tamp
     line = str(e.value)
     assert "\n" not in line and (("_attn_implementation" in line) if "hidden_size" not in tamper
                                  else ("billion parameters" in line))
+
+
+@pytest.mark.parametrize("how", ["sparse", "float64-head"])
+def test_weights_that_cannot_run_are_refused_at_load(tmp_path, how):
+    """A sparse tensor (torch.isfinite raised a 14 KB NotImplementedError) or a float64 head behind
+    float32 blocks (every command but inspect crashed with a dtype RuntimeError): one line at load."""
+    import timm
+
+    from ltm_convert.api import convert
+    from ltm_convert.io import load, save
+
+    model = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
+                                      num_classes=5).eval(), 0.7)
+    save(model, tmp_path / "m.pt")
+    blob = torch.load(tmp_path / "m.pt")
+    weights = blob["state_dict"]
+    if how == "sparse":
+        weights["head.weight"] = weights["head.weight"].to_sparse()
+    else:
+        weights["head.weight"] = weights["head.weight"].double()
+        weights["head.bias"] = weights["head.bias"].double()
+    torch.save(blob, tmp_path / "bad.pt")
+    with pytest.raises(LtmError) as e:
+        load(tmp_path / "bad.pt")
+    line = str(e.value)
+    assert "\n" not in line and ("head.weight" in line if how == "sparse" else "dtype" in line)
