@@ -432,3 +432,18 @@ def test_save_refuses_a_setting_no_recorded_option_rebuilds(tmp_path: Path, act:
     fine = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2,
                                      drop_path_rate=0.1).eval(), 0.8)
     save(fine, tmp_path / "ok.pt")
+
+
+def test_a_sparse_checkpoint_is_one_line(tmp_path: Path) -> None:
+    """A --checkpoint holding a sparse tensor crashed inside timm's weight loading (exit 1)."""
+    import timm
+    import torch
+
+    from ltm_convert.sources.checkpoints import read_checkpoint
+
+    sd = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1, num_classes=5).state_dict()
+    sd["head.weight"] = sd["head.weight"].to_sparse()
+    torch.save(sd, tmp_path / "sparse.pth")
+    with pytest.raises(LtmError) as e:
+        read_checkpoint(tmp_path / "sparse.pth")
+    assert "head.weight" in one_line(e) and "sparse" in str(e.value)

@@ -92,6 +92,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             sd = next((sd[k] for k in _WRAPPERS if isinstance(sd.get(k), dict)), sd)
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise LtmError(f"checkpoint {path} does not hold a state dict of tensors; save model.state_dict()")
+    odd = next((k for k, v in sd.items() if v.layout != torch.strided or v.is_quantized), None)
+    if odd is not None:
+        raise LtmError(f"checkpoint {path} holds {odd} as a {str(sd[odd].layout).replace('torch.', '')} tensor; "
+                       "save the dense weights (model.state_dict() of the float model)")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
