@@ -257,3 +257,16 @@ def test_calibration_images_in_class_folders_are_used(tmp_path):
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=1)
     assert calibration_batch(model, folder, (64, 64)).shape[0] == 8
+
+
+def test_convert_of_a_converted_models_save_pretrained_directory_is_refused(tmp_path):
+    """`convert hf:DIR` on the save_pretrained folder of a converted model silently dropped its trained
+    ltm_* weights and converted again; it is a saved model like any other (inspect reads it)."""
+    from model_zoo import hf_model
+
+    model = convert(hf_model("Dinov2Model"), 0.6)
+    model.save_pretrained(tmp_path / "m")
+    line = assert_one_line_error(run_cli("convert", f"hf:{tmp_path / 'm'}", "--dry-run", cwd=tmp_path))
+    assert "already a converted model" in line
+    shown = run_cli("inspect", f"hf:{tmp_path / 'm'}", "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]

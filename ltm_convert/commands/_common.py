@@ -403,6 +403,8 @@ def resolve_model(target: str, *, no_pretrained: bool = False, checkpoint: Optio
     from ltm_convert.io import is_saved_model, load
 
     path = Path(target)
+    if target.startswith("hf:") and Path(target[3:]).expanduser().is_dir() and is_saved_model(Path(target[3:]).expanduser()):
+        path = Path(target[3:]).expanduser()  # save_pretrained of a converted model: its recipe is in config.json
     if is_saved_model(path):
         if not path.exists():
             raise LtmError(f"no such file or directory: {target}")
