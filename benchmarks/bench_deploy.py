@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from speed_models import speed_model
+    from speed_models import finish, speed_model
 
     from ltm_convert.api import convert
     from ltm_convert.flops import count_flops
@@ -104,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"runtime": runtime, "model": k, "flops_ratio": fr[k], "speedup": sp,
                                 "of_ideal": sp * fr[k], "images_per_s": t.throughput[k],
                                 "original_images_per_s": t.throughput["original"], "pairs": pairs})
-    print(f"\nload {os.getloadavg()[0]:.1f} at the end; {time.time() - T0:.0f} s", flush=True)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"batch": args.batch, "size": size, "rows": results}, indent=1))
+    finish(results, args.json_out, T0, batch=args.batch, size=size)
     return 0
 
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 T0 = time.time()
 
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from speed_models import speed_model
+    from speed_models import finish, speed_model
 
     from ltm_convert.api import convert
     from ltm_convert.flops import count_flops
@@ -83,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         "quartiles_s": t.quartiles_s, "teacher_s": t.teacher_s, "student_s": student_s,
                         "student_speedup": sp, "of_ideal": sp * fr, "samples_s": t.samples_s})
         del trainer, student
-    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nload {end_load:.1f} at the end; {time.time() - T0:.0f} s", flush=True)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"batch": args.batch, "size": size, "rows": results}, indent=1))
+    finish(results, args.json_out, T0, batch=args.batch, size=size)
     return 0
 
 

@@ -20,3 +20,15 @@ def speed_model(kind: str = "bundled", size: int = 224) -> tuple[Any, tuple[int,
 
         return bundled_timm(size).eval(), (size, size)
     return timm.create_model(kind, pretrained=False, img_size=size).eval(), (size, size)
+
+
+def finish(rows: list[dict], json_out: str | None, started: float, **meta: Any) -> None:
+    """The closing line (the machine's load at the end, total time) and the JSON file, if asked."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    print(f"\nload {os.getloadavg()[0]:.1f} at the end; {time.time() - started:.0f} s", flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps({**meta, "rows": rows}, indent=1))

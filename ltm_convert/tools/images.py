@@ -189,9 +189,9 @@ def folder_photos(folder: Path, what: str = "the folder") -> list[Path]:
     return mixed
 
 
-def _round_robin(groups: List[list[Path]]) -> List[list[Path]]:
+def _round_robin(groups: list[list[Path]]) -> list[list[Path]]:
     """[[a1, a2], [b1]] -> [[a1, b1], [a2]]: one file of each group per round."""
-    rounds: List[list[Path]] = []
+    rounds: list[list[Path]] = []
     for i in range(max((len(g) for g in groups), default=0)):
         rounds.append([g[i] for g in groups if i < len(g)])
     return rounds
