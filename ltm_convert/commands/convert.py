@@ -28,7 +28,6 @@ from ltm_convert.commands._common import (
     say,
 )
 from ltm_convert.errors import LtmError
-from ltm_convert.tools.images import folder_photos
 
 CONVERT_EPILOG = """\
 [bold]Examples[/bold]
@@ -100,6 +99,8 @@ def register(app: typer.Typer) -> None:
                 raise _UsageError("--calibration-images only applies with --schedule calibrated")
             if not calibration_images.is_dir():
                 raise _UsageError(f"--calibration-images {calibration_images} is not a folder; give a folder of photos")
+            from ltm_convert.tools.images import folder_photos  # torch: not at CLI import time
+
             photos = folder_photos(calibration_images, "--calibration-images")
         if topk is not None and (method or "ltm") != "ltm":
             raise _UsageError(f"--topk applies to the ltm method only (each merged token's targets); "

@@ -237,7 +237,7 @@ def read_config_json(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise LtmError(f"cannot read {p} ({_first(e)})") from None
     except RecursionError:
-        raise LtmError(f"{p} nests too deep to be an HF config; fix config.json") from None
+        raise LtmError(f"{p} is nested too deeply to be an HF config; fix config.json") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise LtmError(f"{p} is not valid JSON ({_first(e)}); fix config.json") from None
     check_hf_config(config, str(p), from_file=False)
@@ -318,6 +318,9 @@ def from_pretrained_checked(cls: Any, name: str | os.PathLike, config: Any = Non
             raise LtmError(f"transformers has no model class for {name} ({type(config).__name__}); pass an HF vision model") from None
         if pretrained and isinstance(e, OSError):
             raise LtmError(f"could not load weights from {name} ({_first(e)}); pass --no-pretrained or --checkpoint FILE") from None
+        if "mismatched_sizes" in text or "size mismatch" in text:
+            raise LtmError(f"the weights of {name} do not fit its config (a tensor has another shape); the directory "
+                           "mixes two models or was altered: save it again with save_pretrained") from None
         raise constructor_error(e, what) from None
 
 

@@ -170,7 +170,7 @@ def check_hf_config(config: Any, where: str, *, from_file: bool = True) -> None:
 
     def walk(cfg: dict, path: str, depth: int) -> None:
         if depth > _MAX_NESTING:
-            raise LtmError(f"{where}: the HF config nests too deep; {corrupt}")
+            raise LtmError(f"{where}: the HF config is nested too deeply; {corrupt}")
         for key, value in cfg.items():
             if key in REFUSED_KEYS:
                 raise refuse(path, key, "would run code shipped beside it, read other files or go online")
