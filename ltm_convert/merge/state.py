@@ -246,9 +246,7 @@ def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.T
     head's plain mean over this grid is each merged token counted once per patch it holds, and an
     attention pool over it is proportional attention by those counts: the original head computes
     that on its own, with no side state to lose (``f.clone()``, slicing, numpy, hooks all keep it)."""
-    B, _, C = x.shape
-    patches = x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
-    return torch.cat([x[:, :prefix], patches], dim=1)
+    return torch.cat([x[:, :prefix], unmerge_tokens(x, state, prefix)], dim=1)
 
 
 def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,

@@ -81,6 +81,7 @@ class SequenceFamily:
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())
         factory = mask_factory(config.method)
+        full_grid = pools_patches(plan)
         for i, match in enumerate(plan.blocks):
             block = modules[match.name]
             args, kwargs = analysis.calls[match.name]
@@ -105,8 +106,8 @@ class SequenceFamily:
             block.__dict__["_ltm_side"] = side
             # a head that pools the patch tokens gets them back on the full grid (merge/state.py
             # spread_over_grid): the original head then weighs each merged token by the patches it holds
-            block.ltm_track_sources = pools_patches(plan)
-            block.ltm_full_grid_out = pools_patches(plan) and i == len(plan.blocks) - 1
+            block.ltm_track_sources = full_grid
+            block.ltm_full_grid_out = full_grid and i == len(plan.blocks) - 1
         install_head_adapters(model, plan)
 
     def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> "SequenceCost":
@@ -166,18 +167,8 @@ class SequenceCost:
         self._fits: dict[tuple, tuple] = {}
         self._mask: dict[tuple, int] = {}
         self.full = [self._a(b, plan.num_tokens, False) + self._b(b, plan.num_tokens) for b in self.blocks]
-        # what follows the blocks may read every token (an attention-pool head): its cost is linear in
-        # the tokens the last block leaves, measured once with a counted forward of a merged schedule
-        self.head_slope = 0.0
-        from ltm_convert.schedule import shaped
-
-        probe = shaped(SequenceFamily().sites(meta_model, plan), "fraction", 0.5)
-        m_last = probe[self.blocks[-1].ltm_name]
-        if m_last < plan.num_tokens - self.prefix and "attention-pool" in plan.heads:
-            SequenceFamily().apply(meta_model, plan, probe)
-            measured = float(count_flops(meta_model, self.size))
-            family_disable(self.blocks)
-            self.head_slope = (measured - self.flops(probe)) / (m_last - (plan.num_tokens - self.prefix))
+        # a head that reads more than the prefix tokens gets the full grid back (pools_patches), so
+        # what follows the blocks costs the same whatever the schedule: it is all in ``base``
 
     # -- the pieces ---------------------------------------------------------------------------------
     def _inputs(self, block: Any, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -257,7 +248,7 @@ class SequenceCost:
             total += cost - full
             merged = merged or k < m
             m = k
-        return total + self.head_slope * (m - (self.plan.num_tokens - self.prefix))
+        return total
 
 
 def family_disable(blocks: list[Any]) -> None:
