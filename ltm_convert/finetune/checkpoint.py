@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,20 +60,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    """Written beside ``path``, fsynced, then renamed over it (safe_write: the temp files of a killed
+    run are removed by the next save)."""
+    from ltm_convert.safe_write import replace_atomically
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             torch.save({"format": FORMAT, **payload}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    replace_atomically(Path(path), write)
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
