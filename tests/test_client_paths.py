@@ -202,7 +202,7 @@ def test_data_parallel_style_replicas():
 
 
 @pytest.mark.parametrize("kind", ["ViTModel", "DeiTForImageClassificationWithTeacher", "Dinov2Model",
-                                  "CLIPVisionModel", "Dinov2WithRegistersModel"])
+                                  "CLIPVisionModel", "Dinov2WithRegistersModel", "SiglipVisionModel"])
 def test_hf_output_hidden_states_has_one_state_per_layer(kind):
     original = hf_model(kind)
     model = convert(original, 0.5)
