@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -103,6 +103,8 @@ class LtmBlockMixin:
 
     ltm_original_class: type
     ltm_mask: Any
+    # ``__dict__["_ltm_positions"]``: an optional :class:`PositionRule` set by the family that converted
+    # the block (picklable, holds no tensors of its own)
     ltm_track_sources = False  # (class defaults: models pickled before these settings existed)
     ltm_full_grid_out = False
 
@@ -203,6 +205,9 @@ class LtmBlockMixin:
             sizes = state.sizes if self.ltm_prop_attn else state.sizes.detach().clamp_max(1.0)
             bias = sizes.clamp_min(1e-6).log()[:, None, None, :]
             bias = bias.to(x.dtype if x.is_floating_point() else torch.float32)
+        rule = self.__dict__.get("_ltm_positions")
+        if rule is not None:  # what the model attaches to positions (rotary tables, relative bias) follows the tokens
+            values, bias = rule.block_inputs(self, values, state, bias)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
         soft = callable(getattr(self.ltm_mask, "soft", None)) and self.ltm_mask.soft()
         # training relaxes the merge (every token stays, so the planned count applies); inference
@@ -234,6 +239,21 @@ class LtmBlockMixin:
         if capture is not None:
             capture[self.ltm_name] = state
         return out
+
+
+class PositionRule(Protocol):
+    """How a family makes the per-position inputs of a block follow merged tokens.
+
+    Called before the block's attention half with the bound block inputs (``values``, by parameter
+    name), the incoming token state (None before any merge; ``state.source`` maps every original
+    patch to the token holding it when the family tracks sources) and the proportional-attention
+    bias (log sizes, or None). Returns the inputs and the bias the attention half receives: e.g. a
+    rotary table evaluated at the merged tokens' positions, or a relative-position bias whose
+    column for a merged key is the log-sum-exp of its members' columns (which replaces log size).
+    """
+
+    def block_inputs(self, block: nn.Module, values: dict[str, Any], state: TokenState | None,
+                     bias: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor | None]: ...
 
 
 def collapse_tokens(z: torch.Tensor, state: TokenState | None, prefix: int, name: str) -> tuple[torch.Tensor, TokenState]:

@@ -16,7 +16,7 @@ from torch import nn
 from ltm_convert.analysis.block_split import bind_call, split_block
 from ltm_convert.analysis.heads import classify_heads, prefix_tokens, read_as_grid
 from ltm_convert.errors import LtmError, UnsupportedModelError
-from ltm_convert.ltm_block import LtmBlockMixin, ltm_class
+from ltm_convert.ltm_block import LtmBlockMixin, PositionRule, ltm_class
 from ltm_convert.merge.methods import MaskSpec, mask_factory
 from ltm_convert.rewriters.base import Site, chain_keep
 from ltm_convert.rewriters.heads import install_head_adapters
@@ -87,11 +87,7 @@ class SequenceFamily:
             args, kwargs = analysis.calls[match.name]
             call = bind_call(block, args, kwargs)
             side = side_templates(call, args, kwargs, block)
-            for name, t in side.items():  # e.g. rotary tables: one row per token, which merged tokens cannot follow
-                if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
-                    raise UnsupportedModelError(
-                        f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
-                        f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
+            self.check_side_inputs(block, match, plan, side)
             split = split_block(block, match.attn_child, call)
             attn = getattr(block, match.attn_child)
             spec = MaskSpec(dim=match.dim, block=block, attn=attn, pre_norm=split.pre_norm, first=(i == 0),
@@ -104,14 +100,33 @@ class SequenceFamily:
             block.__dict__["_ltm_split"] = split
             block.__dict__["_ltm_dim"] = match.dim
             block.__dict__["_ltm_side"] = side
+            rule = self.position_rule(model, block, match, plan, analysis)
+            if rule is not None:
+                block.__dict__["_ltm_positions"] = rule
             # a head that pools the patch tokens gets them back on the full grid (merge/state.py
             # spread_over_grid): the original head then weighs each merged token by the patches it holds
             block.ltm_track_sources = full_grid
             block.ltm_full_grid_out = full_grid and i == len(plan.blocks) - 1
         install_head_adapters(model, plan)
 
+    # -- what a family built on this one overrides ------------------------------------------------
+    def check_side_inputs(self, block: nn.Module, match: Any, plan: "ConversionPlan",
+                          side: dict[str, torch.Tensor]) -> None:
+        """Refuse blocks that receive a per-token table (e.g. rotary embeddings: one row per token),
+        which merged tokens cannot follow unless a family supplies a :class:`PositionRule`."""
+        for name, t in side.items():
+            if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
+                raise UnsupportedModelError(
+                    f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
+                    f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
+
+    def position_rule(self, model: nn.Module, block: nn.Module, match: Any, plan: "ConversionPlan",
+                      analysis: "Analysis") -> "PositionRule | None":
+        """The rule that makes this block's per-position inputs follow merged tokens (none here)."""
+        return None
+
     def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> "SequenceCost":
-        return SequenceCost(meta_model, plan)
+        return SequenceCost(meta_model, plan, self)
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         m = plan.num_tokens - plan.prefix_tokens
@@ -154,12 +169,12 @@ class SequenceCost:
     Everything else in the model costs what it cost in the one full count (``base``).
     """
 
-    def __init__(self, meta_model: nn.Module, plan: "ConversionPlan") -> None:
+    def __init__(self, meta_model: nn.Module, plan: "ConversionPlan", family: "SequenceFamily | None" = None) -> None:
         from ltm_convert.flops import count_flops
 
         self.plan = plan
         self.blocks = converted_blocks(meta_model, plan)
-        self.free = {s.name: s.free for s in SequenceFamily().sites(meta_model, plan)}
+        self.free = {s.name: s.free for s in (family or SequenceFamily()).sites(meta_model, plan)}
         self.prefix = plan.prefix_tokens
         self.size = plan.input_size
         family_disable(self.blocks)
