@@ -37,3 +37,18 @@ def test_a_0_1_0_file_has_no_schedule_buffers_so_its_schedule_is_checked_by_flop
     (target / "ltm_config.json").write_text(json.dumps(recipe))
     with pytest.raises(LtmError, match="claims FLOPs ratio 0.6.*tampered"):
         load(target)
+
+
+F1_EXPECTED = json.loads((DATA / "f1_expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(F1_EXPECTED))
+def test_files_of_format_1_as_written_before_plans_were_recorded_load_and_agree(name):
+    """tests/data/f1_*: written by main on 2026-12-06 (tests/data/make_f1_fixtures.py), before the
+    file recorded its family and plan; such files are re-planned from the model at load."""
+    model = load(DATA / name)
+    case = F1_EXPECTED[name]
+    x = torch.randn(2, 3, *case["input_size"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = main_output(run_model(model, x))
+    torch.testing.assert_close(out, torch.tensor(case["output"]), rtol=1e-4, atol=1e-5)
