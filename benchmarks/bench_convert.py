@@ -4,7 +4,7 @@ Converts timm ``vit_base_patch16_224`` (random weights) and the bundled real DIN
 times in this process and prints the median seconds of every phase (``model.ltm_timings``: trace =
 torch.export + matching, match = family choice, build = merge modules in, flops = cost model,
 solve = schedule, finish), then times the CLI dry run end to end in a fresh process (imports
-included).
+included) against its floor, a fresh process that only imports torch and timm and builds the model.
 
     python benchmarks/bench_convert.py [--repeats 3] [--json out.json]
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,14 +35,33 @@ def convert_times(name: str, build, repeats: int) -> dict:
     return {"model": name, "seconds": phases}
 
 
-def cli_dry_run(repeats: int) -> float:
-    cmd = [sys.executable, "-m", "ltm_convert.cli", "convert", "vit_base_patch16_224", "--no-pretrained", "--dry-run"]
-    times = []
+FLOOR = "import torch, timm; timm.create_model('vit_base_patch16_224', pretrained=False)"
+DRY_RUN = ("import sys; from ltm_convert.cli import main\n"
+           "sys.argv = ['ltm-convert', 'convert', 'vit_base_patch16_224', '--no-pretrained', '--dry-run']\n"
+           "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+           "sys.stderr.write('transformers imported: %s\\n' % ('transformers' in sys.modules))\n")
+
+
+def _timed(code: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, done.stderr
+
+
+def cli_dry_run(repeats: int) -> dict:
+    """The CLI dry run end to end against its floor (a fresh process that imports torch and timm and
+    builds the same model), interleaved so that both see the same machine load."""
+    floor, dry, over, imported = [], [], [], set()
     for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        f, _ = _timed(FLOOR)
+        d, err = _timed(DRY_RUN)
+        floor.append(f)
+        dry.append(d)
+        over.append(d - f)
+        imported.add("transformers imported: True" in err)
+    q = lambda xs: [round(v, 2) for v in statistics.quantiles(xs, n=4)] if len(xs) > 1 else [round(xs[0], 2)] * 3  # noqa: E731
+    return {"floor_s": q(floor), "dry_run_s": q(dry), "beyond_floor_s": q(over),
+            "transformers_imported": any(imported), "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
 def main() -> None:
@@ -67,7 +87,12 @@ def main() -> None:
     print("|---|" + "---|" * len(phases))
     for r in results:
         print(f"| {r['model']} | " + " | ".join(f"{r['seconds'][p]:.2f}" for p in phases) + " |")
-    print(f"\n`ltm-convert convert vit_base_patch16_224 --no-pretrained --dry-run`, end to end: {cli:.2f} s")
+    print(f"\n`ltm-convert convert vit_base_patch16_224 --no-pretrained --dry-run` ({args.repeats} paired runs, "
+          f"quartiles in s, load average {cli['loadavg']}):")
+    print(f"  floor (import torch, timm + build the model): {cli['floor_s']}")
+    print(f"  dry run end to end:                          {cli['dry_run_s']}")
+    print(f"  dry run beyond the floor (paired):           {cli['beyond_floor_s']}")
+    print(f"  transformers imported: {cli['transformers_imported']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"convert": results, "cli_dry_run_s": cli}, fh, indent=2)

@@ -32,7 +32,7 @@ from ltm_convert.merge.grid import GridMerge
 from ltm_convert.model_inputs import default_input_size
 from ltm_convert.rewriters import family_named, plan_for
 from ltm_convert.schedule import Schedule, full_keep, solve
-from ltm_convert.tracer import ConversionPlan, analyse
+from ltm_convert.tracer import ConversionPlan, RecordedAnalysis, analyse, check_recorded_plan
 
 __all__ = ["convert", "find_blocks", "describe", "is_converted", "ltm_blocks", "ltm_parameters", "merge_counts",
            "disable_merging", "unmerged_copy", "schedule_of"]
@@ -110,7 +110,7 @@ def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
 def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple[int, int] | int | None = None,
             exclude: Iterable[str] | str | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
             method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, config: LtmConfig | None = None,
-            calibration_images: Any = None) -> nn.Module:
+            calibration_images: Any = None, plan: ConversionPlan | None = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with merging blocks.
 
     ratio is the fraction of the original FLOPs the converted model may use at ``input_size``
@@ -123,6 +123,10 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     a folder, PIL images, arrays, or an (N, 3, H, W) tensor in [0, 1]; default: eight views of
     four bundled photos) and spends the budget there (calibrate.py); the result is a static
     schedule like any other, saved with the model.
+
+    ``plan`` (a saved file's recorded :class:`ConversionPlan`, with the config's saved schedule)
+    replays that conversion with the family the file names, without tracing the model again; a
+    plan that does not fit the model is refused.
     """
     config = _resolve_config(config, ratio=ratio, input_size=input_size, exclude=exclude, topk=topk, method=method,
                              schedule=schedule)
@@ -139,7 +143,7 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
         was_training = model.training
         model.eval()
         try:
-            _convert(model, config, calibration_images)
+            _convert(model, config, calibration_images, plan)
         finally:
             model.train(was_training)
             if dtype in _HALF:
@@ -147,15 +151,24 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     return model
 
 
-def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None) -> None:
+def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None,
+             recorded: ConversionPlan | None = None) -> None:
     clock = _Clock()
     size = config.input_size or default_input_size(model)
     config.input_size = check_input_size(tuple(size), "the model's input size")
     _fit_resolution(model, config.input_size)
-    analysis = analyse(model, config.input_size, config.exclude)
-    clock.lap("trace")
-    _check_exclude(config.exclude, analysis)
-    family, plan = plan_for(analysis)
+    if recorded is None:
+        analysis = analyse(model, config.input_size, config.exclude)
+        clock.lap("trace")
+        _check_exclude(config.exclude, analysis)
+        family, plan = plan_for(analysis)
+    else:  # a saved file's plan: its family, its blocks, no trace
+        if not config.keep or tuple(recorded.input_size) != tuple(config.input_size):
+            raise LtmError("a recorded plan replays with its saved schedule at its input size; the file is corrupt")
+        family, plan = family_named(recorded.family), copy.deepcopy(recorded)
+        analysis = RecordedAnalysis(model, plan)
+        check_recorded_plan(model, plan, analysis, "the saved model")
+        clock.lap("trace")
     clock.lap("match")
     family.build(model, plan, analysis, config)
     clock.lap("build")
@@ -299,11 +312,17 @@ def describe(model: nn.Module) -> dict[str, Any]:
     plan = _plan(model)
     config: LtmConfig = model.ltm_config
     size = tuple(config.input_size)
-    counted = _float_meta_copy(model)  # FLOPs do not depend on the dtype; the example input is float32
-    converted_flops = count_flops(counted, size)
+    solved = getattr(model, "ltm_schedule", None)
     base = getattr(model, "ltm_base_flops", None)
-    if base is None:
-        base = model.ltm_base_flops = _original_flops(counted, size)
+    if solved is not None and base is not None and solved.keep == dict(config.keep or {}):
+        # just solved in this process: the family's cost model counted this very schedule (its pieces
+        # are FlopCounterMode counts; tests hold it equal to counting the whole converted model)
+        converted_flops = round(solved.flops)
+    else:
+        counted = _float_meta_copy(model)  # FLOPs do not depend on the dtype; the example input is float32
+        converted_flops = count_flops(counted, size)
+        if base is None:
+            base = model.ltm_base_flops = _original_flops(counted, size)
     added = sum(p.numel() for _, p in ltm_parameters(model))
     total = sum(p.numel() for p in model.parameters())
     family = family_of(model)

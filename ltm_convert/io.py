@@ -28,6 +28,7 @@ from torch import nn
 
 from ltm_convert.config import LtmConfig, is_int
 from ltm_convert.errors import LtmError
+from ltm_convert.plan import ConversionPlan
 from ltm_convert.safe_write import (  # check_writable and replace_atomically are also imported from here
     CONFIG_NAME,
     MODEL_SUFFIXES,
@@ -79,7 +80,7 @@ def recipe_of(model: nn.Module, source: Any = None) -> dict[str, Any]:
     if src.checkpoint:  # a shared file names no local path; load takes the weights from the file itself
         src = dataclasses.replace(src, checkpoint=Path(src.checkpoint).name)
     return {"ltm_format": FILE_FORMAT, "ltm_version": __version__, "source": src.check("the model source").to_dict(),
-            "config": model.ltm_config.to_dict()}
+            "config": model.ltm_config.to_dict(), "plan": model.ltm_plan.to_dict()}
 
 
 def hf_config_dict(model: nn.Module) -> dict[str, Any]:
@@ -207,6 +208,13 @@ def check_recipe(recipe: dict[str, Any], where: str = "the file") -> tuple[Any, 
     return source, config
 
 
+def recorded_plan(recipe: dict[str, Any], where: str) -> ConversionPlan | None:
+    """The plan the file recorded (files written before 2026-12-07 have none: they are re-planned)."""
+    if "plan" not in recipe:
+        return None
+    return ConversionPlan.from_dict(recipe["plan"], where)
+
+
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the base model, replay the saved conversion and load the saved weights; the model
     comes back in the dtype it was saved in."""
@@ -216,11 +224,12 @@ def load(path: str | os.PathLike) -> nn.Module:
     recipe, state = read_file(path)
     source, config = check_recipe(recipe)
     where = str(path)
+    plan = recorded_plan(recipe, where)
     if Path(path).is_dir() and not (Path(path) / CONFIG_NAME).is_file():
-        model = _load_hf_directory(Path(path), source, config, state)
+        model = _load_hf_directory(Path(path), source, config, state, plan)
     else:
         rebuild = ModelSource(source.kind, source.name, False, None, dict(source.kwargs))
-        model = convert(build_model(rebuild), config=config, inplace=True)
+        model = convert(build_model(rebuild), config=config, inplace=True, plan=plan)
         load_weights(model, state, where, schedule_required=config.mask_version >= 2)
     check_ratio_claim(model, where)
     restore_dtypes(model, state)
@@ -247,7 +256,8 @@ def check_runs(model: nn.Module, where: str) -> None:
                        f"{_TAMPERED}") from None
 
 
-def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[str, torch.Tensor],
+                       plan: ConversionPlan | None = None) -> nn.Module:
     """A converted HF model written by ``save_pretrained``: transformers reads its own weights (it
     renames some on save), ltm_convert converts with the saved schedule and loads the ltm_* tensors
     under the names transformers' own load-time renaming gives them."""
@@ -262,7 +272,7 @@ def _load_hf_directory(path: Path, source: Any, config: LtmConfig, state: dict[s
     # the directory's config.json is checked like a saved recipe (allow-lists, size, offline) and
     # transformers' messages stay quiet (the ltm_* tensors are "unused" to it: expected)
     base = from_pretrained_checked(cls, path, quiet=True)
-    model = convert(base.float(), config=config, inplace=True)  # float32 until restore_dtypes, like load()
+    model = convert(base.float(), config=config, inplace=True, plan=plan)  # float32 until restore_dtypes, like load()
     rename = _hf_key_renamer(model)
     saved = {rename(k): v for k, v in state.items()}
     own = {k: v for k, v in model.state_dict().items() if not is_ltm_name(k)}

@@ -10,12 +10,11 @@ The tracer never mutates the model.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from torch import fx, nn
 
-from ltm_convert.analysis.ffn_sites import FfnSite
 from ltm_convert.analysis.graph import (
     GraphFacts,
     Residual,
@@ -29,71 +28,7 @@ from ltm_convert.analysis.graph import (
 )
 from ltm_convert.errors import UnsupportedModelError
 from ltm_convert.model_inputs import default_input_size
-
-
-@dataclass
-class BlockMatch:
-    """One transformer block found in the graph."""
-
-    name: str  # module path of the block, e.g. "blocks.3"
-    attn_child: str  # the block's child that computes attention, e.g. "attn"
-    index: int  # position along the residual stream
-    tokens: int  # tokens entering the block at the traced resolution
-    dim: int
-
-
-@dataclass
-class GridGroup:
-    """Consecutive blocks that run on patches unfolded from one 2-D feature map (MobileViT).
-
-    The tokens are the n_h x n_w patch positions in raster order; the batch dimension holds
-    batch x patch_area sequences, one per pixel position inside a patch, which must all merge the
-    same way so that the feature map can be folded back.
-    """
-
-    blocks: list[str]
-    tokens: int
-    grid: tuple[int, int]  # (n_h, n_w)
-    patch_area: int
-
-
-@dataclass
-class ConversionPlan:
-    """What a conversion would change: printable, JSON-able, computed without touching the model."""
-
-    model_class: str
-    input_size: tuple[int, int]
-    num_tokens: int
-    prefix_tokens: int
-    heads: list[str]
-    blocks: list[BlockMatch] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    grids: list[GridGroup] = field(default_factory=list)  # set for models whose blocks run on 2-D grids
-    ffn_grids: list[FfnSite] = field(default_factory=list)  # Swin / EfficientViT: merge inside each FFN
-    family: str = "sequence"  # the rewriters/ family that converts it
-    carry: list[str] = field(default_factory=list)  # modules between the last block and the head
-
-    @property
-    def block_names(self) -> list[str]:
-        return [b.name for b in self.blocks]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["input_size"] = list(self.input_size)
-        return data
-
-    def __str__(self) -> str:
-        lines = [
-            f"{self.model_class} at {self.input_size[0]}x{self.input_size[1]}: {self.num_tokens} tokens "
-            f"({self.prefix_tokens} prefix), head: {', '.join(self.heads) or 'none'}",
-        ]
-        lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
-        lines += [f"  grid group {g.grid[0]}x{g.grid[1]} patches x {g.patch_area} positions: {', '.join(g.blocks)}"
-                  for g in self.grids]
-        lines += [f"  FFN on a {f.grid[0]}x{f.grid[1]} grid ({f.layout}): {f.block}.{f.ffn_in} .. {f.ffn_out}"
-                  for f in self.ffn_grids]
-        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
-        return "\n".join(lines)
+from ltm_convert.plan import BlockMatch, ConversionPlan, GridGroup  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -116,13 +51,7 @@ class Analysis:
         """module path -> (args, kwargs) of its first call in one eager forward (run on first use:
         families that hook modules instead of cutting blocks never need it)."""
         if self._calls is None:
-            from ltm_convert.flops import meta_copy
-
-            model = self.modules[""]
-            try:  # a weightless copy runs in no time and calls every module as the real one does
-                self._calls = module_calls(meta_copy(model), self.input_size)
-            except Exception:  # noqa: BLE001 - some models compute on values (.item()): run the real one
-                self._calls = module_calls(model, self.input_size)
+            self._calls = first_calls(self.modules[""], self.input_size)
         return self._calls
 
     @property
@@ -133,6 +62,70 @@ class Analysis:
     @property
     def token_counts(self) -> list[int]:
         return sorted({b.tokens for b in self.blocks})
+
+
+def first_calls(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[tuple, dict]]:
+    """How one eager forward calls each module (args, kwargs of its first call)."""
+    from ltm_convert.flops import meta_copy
+
+    try:  # a weightless copy runs in no time and calls every module as the real one does
+        return module_calls(meta_copy(model), input_size)
+    except Exception:  # noqa: BLE001 - some models compute on values (.item()): run the real one
+        return module_calls(model, input_size)
+
+
+class RecordedAnalysis:
+    """What a family's ``build`` reads when a saved file's plan is replayed: the model's modules and
+    how one eager forward calls them (cheap), never the export graph unless a family asks for it
+    (then the model is traced on first use, as ``convert`` would)."""
+
+    def __init__(self, model: nn.Module, plan: ConversionPlan) -> None:
+        self.model_class = type(model).__name__
+        self.input_size = tuple(plan.input_size)
+        self.modules = dict(model.named_modules())
+        self._calls: dict[str, tuple[tuple, dict]] | None = None
+        self._traced: Analysis | None = None
+
+    @property
+    def calls(self) -> dict[str, tuple[tuple, dict]]:
+        if self._calls is None:
+            self._calls = first_calls(self.modules[""], self.input_size)
+        return self._calls
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._traced is None:
+            self._traced = analyse(self.modules[""], self.input_size)
+        return getattr(self._traced, name)
+
+
+def check_recorded_plan(model: nn.Module, plan: ConversionPlan, analysis: RecordedAnalysis, where: str) -> None:
+    """Refuse a recorded plan that does not describe this model (another model's file, or a model
+    whose code changed since): every planned block must exist, hold its attention child and, for
+    token sequences, receive the planned tokens and width in one eager forward."""
+    import torch
+
+    def refuse(detail: str) -> UnsupportedModelError:
+        return UnsupportedModelError(f"{where}: its recorded conversion plan does not fit this {type(model).__name__} "
+                                     f"({detail}); the file belongs to another model, or the model's code changed: "
+                                     "convert the original model again")
+
+    if plan.model_class != type(model).__name__:
+        raise refuse(f"the plan is for a {plan.model_class}")
+    for match in plan.blocks:
+        block = analysis.modules.get(match.name)
+        if block is None or not isinstance(getattr(block, match.attn_child, None), nn.Module):
+            raise refuse(f"no block {match.name} with an attention child {match.attn_child!r}")
+        if not match.tokens:
+            continue
+        args, kwargs = analysis.calls.get(match.name, ((), {}))
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        fits = x is not None and (tuple(x.shape[1:]) == (match.tokens, match.dim) if x.dim() == 3 else
+                                  x.dim() == 4 and x[0].numel() == match.tokens * match.dim)  # a 2-D map
+        if not fits:
+            got = "no call" if x is None else f"tokens of shape {tuple(x.shape[1:])}"
+            raise refuse(f"{match.name} receives {got}, the plan {match.tokens} tokens of width {match.dim}")
 
 
 def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,

@@ -1,0 +1,126 @@
+"""What a conversion changes: the plan a family makes from the analysis, saved in the file.
+
+A :class:`ConversionPlan` is printable and JSON-able. ``convert`` makes it from the graph analysis
+(tracer.py); ``save`` records it with the family's name, and ``load`` replays it (api.py) instead
+of tracing the model again: the file says which family converted which blocks, so another family
+registered later cannot re-plan it, and loading does not need torch.export to succeed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ltm_convert.analysis.ffn_sites import FfnSite
+from ltm_convert.errors import LtmError
+
+
+@dataclass
+class BlockMatch:
+    """One transformer block found in the graph."""
+
+    name: str  # module path of the block, e.g. "blocks.3"
+    attn_child: str  # the block's child that computes attention, e.g. "attn"
+    index: int  # position along the residual stream
+    tokens: int  # tokens entering the block at the traced resolution
+    dim: int
+
+
+@dataclass
+class GridGroup:
+    """Consecutive blocks that run on patches unfolded from one 2-D feature map (MobileViT).
+
+    The tokens are the n_h x n_w patch positions in raster order; the batch dimension holds
+    batch x patch_area sequences, one per pixel position inside a patch, which must all merge the
+    same way so that the feature map can be folded back.
+    """
+
+    blocks: list[str]
+    tokens: int
+    grid: tuple[int, int]  # (n_h, n_w)
+    patch_area: int
+
+
+@dataclass
+class ConversionPlan:
+    """What a conversion would change: printable, JSON-able, computed without touching the model."""
+
+    model_class: str
+    input_size: tuple[int, int]
+    num_tokens: int
+    prefix_tokens: int
+    heads: list[str]
+    blocks: list[BlockMatch] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    grids: list[GridGroup] = field(default_factory=list)  # set for models whose blocks run on 2-D grids
+    ffn_grids: list[FfnSite] = field(default_factory=list)  # Swin / EfficientViT: merge inside each FFN
+    family: str = "sequence"  # the rewriters/ family that converts it
+    carry: list[str] = field(default_factory=list)  # modules between the last block and the head
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.model_class} at {self.input_size[0]}x{self.input_size[1]}: {self.num_tokens} tokens "
+            f"({self.prefix_tokens} prefix), head: {', '.join(self.heads) or 'none'}",
+        ]
+        lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
+        lines += [f"  grid group {g.grid[0]}x{g.grid[1]} patches x {g.patch_area} positions: {', '.join(g.blocks)}"
+                  for g in self.grids]
+        lines += [f"  FFN on a {f.grid[0]}x{f.grid[1]} grid ({f.layout}): {f.block}.{f.ffn_in} .. {f.ffn_out}"
+                  for f in self.ffn_grids]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "the file") -> "ConversionPlan":
+        """The plan a file recorded, every field checked (a tampered plan is refused, not run)."""
+        bad = LtmError(f"{where}: its recorded conversion plan is malformed; the file is corrupt (convert the model again)")
+        if not isinstance(data, dict) or set(data) - {f.name for f in fields(cls)}:
+            raise bad
+        try:
+            plan = cls(
+                model_class=_text(data["model_class"]), input_size=_pair(data["input_size"]),
+                num_tokens=_count(data["num_tokens"]), prefix_tokens=_count(data["prefix_tokens"]),
+                heads=[_text(h) for h in data.get("heads", [])],
+                blocks=[_record(BlockMatch, b) for b in data.get("blocks", [])],
+                skipped=[(_text(n), _text(w)) for n, w in data.get("skipped", [])],
+                grids=[_record(GridGroup, g) for g in data.get("grids", [])],
+                ffn_grids=[_record(FfnSite, f) for f in data.get("ffn_grids", [])],
+                family=_text(data.get("family", "sequence")), carry=[_text(c) for c in data.get("carry", [])])
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
+        return plan
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 512:
+        raise ValueError(value)
+    return value
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**7:
+        raise ValueError(value)
+    return value
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(value)
+    return (_count(value[0]), _count(value[1]))
+
+
+def _record(kind: type, data: Any) -> Any:
+    """A dataclass from its asdict() form: strings, counts and (H, W) pairs only."""
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(kind)}:
+        raise ValueError(data)
+    parse = {"str": _text, "int": _count, "tuple[int, int]": _pair,
+             "list[str]": lambda v: [_text(x) for x in v] if isinstance(v, list) else _text([])}
+    return kind(**{f.name: parse[str(f.type)](data[f.name]) for f in fields(kind)})
