@@ -24,6 +24,8 @@ DEFAULT_TOPK = 2  # targets each merged-away token may reach (design section 2.1
 MAX_TOPK = 4096
 SCHEDULES = ("fraction", "constant", "calibrated")  # schedule shapes (schedule.py; calibrate.py)
 DEFAULT_SCHEDULE = "fraction"
+POSITIONS = ("coords", "rows", "target")  # how rotary tables follow merged tokens (rewriters/rotary.py)
+DEFAULT_POSITIONS = "coords"
 MASK_VERSION = 2  # the LTM mask's design; files without it (0.1.0) were made with version 1
 SCHEDULE_TOLERANCE = 0.001  # |FLOPs ratio - target| the solver aims for, as a fraction of the original FLOPs
 GRID_TOLERANCE = 0.005  # grid sites: among schedules this close, keep the most in the most-merged site
@@ -73,6 +75,9 @@ class LtmConfig:
     topk: each merged-away token spreads its mass over its k most similar targets (0 = all).
     schedule: the schedule shape the FLOPs target is solved in ("fraction", "constant" or "calibrated").
     keep: tokens kept per merge site (the solved schedule); filled in by ``convert``.
+    positions: how a rotary model's position table follows merged tokens: "coords" (the model's own
+        rope at the mean of the members' coordinates), "rows" (mean of the members' sin/cos rows) or
+        "target" (the row of the token it was merged into); other families ignore it.
     """
 
     ratio: float = DEFAULT_RATIO
@@ -83,6 +88,7 @@ class LtmConfig:
     keep: dict[str, int] = field(default_factory=dict)
     schedule: str = DEFAULT_SCHEDULE
     mask_version: int = MASK_VERSION
+    positions: str = DEFAULT_POSITIONS
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT
 
@@ -107,6 +113,8 @@ class LtmConfig:
 
         if self.method not in method_names():
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
+            raise LtmError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         if self.mask_version not in (1, 2) or isinstance(self.mask_version, bool):
             raise LtmError(f"mask_version must be 1 or 2, got {self.mask_version!r}; the file is corrupt")
         if not is_int(self.format) or not isinstance(self.version, str):

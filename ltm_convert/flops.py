@@ -61,5 +61,8 @@ def count_call(fn: "Callable[[], object]") -> int:
 
 
 def meta_like(t: torch.Tensor, shape: "tuple[int, ...] | None" = None) -> torch.Tensor:
-    """An empty meta tensor with t's dtype (and its shape, or ``shape``)."""
+    """An empty meta tensor with t's dtype (and its shape, or ``shape``); a tuple / list of tensors
+    (HF's rotary ``(cos, sin)``) gives one of the same kind."""
+    if isinstance(t, (tuple, list)) and shape is None:
+        return type(t)(meta_like(v) for v in t)
     return torch.empty(tuple(t.shape) if shape is None else shape, dtype=t.dtype, device="meta")

@@ -21,6 +21,18 @@ HF_FAMILIES = ["ViTModel", "ViTForImageClassification", "DeiTForImageClassificat
                "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                "CLIPVisionModel", "SiglipVisionModel"]
 
+# rotary-position models (rewriters/rotary.py), built small by tests/test_rotary.py
+ROTARY_TIMM = {
+    "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, average pool, dynamic_img_size, centred coords
+    "dinov3-token-noreg": ("vit_small_patch16_dinov3", dict(num_reg_tokens=0, global_pool="token")),
+    "eva02": ("eva02_small_patch14_224", dict(img_size=84)),  # absolute pos embed + rope on a ref grid
+    "pe-core": ("vit_pe_core_tiny_patch16_384", {}),  # attention-pool head, 'xy' grid with offset
+    "rope": ("vit_base_patch16_rope_224", {}),
+    "rope-reg-abs": ("vit_base_patch16_rope_224", dict(num_reg_tokens=2, use_abs_pos_emb=True)),
+    "rope-mixed": ("vit_base_patch16_rope_mixed_224", {}),  # learned frequencies per block and head
+}
+ROTARY_HF = ["DINOv3ViTModel"]
+
 # models whose blocks run on unfolded 2-D patch grids (ltm_convert/grid.py)
 GRID_TIMM = {"mobilevit-xxs": ("mobilevit_xxs", {}), "mobilevit-s": ("mobilevit_s", {})}
 GRID_HF = ["MobileViTModel", "MobileViTForImageClassification"]

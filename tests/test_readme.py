@@ -11,6 +11,8 @@ from model_zoo import (
     GRID_HF,
     GRID_TIMM,
     HF_FAMILIES,
+    ROTARY_HF,
+    ROTARY_TIMM,
     TIMM_FAMILIES,
 )
 
@@ -26,12 +28,13 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    assert listed == set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF), (sorted(listed), sorted(HF_FAMILIES))
+    assert listed == set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF), (sorted(listed), sorted(HF_FAMILIES))
 
 
 def test_every_timm_pattern_in_the_table_matches_a_tested_model_and_vice_versa():
     patterns = [p for row in _table_rows() for p in re.findall(r"`(\w*\*[\w*]*)`", row[1])]
-    tested = {name for name, _ in [*TIMM_FAMILIES.values(), *GRID_TIMM.values(), *FFN_GRID_TIMM.values()]}
+    tested = {name for name, _ in [*TIMM_FAMILIES.values(), *GRID_TIMM.values(), *FFN_GRID_TIMM.values(),
+                                        *ROTARY_TIMM.values()]}
     for pattern in patterns:
         assert any(fnmatch.fnmatch(name, pattern) for name in tested), f"README lists untested timm models {pattern}"
     for name in tested:

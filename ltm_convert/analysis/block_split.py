@@ -58,8 +58,16 @@ def unwrapped_forward(module: nn.Module, cls: type | None = None) -> Callable:
     return inspect.unwrap((cls or type(module)).forward)
 
 
+def is_tensor_input(value: Any) -> bool:
+    """A tensor, or a tuple / list of tensors (HF passes rotary tables as ``position_embeddings=(cos,
+    sin)``): such an argument is an input of the cut code, never a constant frozen into it."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
-    """Record which of a block's parameters are tensors in a real call."""
+    """Record which of a block's parameters are tensors (or tuples of tensors) in a real call."""
     sig = inspect.signature(unwrapped_forward(module))
     bound = sig.bind(module, *args, **kwargs)
     bound.apply_defaults()
@@ -72,11 +80,11 @@ def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> BlockCall:
             continue
         if param.kind == param.VAR_KEYWORD:
             for k, v in value.items():
-                if isinstance(v, torch.Tensor):
+                if is_tensor_input(v):
                     raise UnsupportedModelError(f"not supported yet: {type(module).__name__} receives tensor keyword {k!r}")
                 constants[k] = v
             continue
-        if isinstance(value, torch.Tensor):
+        if is_tensor_input(value):
             tensors.append(name)
         else:
             constants[name] = value

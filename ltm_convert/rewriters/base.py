@@ -8,7 +8,7 @@ for every family; adding a family is one new file that calls :func:`register_fam
 (``examples/custom_rewriter.py`` shows one).
 
 Families are tried in order and the first whose ``find`` returns a plan wins (PEFT's
-dispatchers); the built-in ones are: token sequences (ViT, DeiT, DINOv2, CLIP, SigLIP...),
+dispatchers); the built-in ones are: rotary token sequences (DINOv3, EVA02, PE, RoPE-ViT), token sequences (ViT, DeiT, DINOv2, CLIP, SigLIP...),
 unfolded patch grids (MobileViT) and FFN grids (Swin, EfficientViT).
 """
 from __future__ import annotations
@@ -72,6 +72,7 @@ def _builtin() -> None:
     from ltm_convert.rewriters.unfolded_grid import UnfoldedGridFamily
 
     _FAMILIES.extend([SequenceFamily(), UnfoldedGridFamily(), FfnGridFamily()])
+    from ltm_convert.rewriters.rotary import RotaryFamily; _FAMILIES.insert(0, RotaryFamily())  # noqa: E702 - before "sequence"
 
 
 def register_family(family: Family, *, first: bool = True) -> Family:

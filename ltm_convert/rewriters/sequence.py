@@ -114,11 +114,12 @@ class SequenceFamily:
                           side: dict[str, torch.Tensor]) -> None:
         """Refuse blocks that receive a per-token table (e.g. rotary embeddings: one row per token),
         which merged tokens cannot follow unless a family supplies a :class:`PositionRule`."""
-        for name, t in side.items():
-            if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
-                raise UnsupportedModelError(
-                    f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
-                    f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
+        for name, value in side.items():
+            for t in (value if isinstance(value, (tuple, list)) else (value,)):  # HF: (cos, sin)
+                if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
+                    raise UnsupportedModelError(
+                        f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
+                        f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
 
     def position_rule(self, model: nn.Module, block: nn.Module, match: Any, plan: "ConversionPlan",
                       analysis: "Analysis") -> "PositionRule | None":
