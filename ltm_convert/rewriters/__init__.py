@@ -1,7 +1,9 @@
 """Model families (one file each) and their registry; see base.py."""
 from ltm_convert.rewriters.base import (
+    CostModel,
     Family,
     Site,
+    builtin_family,
     families,
     family_named,
     plan_for,
@@ -9,4 +11,4 @@ from ltm_convert.rewriters.base import (
     unregister_family,
 )
 
-__all__ = ["Family", "Site", "families", "family_named", "plan_for", "register_family", "unregister_family"]
+__all__ = ["CostModel", "Family", "Site", "builtin_family", "families", "family_named", "plan_for", "register_family", "unregister_family"]

@@ -1,15 +1,19 @@
 """Model families: each knows one way of putting merges into a model, and nothing else.
 
 A family reads the model analysis (tracer.py) and answers with a plan or the reason it cannot
-convert the model; then it builds its merge modules into the model, exposes what the schedule
-solver may choose (how many tokens each merge site keeps), applies a chosen or saved schedule,
-switches merging off, and describes what it did. ``api.convert`` runs the same straight pipeline
-for every family; adding a family is one new file that calls :func:`register_family`
-(``examples/custom_rewriter.py`` shows one).
+convert the model, before anything is built; then it builds its merge modules into the model,
+exposes what the schedule solver may choose (how many tokens each merge site keeps) and what each
+choice costs (its cost model), applies a chosen or saved schedule, and describes what it did.
+``api.convert`` runs the same straight pipeline for every family.
 
-Families are tried in order and the first whose ``find`` returns a plan wins (PEFT's
-dispatchers); the built-in ones are: rotary token sequences (DINOv3, EVA02, PE, RoPE-ViT), token sequences (ViT, DeiT, DINOv2, CLIP, SigLIP...),
-unfolded patch grids (MobileViT) and FFN grids (Swin, EfficientViT).
+A family is one file in this package whose class carries ``@builtin_family``: every module here is
+imported on the first dispatch, so a new file is found without editing any list. Families are
+tried by ``priority`` (specific before general: rotary / relative-bias / class-attention sequences
+before plain token sequences, then unfolded grids, then FFN grids) and the first whose ``find``
+returns a plan wins (PEFT's dispatchers); when none does, the error gives every family's reason.
+A user's family registers with :func:`register_family` (``examples/custom_rewriter.py``); each
+family's ``examples`` (small random-weight models) are converted by tests/test_family_contract.py,
+so a family is tested by being registered.
 """
 from __future__ import annotations
 
@@ -45,14 +49,30 @@ class Site:
         return [k for k in self.options if k <= tokens_in] if self.options else list(range(1, tokens_in + 1))
 
 
+class CostModel(Protocol):
+    """FLOPs of any schedule, without counting the whole model again (the solver calls it often)."""
+
+    base: float  # FLOPs of the model with merging off (the original's)
+
+    def flops(self, keep: dict[str, int]) -> float: ...
+
+
+# an example model a family converts: (source kind, name, options), as ltm_convert.sources.ModelSource
+Example = tuple[str, str, dict[str, Any]]
+
+
 class Family(Protocol):
     """What the pipeline asks of a model family (see the module docstring)."""
 
     name: str
+    priority: int  # lower is tried first
+    examples: tuple[Example, ...]  # small random-weight models the family contract test converts
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str": ...
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None: ...
+
+    def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> CostModel: ...
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]: ...
 
@@ -61,38 +81,51 @@ class Family(Protocol):
     def describe(self, model: nn.Module, plan: "ConversionPlan") -> dict[str, Any]: ...
 
 
-_FAMILIES: list[Family] = []
+_BUILTIN: list[Family] = []  # by priority
+_FIRST: list[Family] = []  # user families tried before the built-in ones (latest first)
+_LAST: list[Family] = []  # user families tried after them
+_LOADED = False
 
 
-def _builtin() -> None:
-    if _FAMILIES:
+def builtin_family(cls: type) -> type:
+    """Class decorator of a built-in family: registers one instance, tried in ``priority`` order."""
+    _BUILTIN.append(cls())
+    _BUILTIN.sort(key=lambda f: f.priority)
+    return cls
+
+
+def _load_builtin() -> None:
+    global _LOADED
+    if _LOADED:
         return
-    from ltm_convert.rewriters.ffn_grid import FfnGridFamily
-    from ltm_convert.rewriters.sequence import SequenceFamily
-    from ltm_convert.rewriters.unfolded_grid import UnfoldedGridFamily
+    _LOADED = True
+    import importlib
+    import pkgutil
 
-    _FAMILIES.extend([SequenceFamily(), UnfoldedGridFamily(), FfnGridFamily()])
-    from ltm_convert.rewriters.rotary import RotaryFamily; _FAMILIES.insert(0, RotaryFamily())  # noqa: E702 - before "sequence"
+    package = importlib.import_module("ltm_convert.rewriters")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def register_family(family: Family, *, first: bool = True) -> Family:
     """Add a family; ``first=True`` lets it claim models before the built-in ones."""
-    _builtin()
+    _load_builtin()
     if first:
-        _FAMILIES.insert(0, family)
+        _FIRST.insert(0, family)
     else:
-        _FAMILIES.append(family)
+        _LAST.append(family)
     return family
 
 
 def unregister_family(family: Family) -> None:
-    if family in _FAMILIES:
-        _FAMILIES.remove(family)
+    for group in (_FIRST, _LAST, _BUILTIN):
+        if family in group:
+            group.remove(family)
 
 
 def families() -> list[Family]:
-    _builtin()
-    return list(_FAMILIES)
+    _load_builtin()
+    return [*_FIRST, *_BUILTIN, *_LAST]
 
 
 def family_named(name: str) -> Family:

@@ -31,7 +31,7 @@ from ltm_convert.analysis.graph import GraphFacts, Residual, module_path, shape_
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.merge.grid import GridMerge, grid_options
 from ltm_convert.merge.metric import metric_dim
-from ltm_convert.rewriters.base import Site, chain_keep
+from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 
 if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.config import LtmConfig
@@ -133,8 +133,14 @@ def model_masks(model: nn.Module) -> list[FfnGridMerge]:
     return [m for m in model.modules() if isinstance(m, FfnGridMerge)]
 
 
+@builtin_family
 class FfnGridFamily:
     name = "ffn-grid"
+    priority = 70
+    examples = (
+        ("timm", "swin_tiny_patch4_window7_224", dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2),
+                                                      img_size=64, window_size=2, num_classes=5)),
+    )
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.rewriters.unfolded_grid import grid_groups

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ltm_convert.rewriters.base import builtin_family
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.merge.positions import ROPE_PARAMS, RopeAdapter, adapter_for, gather_rows, grid_for, mean_rows, merged_coords
 from ltm_convert.merge.state import TokenState, merge_sequence, recorder, recording, recording_merges
@@ -128,8 +129,14 @@ class RotaryCost(SequenceCost):
         return inputs, x
 
 
+@builtin_family
 class RotaryFamily(SequenceFamily):
     name = "rotary"
+    priority = 10
+    examples = (
+        ("timm", "vit_small_patch16_dinov3", dict(depth=2, embed_dim=64, num_heads=2, img_size=128)),
+        ("timm", "vit_base_patch16_rope_mixed_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=96)),
+    )
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         adapters, refused = _rope_modules(analysis.modules)

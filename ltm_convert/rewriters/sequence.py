@@ -18,7 +18,7 @@ from ltm_convert.analysis.heads import classify_heads, prefix_tokens, read_as_gr
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.ltm_block import LtmBlockMixin, PositionRule, ltm_class
 from ltm_convert.merge.methods import MaskSpec, mask_factory
-from ltm_convert.rewriters.base import Site, chain_keep
+from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 from ltm_convert.rewriters.heads import install_head_adapters
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,8 +50,17 @@ def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
     return [modules[name] for name in plan.block_names]
 
 
+@builtin_family
 class SequenceFamily:
     name = "sequence"
+    priority = 50
+    examples = (
+        ("timm", "vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128, num_classes=5)),
+        ("timm", "vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128, num_classes=5,
+                                              global_pool="avg", class_token=False)),
+        ("hf-config", "ViTModel", {"config": dict(model_type="vit", image_size=128, patch_size=16, hidden_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)}),
+    )
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan

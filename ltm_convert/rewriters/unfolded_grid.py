@@ -28,7 +28,7 @@ from ltm_convert.ltm_block import ltm_class
 from ltm_convert.merge.grid import GridMerge, grid_options, unmerge_grid
 from ltm_convert.merge.metric import metric_dim
 from ltm_convert.merge.state import TokenState
-from ltm_convert.rewriters.base import Site, chain_keep
+from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 
 if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.config import LtmConfig
@@ -125,8 +125,14 @@ def grid_groups(facts: GraphFacts, blocks: list["BlockMatch"], block_adds: list[
     return groups
 
 
+@builtin_family
 class UnfoldedGridFamily:
     name = "unfolded-grid"
+    priority = 60
+    examples = (
+        ("hf-config", "MobileViTModel", {"config": dict(model_type="mobilevit", image_size=128, hidden_sizes=[32, 40, 48],
+                                                        neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])}),
+    )
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan
