@@ -68,10 +68,11 @@ def _builtin() -> None:
     if _FAMILIES:
         return
     from ltm_convert.rewriters.ffn_grid import FfnGridFamily
+    from ltm_convert.rewriters.relative_bias import RelativeBiasFamily
     from ltm_convert.rewriters.sequence import SequenceFamily
     from ltm_convert.rewriters.unfolded_grid import UnfoldedGridFamily
 
-    _FAMILIES.extend([SequenceFamily(), UnfoldedGridFamily(), FfnGridFamily()])
+    _FAMILIES.extend([RelativeBiasFamily(), SequenceFamily(), UnfoldedGridFamily(), FfnGridFamily()])
 
 
 def register_family(family: Family, *, first: bool = True) -> Family:
