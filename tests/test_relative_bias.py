@@ -139,11 +139,8 @@ def test_merging_keys_of_equal_content_leaves_every_unmerged_query_unchanged(kin
 
 def test_merged_bias_is_log_size_when_the_table_is_flat_and_follows_each_member():
     B, H, prefix, patches = 2, 3, 1, 6
-    source = torch.tensor([[1, 1, 2, 3, 3, 3], [1, 2, 2, 2, 3, 4]])
-    sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0], [1.0, 1.0, 3.0, 1.0, 1.0]])[:, :4]
-    sizes = torch.stack([torch.tensor([1.0, 2.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 3.0, 1.0])])
-    source = torch.tensor([[1, 1, 2, 3, 3, 3], [1, 2, 2, 2, 3, 3]])
-    sizes[1, 3] = 2.0
+    source = torch.tensor([[1, 1, 2, 3, 3, 3], [1, 2, 2, 2, 3, 3]])  # the token holding each patch
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0], [1.0, 1.0, 3.0, 2.0]])  # (class token first)
     flat = torch.full((1, H, prefix + patches, prefix + patches), 0.7)
     got = merged_bias(flat, sizes, source, prefix)
     assert torch.allclose(got, (0.7 + sizes.log())[:, None, None, :].expand(B, H, 4, 4), atol=1e-6)
