@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ltm_convert.errors import UnsupportedModelError
 
@@ -290,7 +291,11 @@ def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> Spl
             if a.op == "get_attr" and a not in envb:
                 envb[a] = gb.node_copy(a, lambda v: envb[v])
         envb[n] = gb.node_copy(n, lambda v: envb[v])
-    gb.output(fx.map_arg(output.args[0], lambda v: envb[v]))
+    result = output.args[0]
+    info = getattr(graph._codegen, "pytree_info", None)  # a tuple argument frozen (HF's resolution=(h, w)):
+    if info is not None and info.out_spec is not None:   # fx flattened the output; the halves return it as is
+        result = pytree.tree_unflatten(list(result), info.out_spec)
+    gb.output(fx.map_arg(result, lambda v: envb[v]))
 
     code_a, fn_a = _compile(ga, block)
     code_b, fn_b = _compile(gb, block)

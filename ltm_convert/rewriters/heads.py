@@ -65,6 +65,16 @@ def timm_pool(model: nn.Module, x: torch.Tensor, pool_type: str | None = None) -
     return type(model).pool(model, x, pool_type=pool_type)
 
 
+def timm_mean_head(model: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """timm ``forward_head`` that averages ``x[:, num_prefix_tokens:]`` (BEiT, VisionTransformerRelPos):
+    handed one patch token, the size-weighted mean of them all, the original head computes the rest."""
+    state = state_of(x)
+    if state is not None:
+        p = model.num_prefix_tokens
+        x = torch.cat([x[:, :p], size_weighted_mean(x[:, p:], state.sizes[:, p:])[:, None]], dim=1)
+    return type(model).forward_head(model, x, *args, **kwargs)
+
+
 def _mha_pool_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
     """nn.MultiheadAttention pooling (SigLIP's MAP head): add log(size) of the keys to the logits."""
     key = args[1] if len(args) > 1 else kwargs.get("key")
@@ -184,6 +194,10 @@ def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
         model.forward_intermediates = InstanceMethod(model, timm_forward_intermediates)
 
 
+# head adapters a family file adds for its models: (model, plan, needs) -> adapter name, or None
+HEAD_ADAPTERS: list[Callable[[nn.Module, ConversionPlan, set[str]], "str | None"]] = []
+
+
 def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     """Make pooling size-aware; raises UnsupportedModelError for a head that cannot be kept exact."""
     for path in plan.carry:
@@ -198,6 +212,10 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
         # timm VisionTransformer and relatives: one `pool` method handles avg and attention pooling
         model.pool = InstanceMethod(model, timm_pool)
         return ["timm-pool"]
+    if needs == {"avg"} and getattr(model, "global_pool", None) == "avg" and type(model).__module__.startswith("timm.") \
+            and callable(getattr(type(model), "forward_head", None)) and hasattr(model, "num_prefix_tokens"):
+        model.forward_head = InstanceMethod(model, timm_mean_head)
+        return ["timm-mean-head"]
     for holder in (model, getattr(model, "vision_model", None)):
         head = getattr(holder, "head", None)
         if needs == {"attention-pool"} and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
@@ -207,6 +225,10 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"} and backbone is not None:
         _dinov2_classifier(model, backbone, plan.prefix_tokens)
         return ["dinov2-classifier"]
+    for adapter in HEAD_ADAPTERS:
+        found = adapter(model, plan, needs)
+        if found:
+            return [found]
     raise UnsupportedModelError(
         f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "
         "weight by token size; use a token-pooled head (global_pool='token') or exclude nothing and open an issue"

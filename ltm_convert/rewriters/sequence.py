@@ -213,11 +213,6 @@ class SequenceCost:
             n_full = self.plan.num_tokens
             probes = sorted({n_full, max(self.prefix + 1, n_full // 2 + 1), max(self.prefix + 1, n_full // 4 + 1)})
 
-            def a(n: int, bias: bool) -> int:
-                inputs, x = self._inputs(block, n)
-                b = torch.zeros(1, 1, 1, n, dtype=x.dtype, device="meta") if bias else None
-                return count_call(lambda: split.part_a(block, *inputs, b))
-
             def b(n: int) -> int:
                 _, x = self._inputs(block, n)
                 side = [self._side(block, name) for name in split.b_inputs]
@@ -225,11 +220,19 @@ class SequenceCost:
 
             quad = lambda n: [1.0, float(n), float(n * n)]  # noqa: E731
             lin = lambda n: [1.0, float(n)]  # noqa: E731
-            fit = (fit_linear(quad, {n: a(n, False) for n in probes}),
-                   fit_linear(quad, {n: a(n, True) for n in probes}),
+            fit = (fit_linear(quad, {n: self._count_a(block, n, False) for n in probes}),
+                   fit_linear(quad, {n: self._count_a(block, n, True) for n in probes}),
                    fit_linear(lin, {n: b(n) for n in probes[-2:]}))
             self._fits[key] = fit
         return fit
+
+    def _count_a(self, block: Any, n: int, bias: bool) -> int:
+        """FLOPs of the attention half for n tokens, with or without the proportional-attention bias."""
+        from ltm_convert.flops import count_call
+
+        inputs, x = self._inputs(block, n)
+        b = torch.zeros(1, 1, 1, n, dtype=x.dtype, device="meta") if bias else None
+        return count_call(lambda: block.ltm_split().part_a(block, *inputs, b))
 
     def _side(self, block: Any, name: str) -> torch.Tensor:
         from ltm_convert.flops import meta_like
