@@ -335,7 +335,7 @@ class RelativeBiasFamily(SequenceFamily):
     examples = (
         ("timm", "beit_base_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128)),
         ("timm", "vit_relpos_small_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128)),
-        ("hf-config", "BeitModel", {"config": dict(model_type="beit", hidden_size=64, num_hidden_layers=2,
+        ("hf-config", "BeitModel", {"config": dict(model_type="beit", hidden_size=64, num_hidden_layers=4,
                                                    num_attention_heads=2, intermediate_size=128, image_size=128,
                                                    patch_size=16, use_relative_position_bias=True)}),
     )

@@ -59,7 +59,7 @@ class SequenceFamily:
         ("timm", "vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128, num_classes=5,
                                               global_pool="avg", class_token=False)),
         ("hf-config", "ViTModel", {"config": dict(model_type="vit", image_size=128, patch_size=16, hidden_size=64,
-                                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)}),
+                                                  num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)}),
     )
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":

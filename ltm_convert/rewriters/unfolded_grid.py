@@ -130,7 +130,7 @@ class UnfoldedGridFamily:
     name = "unfolded-grid"
     priority = 60
     examples = (
-        ("hf-config", "MobileViTModel", {"config": dict(model_type="mobilevit", image_size=128, hidden_sizes=[32, 40, 48],
+        ("hf-config", "MobileViTModel", {"config": dict(model_type="mobilevit", image_size=64, hidden_sizes=[32, 40, 48],
                                                         neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])}),
     )
 
