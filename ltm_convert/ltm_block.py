@@ -209,7 +209,7 @@ class LtmBlockMixin:
         if rule is not None:  # what the model attaches to positions (rotary tables, relative bias) follows the tokens
             values, bias = rule.block_inputs(self, values, state, bias)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
-        soft = callable(getattr(self.ltm_mask, "soft", None)) and self.ltm_mask.soft()
+        soft = self.ltm_mask is not None and self.ltm_mask.soft()
         # training relaxes the merge (every token stays, so the planned count applies); inference
         # merges to the count planned for the tokens that arrive
         if soft:

@@ -36,6 +36,7 @@ from ltm_convert.merge.sparse import (
     partner_cosines,
     preserve_norms,
 )
+from ltm_convert.merge.methods import merge_method
 from ltm_convert.merge.state import (
     SequenceMask,
     destination_rows,
@@ -273,6 +274,7 @@ class LtmMask(SequenceMask, MergeMetric):
         return merged, new_sizes.to(sizes.dtype), dest
 
 
+@merge_method("ltm")
 def build_mask(spec: Any) -> nn.Module:
     """The learnable LTM mask of one block (version 2, or version 1 to replay a 0.1.0 file)."""
     from ltm_convert.merge.metric import metric_dim

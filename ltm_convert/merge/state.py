@@ -272,7 +272,28 @@ def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | N
 
 
 class SequenceMask:
-    """Mixin of every mask that merges a token sequence: the block calls ``merge_tokens``."""
+    """The contract of a merge method's mask module (a mixin of an ``nn.Module``; merge/methods.py
+    registers the factories that build one per converted block).
+
+    ``forward(z, sizes, prefix, keep, track) -> (tokens, sizes, dest)``:
+        z (B, N, C) tokens after attention, the first ``prefix`` never merged; sizes (B, N) float32
+        or None (every token counts 1); ``keep`` mergeable tokens stay. Returns the (B, prefix + keep, C)
+        tokens, their (B, prefix + keep) float32 sizes, and ``dest`` (B, N) int64, the output row
+        of every input token, or None when ``track`` is False and the mask did not compute it.
+    The rest has defaults a mask overrides when it can say more:
+        ``flops(tokens, keep, prefix)``: the mask's own FLOPs (None: the cost model counts one call);
+        ``soft()``: whether it is running the relaxed merge of training (every token stays);
+        ``topk`` / ``prune``: settings that change its cost (part of the counted cost's key).
+    """
+
+    topk: int = 0
+    prune: bool = False
+
+    def flops(self, tokens: int, keep: int, prefix: int) -> int | None:
+        return None
+
+    def soft(self) -> bool:
+        return False
 
     def merge_tokens(self, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
                      name: str, track: bool = False) -> tuple[torch.Tensor, TokenState]:

@@ -249,10 +249,10 @@ class SequenceCost:
         from ltm_convert.flops import count_call
 
         mask = block.ltm_mask
-        if callable(getattr(mask, "flops", None)):  # the mask knows its cost (tested against counting)
-            return mask.flops(n, k, self.prefix)
-        key = (type(mask), tuple(tuple(p.shape) for p in mask.parameters()), getattr(mask, "topk", None),
-               getattr(mask, "prune", None), n, k)
+        known = mask.flops(n, k, self.prefix)  # the mask knows its cost (tested against counting)
+        if known is not None:
+            return known
+        key = (type(mask), tuple(tuple(p.shape) for p in mask.parameters()), mask.topk, mask.prune, n, k)
         found = self._mask.get(key)
         if found is None:
             _, x = self._inputs(block, n)

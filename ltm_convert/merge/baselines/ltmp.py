@@ -30,7 +30,7 @@ from ltm_convert.merge.baselines.common import (
     positions_after,
     split_ab,
 )
-from ltm_convert.merge.methods import MaskSpec
+from ltm_convert.merge.methods import MaskSpec, merge_method
 
 
 class LtmpMask(RoundsMask):
@@ -70,5 +70,6 @@ class LtmpMask(RoundsMask):
         return x, s, metric, (pos, dropped_mask(match, is_prune, m), rep)
 
 
+@merge_method("ltmp")
 def build_mask(spec: MaskSpec) -> nn.Module:
     return LtmpMask(spec)

@@ -24,7 +24,7 @@ from ltm_convert.merge.baselines.common import (
     merge_round,
     positions_after,
 )
-from ltm_convert.merge.methods import MaskSpec
+from ltm_convert.merge.methods import MaskSpec, merge_method
 
 PRUNE_BLOCKS = 3  # converted blocks (counted from the first) that prune instead of merging
 
@@ -46,5 +46,6 @@ class ToFuMask(RoundsMask):
         return x, s, metric, (pos, dropped, rep)
 
 
+@merge_method("tofu")
 def build_mask(spec: MaskSpec) -> nn.Module:
     return ToFuMask(spec, prune=spec.index < PRUNE_BLOCKS)

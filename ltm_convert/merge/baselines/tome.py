@@ -24,7 +24,7 @@ from ltm_convert.merge.baselines.common import (
     merge_round,
     positions_after,
 )
-from ltm_convert.merge.methods import MaskSpec
+from ltm_convert.merge.methods import MaskSpec, merge_method
 
 
 class ToMeMask(RoundsMask):
@@ -49,9 +49,11 @@ class ToMeMask(RoundsMask):
         return x, s, metric, (pos, None, rep)
 
 
+@merge_method("tome")
 def build_mask(spec: MaskSpec) -> nn.Module:
     return ToMeMask(spec)
 
 
+@merge_method("tome_odd")
 def build_mask_odd(spec: MaskSpec) -> nn.Module:
     return ToMeMask(spec, parity=1)
