@@ -9,7 +9,6 @@ clear error, never a crash deep inside torch).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,9 +115,6 @@ class LtmConfig:
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size) if self.input_size else None
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Any) -> "LtmConfig":

@@ -316,24 +316,3 @@ def _compile(graph: fx.Graph, root: nn.Module) -> tuple[str, Callable]:
     globals_ = dict(code.globals)
     exec(compile(code.src, f"<ltm_convert {type(root).__name__}>", "exec"), globals_)
     return code.src, globals_["forward"]
-
-
-def capture_block_calls(model: nn.Module, names: list[str], run: Callable[[], Any]) -> dict[str, tuple[tuple, dict]]:
-    """Run the model once and record the (args, kwargs) each named block is called with."""
-    modules = dict(model.named_modules())
-    calls: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for name in names:
-        def hook(mod, args, kwargs, _name=name):
-            calls.setdefault(_name, (args, dict(kwargs)))
-        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in calls]
-    if missing:
-        raise UnsupportedModelError(f"not supported yet: blocks {missing[:3]} were never called in a forward pass")
-    return calls
