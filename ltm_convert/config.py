@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ltm_convert.errors import LtmError
+from ltm_convert.merge.methods import DEFAULT_TOPK, method_names
 
 CONFIG_FORMAT = 1
 
 DEFAULT_RATIO = 0.8
-DEFAULT_TOPK = 2  # targets each merged-away token may reach (design section 2.1: local and cheap; 2 keeps
-# what 4 kept on 350 photos at half the merge work, benchmarks/README.md)
 MAX_TOPK = 4096
 SCHEDULES = ("fraction", "constant", "calibrated")  # schedule shapes (schedule.py; calibrate.py)
 DEFAULT_SCHEDULE = "fraction"
@@ -102,8 +101,6 @@ class LtmConfig:
             raise LtmError(f"keep must map block names to positive token counts, got {str(self.keep)[:80]!r}")
         if not isinstance(self.method, str):
             raise LtmError(f"method must be a name, got {self.method!r}")
-        from ltm_convert.merge.methods import method_names
-
         if self.method not in method_names():
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.mask_version not in (1, 2) or isinstance(self.mask_version, bool):

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from ltm_convert.errors import LtmError
+
+if TYPE_CHECKING:  # importing this module stays torch-free: config.py checks method names with it
+    from torch import nn
+
+DEFAULT_TOPK = 2  # targets each merged-away token may reach (local and cheap; 2 keeps what 4 kept on
+# 350 photos at half the merge work, benchmarks/README.md)
 
 
 @dataclass
