@@ -104,8 +104,9 @@ def register(app: typer.Typer) -> None:
         console = Console(highlight=False)
         evals = [h for h in history if h.get("type") == "eval"]
         for h in evals:
-            extra = f"  accuracy {h['accuracy']:.4f}" if "accuracy" in h else ""
-            console.print(f"eval epoch {h['epoch']} ({h['when']}): agreement ({h['agreement_kind']}) "
-                          f"{h['agreement']:.4f}  kd {h['kd']:.5f}{extra}")
+            extra = f"  top-1 agreement {h['top1_agreement']:.4f}" if "top1_agreement" in h else ""
+            extra += f"  accuracy {h['accuracy']:.4f}" if "accuracy" in h else ""
+            console.print(f"eval epoch {h['epoch']} ({h['when']}): agreement {h['agreement']:.4f}  "
+                          f"kd {h['kd']:.5f}{extra}")
         if output is not None:
             console.print(f"saved to {output}")
