@@ -1,9 +1,9 @@
 """Grid-preserving merges: tokens on an h x w grid merge onto a regular h' x w' sub-grid and back.
 
 Models whose blocks need a 2-D grid (MobileViT's fold, Swin's windows, EfficientViT's depth-wise
-convolutions) cannot take an arbitrary shorter sequence; they can take a smaller grid
-(ltm-method.md section 2.3). Rows and columns are reduced evenly (the aspect ratio is kept), and
-every token spreads over the (up to) 2 x 2 targets around it with learned weights.
+convolutions) cannot take an arbitrary shorter sequence; they can take a smaller grid. Rows and
+columns are reduced evenly (the aspect ratio is kept), and every token spreads over the (up to)
+2 x 2 targets around it with learned weights.
 
 The 2 x 2 assignment is factorised by axis: a token first spreads over the two nearest target
 columns of its row (weights a_W), each row-merged token then over the two nearest target rows of
