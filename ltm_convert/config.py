@@ -38,6 +38,12 @@ def _version() -> str:
     return __version__
 
 
+def is_ltm_name(name: str) -> bool:
+    """Whether a parameter, buffer, attribute or child name belongs to what conversion added: every
+    such name has a dotted part starting with ``ltm_`` (the original model's names never do)."""
+    return any(part.startswith("ltm_") for part in name.split("."))
+
+
 def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

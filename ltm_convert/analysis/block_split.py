@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import UnsupportedModelError
 
 _MASK_PARAM_NAMES = ("attn_mask", "attention_mask", "mask", "attn_bias")
@@ -172,9 +173,9 @@ def structure_key(block: nn.Module, cls: type, attn_child: str, call: BlockCall)
     attributes (forward may branch on them) and how it is called. Blocks with equal keys share one
     cut, so a 12-block ViT is traced once, not twelve times."""
     plain = tuple(sorted((k, v) for k, v in vars(block).items()
-                         if isinstance(v, (bool, int, float, str, type(None))) and not k.startswith(("_", "ltm_"))
+                         if isinstance(v, (bool, int, float, str, type(None))) and not k.startswith("_") and not is_ltm_name(k)
                          and k != "training"))
-    children = tuple((n, type(c)) for n, c in block.named_children() if not n.startswith("ltm_"))
+    children = tuple((n, type(c)) for n, c in block.named_children() if not is_ltm_name(n))
     constants = repr(sorted(call.constants.items(), key=lambda kv: kv[0]))
     return (cls, attn_child, tuple(call.tensor_names), call.x_name, constants, children, plain)
 

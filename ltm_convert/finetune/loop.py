@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import LtmError, TrainingDiverged
 from ltm_convert.finetune import checkpoint as ckpt
 from ltm_convert.finetune import distributed as D
@@ -198,7 +199,7 @@ class Trainer:
         if self.cfg.train == "mask":
             self.model.eval()
             for name, module in self.model.named_modules():
-                if any(part.startswith("ltm_") for part in name.split(".")):
+                if is_ltm_name(name):
                     module.train()
         else:
             self.model.train()
