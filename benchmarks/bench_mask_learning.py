@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision.transforms import v2
 
     from ltm_convert.api import convert
+    from ltm_convert.metrics import agreement
     from ltm_convert.sources import load_model
 
     torch.set_num_threads(args.threads)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     def held_cosines() -> np.ndarray:
         out = bq.features(student, len(held), lambda i, j: held_x[i:j], 32, "student")
         student_cls.clear()
-        return F.cosine_similarity(out.double(), held_ref.double(), dim=1).numpy()
+        return agreement(out, held_ref).numpy()
 
     start = held_cosines()
     evals = [{"step": 0, **bq.summary(start)}]

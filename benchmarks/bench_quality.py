@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 FMNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 BASELINE = "tome"  # every difference is against ToMe (A = even tokens) at the same ratio
 BOOTSTRAP = 2000
@@ -48,7 +47,9 @@ def log(msg: str) -> None:
 
 def list_images(folder: Path) -> list[str]:
     """Image file names in ``folder`` (sorted, so the split does not depend on directory order)."""
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    from ltm_convert.tools.images import is_image_file
+
+    return sorted(p.name for p in folder.iterdir() if is_image_file(p))
 
 
 def split_names(names: list[str], held_out: int, seed: int) -> tuple[list[str], list[str]]:
@@ -126,16 +127,15 @@ def load_photos(folder: Path, names: list[str], size: int, mean, std) -> torch.T
 
 def features(model: torch.nn.Module, n: int, batch_fn: Callable[[int, int], torch.Tensor], batch: int,
              label: str) -> torch.Tensor:
-    """Outputs for n inputs in batches (no_grad, eval). Uses run_model/main_output so HF models
-    work; a token sequence output is reduced to token 0 (prefix tokens are never merged)."""
-    from ltm_convert.model_inputs import main_output, run_model
+    """The outputs :func:`ltm_convert.metrics.agreement` compares, for n inputs in batches (no_grad,
+    eval): main outputs, a token sequence averaged over its tokens."""
+    from ltm_convert.metrics import compared_output
 
     model.eval()
     outs, t = [], time.time()
     with torch.no_grad():
         for i in range(0, n, batch):
-            y = main_output(run_model(model, batch_fn(i, min(n, i + batch)))).float()
-            outs.append(y[:, 0] if y.dim() == 3 else y.reshape(len(y), -1))
+            outs.append(compared_output(model, batch_fn(i, min(n, i + batch))))
             if (i // batch) % 10 == 9:
                 log(f"  {label}: {min(n, i + batch)}/{n}")
     log(f"  {label}: {n} inputs in {time.time() - t:.1f}s")
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from ltm_convert.api import convert, describe
     from ltm_convert.io import load
+    from ltm_convert.metrics import agreement
     from ltm_convert.sources import load_model
 
     names = list_images(args.images)
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def cosines(model: torch.nn.Module, label: str) -> np.ndarray:
         out = features(model, len(held), photo_batch, args.batch, label)
-        return torch.nn.functional.cosine_similarity(out.double(), ref.double(), dim=1).clamp(-1, 1).numpy()
+        return agreement(out, ref).numpy()
 
     cos_by: dict[tuple[str, float], np.ndarray] = {}
     t_agree = time.time()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ltm_convert.errors import LtmError
+from ltm_convert.metrics import agreement, compared_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.rewriters.base import Site
@@ -64,7 +65,8 @@ def calibration_batch(model: nn.Module, images: Any, size: tuple[int, int]) -> t
 
 
 class AgreementLoss:
-    """1 - mean cosine between the model's output at a schedule and its output with no merging."""
+    """1 - mean :func:`ltm_convert.metrics.agreement` of the model's output at a schedule with its
+    output with no merging."""
 
     def __init__(self, model: nn.Module, apply: Callable[[dict[str, int]], None], full: dict[str, int],
                  inputs: torch.Tensor) -> None:
@@ -73,17 +75,13 @@ class AgreementLoss:
         self.calls = 0
 
     def _output(self, keep: dict[str, int]) -> torch.Tensor:
-        from ltm_convert.model_inputs import main_output, run_model
-
         self.apply(keep)
         with torch.no_grad():
-            y = main_output(run_model(self.model, self.inputs)).float()
-        return y[:, 0] if y.dim() == 3 else y.reshape(len(y), -1)
+            return compared_output(self.model, self.inputs)
 
     def __call__(self, keep: dict[str, int]) -> float:
         self.calls += 1
-        y = self._output(keep)
-        return float(1 - torch.nn.functional.cosine_similarity(y.double(), self.reference.double(), dim=1).mean())
+        return float(1 - agreement(self._output(keep), self.reference).mean())
 
 
 def calibrate(sites: Sequence["Site"], cost: "CostModel", ratio: float, loss: Callable[[dict[str, int]], float],

@@ -9,18 +9,16 @@ clear error, never a crash deep inside torch).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ltm_convert.errors import LtmError
+from ltm_convert.merge.methods import DEFAULT_TOPK, method_names
 
 CONFIG_FORMAT = 1
 
 DEFAULT_RATIO = 0.8
-DEFAULT_TOPK = 2  # targets each merged-away token may reach (design section 2.1: local and cheap; 2 keeps
-# what 4 kept on 350 photos at half the merge work, benchmarks/README.md)
 MAX_TOPK = 4096
 SCHEDULES = ("fraction", "constant", "calibrated")  # schedule shapes (schedule.py; calibrate.py)
 DEFAULT_SCHEDULE = "fraction"
@@ -40,6 +38,12 @@ def _version() -> str:
     from ltm_convert import __version__
 
     return __version__
+
+
+def is_ltm_name(name: str) -> bool:
+    """Whether a parameter, buffer, attribute or child name belongs to what conversion added: every
+    such name has a dotted part starting with ``ltm_`` (the original model's names never do)."""
+    return any(part.startswith("ltm_") for part in name.split("."))
 
 
 def is_int(value: Any) -> bool:
@@ -109,8 +113,6 @@ class LtmConfig:
             raise LtmError(f"keep must map block names to positive token counts, got {str(self.keep)[:80]!r}")
         if not isinstance(self.method, str):
             raise LtmError(f"method must be a name, got {self.method!r}")
-        from ltm_convert.merge.methods import method_names
-
         if self.method not in method_names():
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if not isinstance(self.positions, str) or self.positions not in POSITIONS:
@@ -124,9 +126,6 @@ class LtmConfig:
         data = dataclasses.asdict(self)
         data["input_size"] = list(self.input_size) if self.input_size else None
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Any) -> "LtmConfig":

@@ -64,6 +64,18 @@ def in_channels(model: nn.Module) -> int:
     return 3
 
 
+def planned_input_size(model: nn.Module, given: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (H, W) to run a model at: ``given``, else the size a converted model's schedule was
+    solved for (its ``ltm_config``), else the model's own default. Every tool that feeds a model
+    asks here, so a converted model always runs at the size its token counts were planned for."""
+    if given:
+        return (int(given[0]), int(given[1]))
+    config = getattr(model, "ltm_config", None)
+    if config is not None and config.input_size:
+        return (int(config.input_size[0]), int(config.input_size[1]))
+    return default_input_size(model)
+
+
 def example_input(model: nn.Module, input_size: tuple[int, int] | None = None, batch: int = 1,
                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """A deterministic image batch at the model's resolution (random normal, like a normalised image)."""

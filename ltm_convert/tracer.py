@@ -4,7 +4,7 @@ On the export graph (analysis/graph.py) a block is "a residual add whose branch 
 followed on the residual stream by a residual add whose branch holds two or more linear layers".
 :func:`analyse` lists those blocks with the graph facts around them; each model family
 (rewriters/) then reads the analysis and says whether and how it can convert the model, in a
-:class:`ConversionPlan` that is printable and JSON-able. :func:`find_blocks` is both steps.
+:class:`ConversionPlan` that is printable and JSON-able. ``api.find_blocks`` is both steps.
 
 The tracer never mutates the model.
 """
@@ -183,11 +183,3 @@ def no_blocks_error(analysis: Analysis) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"not supported yet: no transformer block (attention residual, then MLP residual) in "
         f"{analysis.model_class}: {what}" + (f" ({reasons})" if reasons else ""))
-
-
-def find_blocks(model: nn.Module, input_size: tuple[int, int] | None = None,
-                exclude: Iterable[str] | None = None) -> ConversionPlan:
-    """Trace the model and say what a conversion would change (no mutation)."""
-    from ltm_convert.rewriters import plan_for
-
-    return plan_for(analyse(model, input_size, exclude))[1]

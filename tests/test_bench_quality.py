@@ -1,5 +1,5 @@
 """benchmarks/bench_quality.py end to end on a tiny generated image folder (random small model, no
-/work/data), its statistics and probes on synthetic features, and the ToMe parity option behind
+real photo folder), its statistics and probes on synthetic features, and the ToMe parity option behind
 method ``tome_odd`` (default parity unchanged, odd parity merges differently)."""
 from __future__ import annotations
 

@@ -170,6 +170,19 @@ def test_input_size_forms():
     assert _join_input_size(["convert", "m", "-s", "112"]) == ["convert", "m", "-s", "112"]
 
 
+def test_every_command_reads_input_size_the_same_way(tmp_path):
+    """finetune parsed its own square --input-size; it now takes H W / HxW / N with the same
+    range check and the same one-line error as convert, bench and export."""
+    for command in ("convert", "finetune", "bench", "export"):
+        out = ok(run_cli(command, "--help", cwd=tmp_path)).stdout
+        assert "H W|HxW|N" in out, command
+    for args in (["finetune", TINY, "--data", "fashion-mnist", "--input-size", "64x4", "-o", "t.pt"],
+                 ["finetune", TINY, "--data", "fashion-mnist", "--input-size", "64", "4", "-o", "t.pt"]):
+        message = assert_one_line_error(run_cli(*args, cwd=tmp_path))
+        assert "--input-size (64, 4) is out of range" in message, message
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_readme_and_ci_run_the_same_tests():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()

@@ -427,7 +427,7 @@ def _scripted_validation(monkeypatch, by_step: dict[int, float]):
 
     def evaluate(self, model=None):
         seen[self.state.global_step] = state(self.student)
-        return {"agreement": by_step[self.state.global_step], "agreement_kind": "cosine", "kd": 0.1, "val_images": 8}
+        return {"agreement": by_step[self.state.global_step], "kd": 0.1, "val_images": 8}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     return seen

@@ -20,7 +20,7 @@ from model_zoo import (
 
 from ltm_convert.api import convert, describe, find_blocks
 from ltm_convert.errors import LtmError, UnsupportedModelError
-from ltm_convert.merge.grid import grid_geometry, grid_options
+from ltm_convert.merge.grid import axis_targets, grid_options
 from ltm_convert.sources import load_model
 
 ALL = list(GRID_TIMM) + GRID_HF
@@ -45,12 +45,12 @@ def family(request):
 
 
 def test_geometry_targets_are_their_own_candidates():
-    for h, w, hk, wk in [(16, 16, 9, 9), (8, 8, 5, 5), (4, 4, 3, 3), (16, 8, 7, 4), (4, 4, 1, 1)]:
-        targets, cand, valid = grid_geometry(h, w, hk, wk)
-        assert targets.shape == (hk * wk,) and cand.shape == (h * w, 4)
-        assert int(cand.max()) < hk * wk and bool(valid[:, 0].all())
-        for t, pos in enumerate(targets.tolist()):
-            assert t in cand[pos][valid[pos]].tolist()
+    for n, k in [(16, 9), (8, 5), (4, 3), (8, 4), (4, 1), (7, 7)]:
+        targets, near = axis_targets(n, k)
+        assert len(targets) == k and len(near) == n
+        assert all(0 <= lo <= hi < k and hi - lo <= 1 for lo, hi in near)
+        for t, pos in enumerate(targets):
+            assert t in near[pos]
     assert grid_options(4, 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
     assert grid_options(16, 8)[-1] == (16, 8)
 

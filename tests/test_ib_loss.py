@@ -1,4 +1,4 @@
-"""The IB loss (ltm-method.md section 4) without the public code's defects, one test per defect."""
+"""The IB loss (finetune/losses.py) without the public code's defects, one test per defect."""
 from __future__ import annotations
 
 import math

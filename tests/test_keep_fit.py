@@ -137,7 +137,7 @@ def test_trainer_keeps_the_fit_only_if_validation_agrees_as_well(tiny, tmp_path,
     scores = iter([0.90, after, 0.5])
 
     def evaluate(self, model=None):
-        return {"agreement": next(scores), "agreement_kind": "cosine", "kd": 0.1, "val_images": 8}
+        return {"agreement": next(scores), "kd": 0.1, "val_images": 8}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
     model = copy.deepcopy(tiny)

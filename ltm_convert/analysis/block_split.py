@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import UnsupportedModelError
 
 _MASK_PARAM_NAMES = ("attn_mask", "attention_mask", "mask", "attn_bias")
@@ -181,9 +182,9 @@ def structure_key(block: nn.Module, cls: type, attn_child: str, call: BlockCall)
     attributes (forward may branch on them) and how it is called. Blocks with equal keys share one
     cut, so a 12-block ViT is traced once, not twelve times."""
     plain = tuple(sorted((k, v) for k, v in vars(block).items()
-                         if isinstance(v, (bool, int, float, str, type(None))) and not k.startswith(("_", "ltm_"))
+                         if isinstance(v, (bool, int, float, str, type(None))) and not k.startswith("_") and not is_ltm_name(k)
                          and k != "training"))
-    children = tuple((n, type(c)) for n, c in block.named_children() if not n.startswith("ltm_"))
+    children = tuple((n, type(c)) for n, c in block.named_children() if not is_ltm_name(n))
     constants = repr(sorted(call.constants.items(), key=lambda kv: kv[0]))
     return (cls, attn_child, tuple(call.tensor_names), call.x_name, constants, children, plain)
 
@@ -329,24 +330,3 @@ def _compile(graph: fx.Graph, root: nn.Module) -> tuple[str, Callable]:
     globals_ = dict(code.globals)
     exec(compile(code.src, f"<ltm_convert {type(root).__name__}>", "exec"), globals_)
     return code.src, globals_["forward"]
-
-
-def capture_block_calls(model: nn.Module, names: list[str], run: Callable[[], Any]) -> dict[str, tuple[tuple, dict]]:
-    """Run the model once and record the (args, kwargs) each named block is called with."""
-    modules = dict(model.named_modules())
-    calls: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for name in names:
-        def hook(mod, args, kwargs, _name=name):
-            calls.setdefault(_name, (args, dict(kwargs)))
-        handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in calls]
-    if missing:
-        raise UnsupportedModelError(f"not supported yet: blocks {missing[:3]} were never called in a forward pass")
-    return calls

@@ -1,7 +1,7 @@
 """Read-only graph work shared by every family: the export graph of the whole model and facts about it.
 
 The model is traced once with ``torch.export`` (non-strict), which works on every timm and HF
-vision model measured (model-coverage.md). Node ``nn_module_stack`` metadata maps each node back to
+vision model measured so far. Node ``nn_module_stack`` metadata maps each node back to
 its module. :class:`GraphFacts` answers data-dependence and ancestry questions over the graph;
 :func:`residuals` lists every residual add with what its branch computes (attention, an MLP, other).
 

@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
             from ltm_convert.tools.bench import pick_device
 
             pick_device(device)  # an impossible device is refused before anything loads
-            from ltm_convert.model_inputs import default_input_size
+            from ltm_convert.model_inputs import planned_input_size
             from ltm_convert.tools.bench import benchmark, pick_device
             from ltm_convert.tools.images import sample_photos
 
@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
             images = None
             if not no_images:
                 first = next(iter(converted.values()))
-                size = tuple(first.ltm_config.input_size or default_input_size(original))
+                size = planned_input_size(first)
                 try:
                     images = sample_photos(size)
                 except LtmError as exc:

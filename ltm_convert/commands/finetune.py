@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ltm_convert.commands._common import InputSizeOpt
 from ltm_convert.errors import LtmError
 
 FINETUNE_EPILOG = """\
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
         freeze: Annotated[Optional[list[str]], typer.Option("--freeze", metavar="NAME", help="Keep parameters whose name contains NAME frozen. Repeatable. Default: none (every ltm_ parameter trains).")] = None,
         ratio: Annotated[float, typer.Option("--ratio", "-r", help="FLOPs ratio when MODEL must be converted first.")] = 0.5,
         no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random weights for a model source (trying things out).")] = False,
-        input_size: Annotated[Optional[int], typer.Option("--input-size", "-s", help="Resolution when converting MODEL (square).")] = None,
+        input_size: InputSizeOpt = None,
         train_samples: Annotated[Optional[int], typer.Option("--train-samples", help="Use a seeded subset of the training images.")] = None,
         val_samples: Annotated[Optional[int], typer.Option("--val-samples", help="Use a seeded subset of the validation images.")] = None,
         val_fraction: Annotated[float, typer.Option("--val-fraction", help="Held out when DATA has no val split.")] = 0.1,
@@ -104,8 +105,9 @@ def register(app: typer.Typer) -> None:
         console = Console(highlight=False)
         evals = [h for h in history if h.get("type") == "eval"]
         for h in evals:
-            extra = f"  accuracy {h['accuracy']:.4f}" if "accuracy" in h else ""
-            console.print(f"eval epoch {h['epoch']} ({h['when']}): agreement ({h['agreement_kind']}) "
-                          f"{h['agreement']:.4f}  kd {h['kd']:.5f}{extra}")
+            extra = f"  top-1 agreement {h['top1_agreement']:.4f}" if "top1_agreement" in h else ""
+            extra += f"  accuracy {h['accuracy']:.4f}" if "accuracy" in h else ""
+            console.print(f"eval epoch {h['epoch']} ({h['when']}): agreement {h['agreement']:.4f}  "
+                          f"kd {h['kd']:.5f}{extra}")
         if output is not None:
             console.print(f"saved to {output}")

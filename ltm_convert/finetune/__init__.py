@@ -4,7 +4,8 @@
     model, history = finetune("out/dinov2_ltm.pt", "fashion-mnist", epochs=1, output="tuned.pt")
 
 Works in one process, or under ``torchrun --nproc_per_node N`` (DistributedDataParallel; gloo on
-CPU, nccl on GPU). See ltm_convert/finetune/loop.py for the loop and losses.py for the losses.
+CPU, nccl on GPU). See loop.py for the loop, validation.py for what validation measures and
+losses.py for the losses.
 """
 from __future__ import annotations
 

@@ -18,13 +18,12 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ltm_convert.errors import LtmError
-from ltm_convert.tools.images import Augment, Preprocess, normalisation
+from ltm_convert.tools.images import Augment, Preprocess, is_image_file, normalisation
 
 FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                          "sneaker", "bag", "ankle boot"]
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST (Debian package dataset-fashion-mnist)
 
@@ -100,7 +99,7 @@ class ImageFolder(Dataset):
         for c in found:
             if c not in index:
                 raise LtmError(f"{self.root}/{c} is not one of the training classes; train and val must have the same class folders")
-            files = sorted(p for p in (self.root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+            files = sorted(p for p in (self.root / c).rglob("*") if is_image_file(p))
             good = 0
             for p in files:
                 try:

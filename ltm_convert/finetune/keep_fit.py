@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm_convert.errors import LtmError
+from ltm_convert.metrics import compared_output
 from ltm_convert.merge.ltm_mask import KEEP_BOUND, LtmMask, _ranks
 from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.state import recording
@@ -98,15 +99,6 @@ def merge_prices(rec: dict[str, Any], grad: torch.Tensor) -> torch.Tensor:
         both = both * ((s_r * n_r + s_u * n_u) / total / both.norm(dim=-1).clamp_min(1e-6)).unsqueeze(-1)
         price.scatter_(1, targets, (g_r * (both - m_r)).sum(-1) + (g_u * (both - m_u)).sum(-1))
     return price
-
-
-def _output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    from ltm_convert.model_inputs import main_output, run_model
-
-    from ltm_convert.finetune.losses import pool_tokens
-
-    y = main_output(run_model(model, images)).float()
-    return pool_tokens(y) if y.dim() == 3 else y.reshape(len(y), -1)  # what validation compares
 
 
 class _Normal:
@@ -179,7 +171,7 @@ def fit_keep_terms(model: nn.Module, batches: Iterable[torch.Tensor], *, directi
             x = x.detach().clone() if x.is_floating_point() else x.float()
             x.requires_grad_(True)  # so the graph reaches the merged rows (every weight is frozen here)
             with recording(merges=True) as entries:
-                out = _output(model, x)
+                out = compared_output(model, x)  # the vector agreement compares
             records = {by_block[e["block"]]: e["merge"] for e in entries
                        if "merge" in e and e["merge"]["merged"].requires_grad}
             for rec in records.values():

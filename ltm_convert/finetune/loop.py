@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import LtmError, TrainingDiverged
 from ltm_convert.finetune import checkpoint as ckpt
 from ltm_convert.finetune import distributed as D
 from ltm_convert.finetune.config import FinetuneConfig
 from ltm_convert.finetune.data import DataBundle, ResumableSampler, shard
-from ltm_convert.finetune.losses import IBLoss, distill, pool_tokens
+from ltm_convert.finetune.losses import IBLoss, distill
 from ltm_convert.finetune.optim import (  # noqa: F401 - re-exported: loop is where callers look
     Ema,
     amp_settings,
@@ -32,7 +33,14 @@ from ltm_convert.finetune.optim import (  # noqa: F401 - re-exported: loop is wh
     merges_tokens,
     param_groups,
 )
-from ltm_convert.model_inputs import call_kwargs, main_output
+from ltm_convert.finetune.validation import (  # noqa: F401 - re-exported: loop is where callers look
+    FeatureTap,
+    has_logits,
+    head_module,
+    make_teacher,
+    validate,
+    validates_better,
+)
 
 
 def finite_json(value: Any) -> Any:
@@ -44,71 +52,6 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_json(v) for v in value]
     return value
-
-
-# --------------------------------------------------------------------------------------------
-# Model plumbing
-
-
-def head_module(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_classifier", None)
-    if callable(get):
-        try:
-            head = get()
-        except Exception:  # noqa: BLE001
-            head = None
-        if isinstance(head, nn.Module):
-            return head
-    for name in ("classifier", "head"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    return None
-
-
-def has_logits(model: nn.Module) -> bool:
-    head = head_module(model)
-    return head is not None and not isinstance(head, nn.Identity) and any(True for _ in head.parameters())
-
-
-class FeatureTap:
-    """Runs the model and returns (main output, pooled final feature = the head's input)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.captured: torch.Tensor | None = None
-        self.active = False  # capture only inside __call__: a forward elsewhere (the keep fit, user code)
-        # must not leave a tensor, and its graph, held by a hook that deepcopy would then copy
-        head = head_module(model)
-        self.handle = head.register_forward_pre_hook(self._hook) if head is not None else None
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        if self.active and args and isinstance(args[0], torch.Tensor):
-            self.captured = args[0]
-
-    def __call__(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.captured = None
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        args, kwargs = call_kwargs(inner, images)  # DDP forwards them to the wrapped model
-        self.active = True
-        try:
-            out = main_output(model(*args, **kwargs))
-        finally:
-            self.active = False
-        feat = self.captured if self.captured is not None else out
-        self.captured = None
-        return out, pool_tokens(feat)
-
-
-def make_teacher(student: nn.Module) -> nn.Module:
-    """The original model: a frozen copy of the converted one with merging switched off
-    (ratio 1.0 reproduces the original outputs exactly)."""
-    from ltm_convert.api import unmerged_copy
-
-    teacher = unmerged_copy(student)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 KEEP_FIT_PASSES = 8  # --fit-keep may ask for at most this many passes over the training images
@@ -256,7 +199,7 @@ class Trainer:
         if self.cfg.train == "mask":
             self.model.eval()
             for name, module in self.model.named_modules():
-                if any(part.startswith("ltm_") for part in name.split(".")):
+                if is_ltm_name(name):
                     module.train()
         else:
             self.model.train()
@@ -344,36 +287,13 @@ class Trainer:
     # -- eval -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Validate ``model`` (the student by default) against the teacher (validation.validate)."""
         model = model or self.student
-        model.eval()
         tap = self.tap_s if model is self.student else FeatureTap(model)
         ds = shard(self.data.val, self.dist.rank, self.dist.world)
         loader = DataLoader(ds, batch_size=max(1, self.per_rank), shuffle=False, num_workers=self.cfg.num_workers)
-        sums = torch.zeros(6, dtype=torch.float64)
-        for images, labels in loader:
-            images, labels = images.to(self.dist.device), labels.to(self.dist.device)
-            with self._autocast():
-                t_out, _ = self.tap_t(self.teacher, images)
-                s_out, _ = tap(model, images)
-            s_out, t_out = s_out.float(), t_out.float()
-            kd = distill(s_out, t_out, logits=self.logits, temperature=self.cfg.temperature)
-            n = images.shape[0]
-            if self.logits:
-                agree = (s_out.argmax(-1) == t_out.argmax(-1)).sum()
-            else:
-                agree = F.cosine_similarity(pool_tokens(s_out), pool_tokens(t_out), dim=-1).sum()
-            acc = t_acc = torch.tensor(0.0)
-            if self.use_ce:
-                acc = (s_out.argmax(-1) == labels).sum()
-                t_acc = (t_out.argmax(-1) == labels).sum()
-            sums += torch.tensor([n, float(agree), float(kd) * n, float(acc), float(t_acc), 0.0], dtype=torch.float64)
-        sums = D.all_reduce_sum(sums.to(self.dist.device)).cpu()
-        n = max(1.0, float(sums[0]))
-        out = {"agreement": float(sums[1]) / n, "agreement_kind": "top1" if self.logits else "cosine",
-               "kd": float(sums[2]) / n, "val_images": int(sums[0])}
-        if self.use_ce:
-            out["accuracy"], out["teacher_accuracy"] = float(sums[3]) / n, float(sums[4]) / n
-        return out
+        return validate(model, tap, self.teacher, self.tap_t, loader, device=self.dist.device, autocast=self._autocast,
+                        logits=self.logits, use_ce=self.use_ce, temperature=self.cfg.temperature)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, on_step: Callable[["Trainer", dict], None] | None = None) -> list[dict[str, Any]]:
@@ -467,7 +387,7 @@ class Trainer:
         if before is not None:
             result = self.evaluate()
             self._log({"type": "eval", "epoch": 0, "step": 0, "when": "keep_fit", **result})
-            record["kept"] = (result["agreement"], -result["kd"]) >= (before["agreement"], -before["kd"])
+            record["kept"] = not validates_better(before, result)
             if record["kept"]:
                 self._consider_best(result)
             else:
@@ -510,7 +430,7 @@ class Trainer:
         if not self.cfg.keep_best or not math.isfinite(result["kd"]):
             return
         best = self.best
-        if best is not None and (result["agreement"], -result["kd"]) < (best["agreement"], -best["kd"]):
+        if best is not None and validates_better(best, result):
             return
         self.best = {"step": self.state.global_step, "agreement": result["agreement"], "kd": result["kd"]}
         ckpt.save_best(self)

@@ -1,9 +1,9 @@
 """Fine-tuning losses: distillation from the frozen teacher, and the information-bottleneck term.
 
-Distillation (ltm-method.md section 3): KL between temperature-softened logits (times T^2), or,
+Distillation: KL between temperature-softened logits (times T^2), or,
 for a backbone without a classification head, 1 - cosine similarity of the pooled features.
 
-IB loss (ltm-method.md section 4). With soft output clusters phi_out(f, b) =
+IB loss (the LTM paper's information-bottleneck term). With soft output clusters phi_out(f, b) =
 softmax_b(-beta * ||f/|f| - v_b||^2) and the variational table q(y | b) (class distribution
 inside cluster b, estimated from soft counts of phi_out over the training data):
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm_convert.errors import LtmError
+from ltm_convert.metrics import pool_tokens
 
 
 def kd_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -43,15 +44,6 @@ def kd_logits(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
     s = F.log_softmax(student.float() / t, dim=-1)
     p = F.log_softmax(teacher.float().detach() / t, dim=-1)
     return F.kl_div(s, p, log_target=True, reduction="batchmean") * (t * t)
-
-
-def pool_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, D) by the token mean; (B, D) unchanged; anything else flattened per sample."""
-    if x.dim() == 3:
-        return x.mean(dim=1)
-    if x.dim() == 2:
-        return x
-    return x.flatten(1)
 
 
 def kd_features(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ltm_convert.api import is_ltm_name, merge_counts
+from ltm_convert.api import merge_counts
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import LtmError
 from ltm_convert.finetune.config import FinetuneConfig
 

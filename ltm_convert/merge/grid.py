@@ -1,9 +1,9 @@
 """Grid-preserving merges: tokens on an h x w grid merge onto a regular h' x w' sub-grid and back.
 
 Models whose blocks need a 2-D grid (MobileViT's fold, Swin's windows, EfficientViT's depth-wise
-convolutions) cannot take an arbitrary shorter sequence; they can take a smaller grid
-(ltm-method.md section 2.3). Rows and columns are reduced evenly (the aspect ratio is kept), and
-every token spreads over the (up to) 2 x 2 targets around it with learned weights.
+convolutions) cannot take an arbitrary shorter sequence; they can take a smaller grid. Rows and
+columns are reduced evenly (the aspect ratio is kept), and every token spreads over the (up to)
+2 x 2 targets around it with learned weights.
 
 The 2 x 2 assignment is factorised by axis: a token first spreads over the two nearest target
 columns of its row (weights a_W), each row-merged token then over the two nearest target rows of
@@ -45,23 +45,6 @@ def axis_targets(n: int, k: int) -> tuple[list[int], list[tuple[int, int]]]:
         lo = max(0, min(k - 1, int(math.floor(u))))
         near.append((lo, min(k - 1, lo + 1)))
     return targets, near
-
-
-def grid_geometry(h: int, w: int, hk: int, wk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(targets (K,), candidates (N, 4), valid (N, 4)): the token index of each target, the 2 x 2
-    targets around every source token, and which of those four are distinct (the product of the
-    per-axis choices of :func:`axis_targets`)."""
-    rows, near_r = axis_targets(h, hk)
-    cols, near_c = axis_targets(w, wk)
-    targets = torch.tensor([r * w + c for r in rows for c in cols], dtype=torch.long)
-    cand, valid = [], []
-    for y in range(h):
-        r0, r1 = near_r[y]
-        for x in range(w):
-            c0, c1 = near_c[x]
-            cand.append([r0 * wk + c0, r0 * wk + c1, r1 * wk + c0, r1 * wk + c1])
-            valid.append([True, c1 != c0, r1 != r0, r1 != r0 and c1 != c0])
-    return targets, torch.tensor(cand, dtype=torch.long), torch.tensor(valid, dtype=torch.bool)
 
 
 def unmerge_grid(y: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
@@ -176,13 +159,3 @@ class GridMerge(MergeMetric):
     def unmerge(self, y: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """delta_i = sum_t A_it y_t: (B, h', w', C) -> (B, h, w, C)."""
         return unmerge_grid(y, state, self.grid)
-
-    def dense_assignment(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """A (B, h*w, h'*w') written out (visualisation, tests): A_it = a_W a_H."""
-        A_w, A_h = state
-        h, w = self.grid
-        hk, wk = self.grid_out
-        B = A_w.shape[0] // h
-        aw = A_w.view(B, h, w, wk)  # token (y, x) -> target column c
-        ah = A_h.view(B, wk, hk, h)  # (row y at column c) -> target row r
-        return torch.einsum("byxc,bcry->byxrc", aw, ah).reshape(B, h * w, hk * wk)

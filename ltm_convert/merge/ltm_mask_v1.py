@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltm_convert.config import DEFAULT_TOPK
+from ltm_convert.merge.methods import DEFAULT_TOPK
 from ltm_convert.merge.metric import MergeMetric
 from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.sparse import merge_dense, merge_sparse, redundancy

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from ltm_convert.errors import LtmError
+
+if TYPE_CHECKING:  # importing this module stays torch-free: config.py checks method names with it
+    from torch import nn
+
+DEFAULT_TOPK = 2  # targets each merged-away token may reach (local and cheap; 2 keeps what 4 kept on
+# 350 photos at half the merge work, benchmarks/README.md)
 
 
 @dataclass
@@ -33,7 +37,7 @@ class MaskSpec:
     version: int = 2  # mask version ("ltm": 1 replays files written by ltm_convert 0.1.0)
 
 
-Factory = Callable[[MaskSpec], nn.Module]
+Factory = Callable[[MaskSpec], "nn.Module"]
 _METHODS: dict[str, Factory] = {}
 _HOMES = ("ltm_convert.merge.ltm_mask", "ltm_convert.merge.baselines")  # where built-in methods live
 _LOADED = False

@@ -129,10 +129,6 @@ def _ffn_is_spatial(facts: GraphFacts, mlp_res: Residual, grid: tuple[int, int])
     return False
 
 
-def model_masks(model: nn.Module) -> list[FfnGridMerge]:
-    return [m for m in model.modules() if isinstance(m, FfnGridMerge)]
-
-
 @builtin_family
 class FfnGridFamily:
     name = "ffn-grid"

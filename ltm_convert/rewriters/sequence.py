@@ -16,7 +16,7 @@ from torch import nn
 from ltm_convert.analysis.block_split import bind_call, split_block
 from ltm_convert.analysis.heads import classify_heads, prefix_tokens, read_as_grid
 from ltm_convert.errors import LtmError, UnsupportedModelError
-from ltm_convert.ltm_block import LtmBlockMixin, PositionRule, ltm_class
+from ltm_convert.ltm_block import PositionRule, ltm_class
 from ltm_convert.merge.methods import MaskSpec, mask_factory
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 from ltm_convert.rewriters.heads import install_head_adapters
@@ -282,7 +282,3 @@ class SequenceCost:
 def family_disable(blocks: list[Any]) -> None:
     for block in blocks:
         block.ltm_set(block.ltm_tokens_in, block.ltm_tokens_in - block.ltm_prefix, False)
-
-
-def is_sequence_block(module: nn.Module) -> bool:
-    return isinstance(module, LtmBlockMixin)

@@ -2,7 +2,7 @@
 
 MobileViT unfolds a (B, C, H, W) feature map into B x P sequences of n_h x n_w patch tokens (P
 pixel positions per patch), runs a few transformer blocks, and folds the map back, so it needs
-every patch at the end and the same merge in all P sequences (ltm-method.md section 2.3):
+every patch at the end and the same merge in all P sequences (a grid-preserving merge, merge/grid.py):
 
 * the first block of each group merges after its attention onto a regular h' x w' sub-grid
   (merge/grid.py), with one assignment per patch position computed from the mean of its P

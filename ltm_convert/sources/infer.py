@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ltm_convert.config import is_ltm_name
 from ltm_convert.errors import LtmError
 from ltm_convert.sources.build import _build_timm
 from ltm_convert.sources.spec import ModelSource, _is_timm
@@ -155,7 +156,7 @@ def _modules(model: nn.Module | None) -> dict[str, tuple[str, str]]:
         return {}
     out = {}
     for name, m in model.named_modules():
-        if any(p.startswith("ltm_") for p in name.split(".")) or "drop" in name.rsplit(".", 1)[-1].lower() \
+        if is_ltm_name(name) or "drop" in name.rsplit(".", 1)[-1].lower() \
                 or "Drop" in type(m).__name__:
             continue
         cls = getattr(type(m), "ltm_original_class", type(m))
@@ -170,7 +171,7 @@ def _same_layout(a: nn.Module | None, b: nn.Module) -> bool:
     if a is None:
         return False
     def own(state: dict) -> dict:  # a converted model adds ltm_* tensors: compare the base model's
-        return {k: v for k, v in state.items() if not any(p.startswith("ltm_") for p in k.split("."))}
+        return {k: v for k, v in state.items() if not is_ltm_name(k)}
 
     sa, sb = own(a.state_dict()), own(b.state_dict())
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)

@@ -8,8 +8,8 @@ Everything a benchmark table needs, as functions (the CLI lives in ``commands/be
   median over repeats of t_original / t_converted of the adjacent pair, which cancels most of the
   drift a shared machine adds; latencies are medians;
 * fp32 on CPU, autocast (bf16 by default, or fp16) on GPU, optionally ``torch.compile``;
-* agreement: cosine similarity of the main output (pooled feature / logits) with the original's on
-  a batch of images, in fp32 eager mode.
+* agreement (``ltm_convert.metrics``): cosine of the main output (logits / pooled feature; a token
+  sequence averaged) with the original's on a batch of images, in fp32 eager mode.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ltm_convert.metrics import agreement as output_agreement
+from ltm_convert.metrics import compared_output
 from ltm_convert.model_inputs import (
-    default_input_size,
     example_input,
-    main_output,
-    run_model,
+    planned_input_size,
 )
 from ltm_convert.tools.device import pick_device
 
@@ -43,11 +43,10 @@ def count_params(model: nn.Module) -> int:
 
 
 def agreement(original: nn.Module, converted: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Cosine of the converted model's main output with the original's, per image (mean, min)."""
+    """:func:`ltm_convert.metrics.agreement` of the converted model with the original, per image
+    (mean, min)."""
     with torch.inference_mode():
-        ref = main_output(run_model(original, images)).float().flatten(1)
-        out = main_output(run_model(converted, images)).float().flatten(1)
-    cos = torch.nn.functional.cosine_similarity(out, ref, dim=1)
+        cos = output_agreement(compared_output(converted, images), compared_output(original, images))
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
@@ -161,7 +160,7 @@ def benchmark(original: nn.Module, converted: dict[str, nn.Module], *, batches: 
     dev = pick_device(str(device) if device is not None else None)
     amp = resolve_amp(dtype, dev)
     batches = list(batches or default_batches(dev))
-    size = input_size or _planned_size(converted) or default_input_size(original)
+    size = planned_input_size(next(iter(converted.values()), original), input_size)
     say = log or (lambda _msg: None)
 
     base_flops = count_flops(original, size)
@@ -220,14 +219,6 @@ def benchmark(original: nn.Module, converted: dict[str, nn.Module], *, batches: 
         # every timed run, in order (pairs line up index by index when group=1): for spreads
         "samples_ms": {str(t.batch): {k: [1e3 * v for v in vals] for k, vals in t.samples.items()} for t in timings},
     }
-
-
-def _planned_size(converted: dict[str, nn.Module]) -> tuple[int, int] | None:
-    for model in converted.values():
-        config = getattr(model, "ltm_config", None)
-        if config is not None and config.input_size:
-            return tuple(config.input_size)  # type: ignore[return-value]
-    return None
 
 
 def _device_name(dev: torch.device) -> str:

@@ -17,10 +17,10 @@ from torch import nn
 
 from ltm_convert.errors import LtmError
 from ltm_convert.model_inputs import (
-    default_input_size,
     example_input,
     is_hf_model,
     main_output,
+    planned_input_size,
 )
 
 DEFAULT_OPSET = 17
@@ -42,15 +42,6 @@ class _Wrapped(nn.Module):
         return main_output(out)
 
 
-def _input_size(model: nn.Module, input_size: tuple[int, int] | None) -> tuple[int, int]:
-    if input_size is not None:
-        return tuple(input_size)  # type: ignore[return-value]
-    config = getattr(model, "ltm_config", None)
-    if config is not None and config.input_size:
-        return tuple(config.input_size)  # type: ignore[return-value]
-    return default_input_size(model)
-
-
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[int, int] | None = None,
                 batch: int = 2, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
                 dynamo: bool = False) -> Path:
@@ -68,7 +59,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: tuple[
     was_training = model.training
     model.eval()
     wrapped = _Wrapped(model).eval()
-    size = _input_size(model, input_size)
+    size = planned_input_size(model, input_size)
     x = example_input(model, size, batch=batch)
     kwargs: dict[str, Any] = dict(input_names=["images"], output_names=["output"], opset_version=opset)
 
@@ -99,7 +90,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor 
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise LtmError("verifying an ONNX export needs onnxruntime; run `pip install onnxruntime`") from exc
     if images is None:
-        images = example_input(model, _input_size(model, None), batch=batch or 3,
+        images = example_input(model, planned_input_size(model), batch=batch or 3,
                                generator=torch.Generator().manual_seed(123))
     images = images.detach().float().cpu()
     with torch.no_grad():

@@ -107,10 +107,9 @@ def preprocess(images: Any, size: int | tuple[int, int] = 224, mean: Sequence[fl
 
 def model_input(model: Any, images: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``preprocess`` with the model's own normalisation and its conversion resolution."""
-    from ltm_convert.model_inputs import default_input_size
+    from ltm_convert.model_inputs import planned_input_size
 
-    config = getattr(model, "ltm_config", None)
-    size = size or (tuple(config.input_size) if config is not None and config.input_size else default_input_size(model))
+    size = planned_input_size(model, size)
     mean, std = normalisation(model)
     return preprocess(images, size, mean, std)
 
@@ -165,7 +164,13 @@ class Augment:
         return normalise(x, self.mean, self.std)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# every image file any reader here takes (PIL opens them all): calibration folders, fine-tuning
+# data, visualisation, the benchmarks' photo folders
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def folder_photos(folder: Path, what: str = "the folder") -> list[Path]:
@@ -173,7 +178,7 @@ def folder_photos(folder: Path, what: str = "the folder") -> list[Path]:
     tree (one subfolder per class), those of its subfolders taken in turn, so that the first images
     (calibration uses the first 64) come from every class."""
     def images(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in d.iterdir() if is_image_file(p))
 
     files = images(folder)
     if files:
