@@ -24,6 +24,7 @@ from ltm_convert.config import (
     DEFAULT_TOPK,
     LtmConfig,
     check_input_size,
+    is_ltm_name,
 )
 from ltm_convert.errors import LtmError
 from ltm_convert.flops import count_flops, meta_copy
@@ -392,10 +393,6 @@ def unmerged_copy(model: nn.Module) -> nn.Module:
     original = copy.deepcopy(model)
     disable_merging(original)
     return original
-
-
-def is_ltm_name(name: str) -> bool:
-    return any(part.startswith("ltm_") for part in name.split("."))
 
 
 def ltm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

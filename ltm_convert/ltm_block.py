@@ -27,6 +27,7 @@ from torch import nn
 from ltm_convert.analysis.block_split import BlockCall, SplitBlock, split_block
 from ltm_convert.errors import LtmError
 from ltm_convert.merge.state import (
+    SequenceMask,
     TokenState,
     captured,
     recorder,
@@ -209,7 +210,8 @@ class LtmBlockMixin:
         if rule is not None:  # what the model attaches to positions (rotary tables, relative bias) follows the tokens
             values, bias = rule.block_inputs(self, values, state, bias)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
-        soft = self.ltm_mask is not None and self.ltm_mask.soft()
+        # grid groups (MobileViT) merge with their own modules; only a sequence mask relaxes in training
+        soft = isinstance(self.ltm_mask, SequenceMask) and self.ltm_mask.soft()
         # training relaxes the merge (every token stays, so the planned count applies); inference
         # merges to the count planned for the tokens that arrive
         if soft:

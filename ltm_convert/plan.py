@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ltm_convert.analysis.ffn_sites import FfnSite
 from ltm_convert.errors import LtmError
 
 
@@ -51,10 +50,16 @@ class ConversionPlan:
     heads: list[str]
     blocks: list[BlockMatch] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    grids: list[GridGroup] = field(default_factory=list)  # set for models whose blocks run on 2-D grids
-    ffn_grids: list[FfnSite] = field(default_factory=list)  # Swin / EfficientViT: merge inside each FFN
     family: str = "sequence"  # the rewriters/ family that converts it
-    carry: list[str] = field(default_factory=list)  # modules between the last block and the head
+    # what only the family reads (JSON-able; the family parses it, e.g. with :func:`records`):
+    # sequence: "carry" (modules between the last block and the head); unfolded grids: "grids"
+    # (GridGroup); FFN grids: "ffn_grids" (FfnSite)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import json
+
+        self.data = json.loads(json.dumps(self.data))  # plain JSON, as a file gives it back (tuples -> lists)
 
     @property
     def block_names(self) -> list[str]:
@@ -71,10 +76,10 @@ class ConversionPlan:
             f"({self.prefix_tokens} prefix), head: {', '.join(self.heads) or 'none'}",
         ]
         lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
-        lines += [f"  grid group {g.grid[0]}x{g.grid[1]} patches x {g.patch_area} positions: {', '.join(g.blocks)}"
-                  for g in self.grids]
-        lines += [f"  FFN on a {f.grid[0]}x{f.grid[1]} grid ({f.layout}): {f.block}.{f.ffn_in} .. {f.ffn_out}"
-                  for f in self.ffn_grids]
+        for key, value in self.data.items():
+            for item in (value if isinstance(value, list) else [value]):
+                lines.append(f"  {key}: " + (", ".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict)
+                                             else str(item)))
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -91,12 +96,39 @@ class ConversionPlan:
                 heads=[_text(h) for h in data.get("heads", [])],
                 blocks=[_record(BlockMatch, b) for b in data.get("blocks", [])],
                 skipped=[(_text(n), _text(w)) for n, w in data.get("skipped", [])],
-                grids=[_record(GridGroup, g) for g in data.get("grids", [])],
-                ffn_grids=[_record(FfnSite, f) for f in data.get("ffn_grids", [])],
-                family=_text(data.get("family", "sequence")), carry=[_text(c) for c in data.get("carry", [])])
+                family=_text(data.get("family", "sequence")), data=_json(data.get("data", {})))
         except (KeyError, TypeError, ValueError):
             raise bad from None
         return plan
+
+
+def records(kind: type, items: Any, where: str = "the conversion plan") -> list[Any]:
+    """Dataclasses of ``kind`` from their asdict() forms in a plan's ``data`` (fields: strings,
+    counts, (H, W) pairs, lists of strings); a malformed entry is refused in one line."""
+    try:
+        return [item if isinstance(item, kind) else _record(kind, item) for item in items]
+    except (TypeError, ValueError):
+        raise LtmError(f"{where}: its {kind.__name__} entries are malformed; the file is corrupt "
+                       "(convert the model again)") from None
+
+
+def _json(value: Any, depth: int = 0) -> Any:
+    """Plain JSON data only (what a family may keep in ``data``), bounded in depth and size."""
+    if depth > 6:
+        raise ValueError("too deep")
+    if isinstance(value, dict):
+        if len(value) > 4096:
+            raise ValueError("too large")
+        return {_text(k): _json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        if len(value) > 4096:
+            raise ValueError("too large")
+        return [_json(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        return _text(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raise ValueError(value)
 
 
 def _text(value: Any) -> str:

@@ -1,6 +1,6 @@
 """Turn a FLOPs ratio into static token counts: one solver for every family.
 
-A family exposes its merge sites (rewriters/base.py ``Site``: how many mergeable tokens enter,
+A family exposes its merge sites (``Site`` below: how many mergeable tokens enter,
 which counts it may keep, whether it passes its output to the next site) and a cost model that
 gives the FLOPs of any schedule (``CostModel.flops``, built from per-module FlopCounterMode counts
 on a weightless copy of the model, so no schedule needs a full counted forward). The solver
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
 
 from ltm_convert.config import (
     GRID_TOLERANCE,
@@ -29,12 +29,30 @@ from ltm_convert.config import (
 )
 from ltm_convert.errors import LtmError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ltm_convert.rewriters.base import Site
+@dataclass
+class Site:
+    """One place where a converted model merges: ``tokens`` mergeable tokens enter it at the planned
+    resolution (for a chained site: when no earlier site merged) and it may keep any of
+    ``options`` of them. Chained sites (token sequences) pass their output on to the next site, so
+    the next one receives what this one kept; grid sites are independent."""
+
+    name: str
+    tokens: int
+    options: list[int] = field(default_factory=list)  # allowed kept counts, ascending; empty = 1..tokens
+    chained: bool = True
+    prefix: int = 0
+    # nothing reads this site's mergeable tokens afterwards (the last block before a class-token
+    # head): merging them all into one costs nothing in quality, so it keeps 1 whatever the shape
+    free: bool = False
+
+    def allowed(self, tokens_in: int) -> list[int]:
+        return [k for k in self.options if k <= tokens_in] if self.options else list(range(1, tokens_in + 1))
 
 
 class CostModel(Protocol):
-    base: float  # FLOPs of the original model (nothing merged)
+    """FLOPs of any schedule, without counting the whole model again (the solver calls it often)."""
+
+    base: float  # FLOPs of the model with merging off (the original's)
 
     def flops(self, keep: dict[str, int]) -> float: ...
 

@@ -28,7 +28,7 @@ from ltm_convert.analysis.graph import (
 )
 from ltm_convert.errors import UnsupportedModelError
 from ltm_convert.model_inputs import default_input_size
-from ltm_convert.plan import BlockMatch, ConversionPlan, GridGroup  # noqa: F401 - re-exported
+from ltm_convert.plan import BlockMatch, ConversionPlan  # noqa: F401 - re-exported
 
 
 @dataclass

@@ -21,6 +21,7 @@ from model_zoo import (
 )
 
 from ltm_convert.api import convert, describe, find_blocks, unmerged_copy
+from ltm_convert.rewriters.ffn_grid import ffn_sites_of
 from ltm_convert.errors import LtmError
 from ltm_convert.io import load, save
 from ltm_convert.rewriters.ffn_grid import FfnGridMerge
@@ -57,10 +58,11 @@ def test_tracer_finds_each_block_s_ffn():
                 "SwinModel": ("layernorm_after", "mlp", "tokens", (56, 56))}
     for kind, (first, last, layout, grid) in expected.items():
         plan = find_blocks(ffn_grid_model(kind))
-        site = plan.ffn_grids[0]
+        sites = ffn_sites_of(plan)
+        site = sites[0]
         assert (site.ffn_in, site.ffn_out, site.layout, site.grid) == (first, last, layout, grid), kind
-        assert len(plan.ffn_grids) == len(plan.blocks) and not plan.grids
-        assert "FFN on a" in str(plan)
+        assert len(sites) == len(plan.blocks) and set(plan.data) == {"ffn_grids"}
+        assert "ffn_grids: block=" in str(plan)
 
 
 @pytest.mark.parametrize("kind", ALL)
@@ -80,7 +82,7 @@ def test_flops_within_two_percent_and_outputs_follow_the_original(family):
     kind, model, converted = family
     # a random HF head gives 5 logits near zero with no stable direction: compare the backbones' outputs only
     grids = check_grid_schedule(run, model, converted, images(kind), 0.8, compare="Classification" not in kind)
-    assert len(grids) == len(converted.ltm_plan.ffn_grids)
+    assert len(grids) == len(ffn_sites_of(converted.ltm_plan))
 
 
 @pytest.mark.parametrize("kind", ["swin", "SwinForImageClassification"])

@@ -16,7 +16,13 @@ from model_zoo import (
     TIMM_FAMILIES,
 )
 
+from test_relative_bias import HF as RELB_HF
+from test_relative_bias import TIMM as RELB_TIMM
+
+from ltm_convert.rewriters import families
+
 README = Path(__file__).resolve().parents[1] / "README.md"
+RELB_HF_CLASSES = {kind.partition("-")[0] for kind in RELB_HF}
 
 
 def _table_rows() -> list[list[str]]:
@@ -28,14 +34,20 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    assert listed == set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF), (sorted(listed), sorted(HF_FAMILIES))
+    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES
+    assert listed == tested, (sorted(listed), sorted(tested))
 
 
 def test_every_timm_pattern_in_the_table_matches_a_tested_model_and_vice_versa():
     patterns = [p for row in _table_rows() for p in re.findall(r"`(\w*\*[\w*]*)`", row[1])]
     tested = {name for name, _ in [*TIMM_FAMILIES.values(), *GRID_TIMM.values(), *FFN_GRID_TIMM.values(),
-                                        *ROTARY_TIMM.values()]}
+                                        *ROTARY_TIMM.values(), *RELB_TIMM.values()]}
     for pattern in patterns:
         assert any(fnmatch.fnmatch(name, pattern) for name in tested), f"README lists untested timm models {pattern}"
     for name in tested:
         assert any(fnmatch.fnmatch(name, p) for p in patterns), f"tested timm model {name} is missing from the README"
+
+
+def test_every_registered_family_has_rows_and_every_row_names_one():
+    named = {cell.strip("`") for row in _table_rows() for cell in [row[-1]]}
+    assert named == {family.name for family in families()}, named

@@ -17,44 +17,16 @@ so a family is tested by being registered.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from torch import nn
 
 from ltm_convert.errors import UnsupportedModelError
+from ltm_convert.schedule import CostModel, Site  # noqa: F401 - part of the family protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.config import LtmConfig
     from ltm_convert.tracer import Analysis, ConversionPlan
-
-
-@dataclass
-class Site:
-    """One place where a converted model merges: ``tokens`` mergeable tokens enter it at the planned
-    resolution (for a chained site: when no earlier site merged) and it may keep any of
-    ``options`` of them. Chained sites (token sequences) pass their output on to the next site, so
-    the next one receives what this one kept; grid sites are independent."""
-
-    name: str
-    tokens: int
-    options: list[int] = field(default_factory=list)  # allowed kept counts, ascending; empty = 1..tokens
-    chained: bool = True
-    prefix: int = 0
-    # nothing reads this site's mergeable tokens afterwards (the last block before a class-token
-    # head): merging them all into one costs nothing in quality, so it keeps 1 whatever the shape
-    free: bool = False
-
-    def allowed(self, tokens_in: int) -> list[int]:
-        return [k for k in self.options if k <= tokens_in] if self.options else list(range(1, tokens_in + 1))
-
-
-class CostModel(Protocol):
-    """FLOPs of any schedule, without counting the whole model again (the solver calls it often)."""
-
-    base: float  # FLOPs of the model with merging off (the original's)
-
-    def flops(self, keep: dict[str, int]) -> float: ...
 
 
 # an example model a family converts: (source kind, name, options), as ltm_convert.sources.ModelSource

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ltm_convert.analysis.ffn_sites import find_ffn_site
+from ltm_convert.analysis.ffn_sites import FfnSite, find_ffn_site
 from ltm_convert.analysis.graph import GraphFacts, Residual, module_path, shape_of
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.merge.grid import GridMerge, grid_options
 from ltm_convert.merge.metric import metric_dim
+from ltm_convert.plan import records
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -129,6 +131,11 @@ def _ffn_is_spatial(facts: GraphFacts, mlp_res: Residual, grid: tuple[int, int])
     return False
 
 
+def ffn_sites_of(plan: "ConversionPlan") -> list[FfnSite]:
+    """The plan's FFN sites (its family data), parsed and checked."""
+    return records(FfnSite, plan.data.get("ffn_grids", []))
+
+
 @builtin_family
 class FfnGridFamily:
     name = "ffn-grid"
@@ -166,13 +173,13 @@ class FfnGridFamily:
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=kept[0].tokens, prefix_tokens=0,
                               heads=["grid (each FFN unmerges onto its full grid)"], blocks=kept, skipped=skipped,
-                              ffn_grids=sites)
+                              data={"ffn_grids": [asdict(site) for site in sites]})
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         if config.method != "ltm":
             raise LtmError(f"method {config.method!r} works on plain-sequence ViTs only; {plan.model_class} runs "
                            "its blocks on 2-D grids, which only the grid-preserving 'ltm' method keeps")
-        for site in plan.ffn_grids:
+        for site in ffn_sites_of(plan):
             block = model.get_submodule(site.block)
             if hasattr(block, "ltm_mask"):
                 raise LtmError(f"{site.block} already has an ltm_mask; convert the original model instead")
@@ -188,11 +195,11 @@ class FfnGridFamily:
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         return [Site(name=s.block, tokens=s.grid[0] * s.grid[1], options=sorted(a * b for a, b in grid_options(*s.grid)),
-                     chained=False) for s in plan.ffn_grids]
+                     chained=False) for s in ffn_sites_of(plan)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
         get = chain_keep(keep, self.sites(model, plan))
-        for site in plan.ffn_grids:
+        for site in ffn_sites_of(plan):
             options = {a * b: (a, b) for a, b in grid_options(*site.grid)}
             k = get(site.block)
             if k not in options:
@@ -204,13 +211,13 @@ class FfnGridFamily:
         from ltm_convert.schedule import GridCost
 
         sites = self.sites(meta_model, plan)
-        shapes = {s.block: {a * b: (a, b) for a, b in grid_options(*s.grid)} for s in plan.ffn_grids}
+        shapes = {s.block: {a * b: (a, b) for a, b in grid_options(*s.grid)} for s in ffn_sites_of(plan)}
 
         def basis(site: Site, k: int) -> list[float]:  # FFN and column merges grow with K = h'w', row merges with w'
             return [1.0, float(k), float(shapes[site.name][k][1])]
 
         try:
-            return GridCost(meta_model, sites, {s.block: [s.block] for s in plan.ffn_grids},
+            return GridCost(meta_model, sites, {s.block: [s.block] for s in ffn_sites_of(plan)},
                             lambda keep: self.apply(meta_model, plan, keep), basis, plan.input_size)
         except LtmError:
             raise
@@ -220,7 +227,7 @@ class FfnGridFamily:
                                         f"on merged grid tokens ({first[:200]})") from exc
 
     def describe(self, model: nn.Module, plan: "ConversionPlan") -> dict[str, Any]:
-        masks = [model.get_submodule(s.block).ltm_mask for s in plan.ffn_grids]
+        masks = [model.get_submodule(s.block).ltm_mask for s in ffn_sites_of(plan)]
         return {"blocks": [{"name": m.ltm_name, "tokens_in": m.tokens_in, "tokens_out": m.tokens_out} for m in masks],
                 "grids": [{"blocks": [m.ltm_name], "grid": list(m.grid), "grid_out": list(m.grid_out), "patch_area": 1,
                            "tokens_in": m.tokens_in, "tokens_out": m.tokens_out} for m in masks]}

@@ -200,7 +200,7 @@ HEAD_ADAPTERS: list[Callable[[nn.Module, ConversionPlan, set[str]], "str | None"
 
 def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     """Make pooling size-aware; raises UnsupportedModelError for a head that cannot be kept exact."""
-    for path in plan.carry:
+    for path in plan.data.get("carry", []):
         model.get_submodule(path).register_forward_hook(carry_state)
     install_client_adapters(model, plan)
     heads = set(plan.heads)

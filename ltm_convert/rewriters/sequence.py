@@ -85,7 +85,7 @@ class SequenceFamily:
                 f"(reshape_hidden_states), which merged tokens cannot fill{hint}")
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=num_tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
-                              skipped=list(analysis.skipped), carry=carry)
+                              skipped=list(analysis.skipped), data={"carry": carry})
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())

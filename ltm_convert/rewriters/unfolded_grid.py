@@ -16,6 +16,7 @@ the transformers hold), so the closest reachable schedule is chosen and reported
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -28,11 +29,12 @@ from ltm_convert.ltm_block import ltm_class
 from ltm_convert.merge.grid import GridMerge, grid_options, unmerge_grid
 from ltm_convert.merge.metric import metric_dim
 from ltm_convert.merge.state import TokenState
+from ltm_convert.plan import GridGroup, records
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 
 if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.config import LtmConfig
-    from ltm_convert.tracer import Analysis, BlockMatch, ConversionPlan, GridGroup
+    from ltm_convert.tracer import Analysis, BlockMatch, ConversionPlan
 
 
 class UnfoldedUnmerge(NamedTuple):
@@ -107,8 +109,6 @@ def patch_layout(seq: tuple[int, ...], fmap: tuple[int, ...]) -> tuple[tuple[int
 def grid_groups(facts: GraphFacts, blocks: list["BlockMatch"], block_adds: list[tuple[fx.Node, fx.Node]]
                 ) -> "list[GridGroup] | str":
     """Runs of blocks that start from an unfolded feature map, or the reason the model is not one."""
-    from ltm_convert.tracer import GridGroup
-
     groups: list[GridGroup] = []
     prev_out: fx.Node | None = None
     for block, (block_in, block_out) in zip(blocks, block_adds):
@@ -123,6 +123,11 @@ def grid_groups(facts: GraphFacts, blocks: list["BlockMatch"], block_adds: list[
             groups.append(GridGroup(blocks=[block.name], tokens=block.tokens, grid=layout[0], patch_area=layout[1]))
         prev_out = block_out
     return groups
+
+
+def grid_groups_of(plan: "ConversionPlan") -> list[GridGroup]:
+    """The plan's grid groups (its family data), parsed and checked."""
+    return records(GridGroup, plan.data.get("grids", []))
 
 
 @builtin_family
@@ -145,7 +150,7 @@ class UnfoldedGridFamily:
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=analysis.blocks[0].tokens, prefix_tokens=0,
                               heads=["grid (unmerged before the fold)"], blocks=list(analysis.blocks),
-                              skipped=list(analysis.skipped), grids=groups)
+                              skipped=list(analysis.skipped), data={"grids": [asdict(g) for g in groups]})
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         if config.method != "ltm":
@@ -153,7 +158,7 @@ class UnfoldedGridFamily:
                            "blocks on a 2-D patch grid, which only the grid-preserving 'ltm' method keeps")
         modules = dict(model.named_modules())
         matches = {b.name: b for b in plan.blocks}
-        for group in plan.grids:
+        for group in grid_groups_of(plan):
             for i, name in enumerate(group.blocks):
                 block, match = modules[name], matches[name]
                 args, kwargs = analysis.calls[name]
@@ -173,13 +178,13 @@ class UnfoldedGridFamily:
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         return [Site(name=g.blocks[0], tokens=g.tokens, options=sorted(a * b for a, b in grid_options(*g.grid)),
-                     chained=False) for g in plan.grids]
+                     chained=False) for g in grid_groups_of(plan)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
         """Configure each group's target grid (by its token count) and the counts of all its blocks."""
         modules = dict(model.named_modules())
         get = chain_keep(keep, self.sites(model, plan))
-        for group in plan.grids:
+        for group in grid_groups_of(plan):
             options = {a * b: (a, b) for a, b in grid_options(*group.grid)}
             k = get(group.blocks[0])
             if k not in options:
@@ -195,15 +200,16 @@ class UnfoldedGridFamily:
 
         # within a group the later blocks run on K = h'w' tokens: linear layers grow with K, attention with
         # K^2; the factorised merge and unmerge also with the target grid's width w'
-        shapes = {g.blocks[0]: {a * b: (a, b) for a, b in grid_options(*g.grid)} for g in plan.grids}
-        return GridCost(meta_model, self.sites(meta_model, plan), {g.blocks[0]: list(g.blocks) for g in plan.grids},
+        shapes = {g.blocks[0]: {a * b: (a, b) for a, b in grid_options(*g.grid)} for g in grid_groups_of(plan)}
+        groups = {g.blocks[0]: list(g.blocks) for g in grid_groups_of(plan)}
+        return GridCost(meta_model, self.sites(meta_model, plan), groups,
                         lambda keep: self.apply(meta_model, plan, keep),
                         lambda site, k: [1.0, float(k), float(k * k), float(shapes[site.name][k][1])], plan.input_size)
 
     def describe(self, model: nn.Module, plan: "ConversionPlan") -> dict[str, Any]:
         modules = dict(model.named_modules())
         grids, blocks = [], []
-        for group in plan.grids:
+        for group in grid_groups_of(plan):
             mask = modules[group.blocks[0]].ltm_mask
             hk, wk = mask.grid_out
             grids.append({"blocks": list(group.blocks), "grid": list(group.grid), "grid_out": [hk, wk],
