@@ -83,9 +83,18 @@ class SequenceFamily:
             raise UnsupportedModelError(
                 f"not supported yet: {analysis.model_class} lays block outputs out on the 2-D patch grid "
                 f"(reshape_hidden_states), which merged tokens cannot fill{hint}")
-        return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
+        plan = ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=num_tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
                               skipped=list(analysis.skipped), data={"carry": carry})
+        try:  # what each block receives besides its tokens, checked before anything is built
+            for match in plan.blocks:
+                block = analysis.modules[match.name]
+                args, kwargs = analysis.calls[match.name]
+                self.check_side_inputs(block, match, plan, side_templates(bind_call(block, args, kwargs), args, kwargs,
+                                                                          block))
+        except UnsupportedModelError as exc:
+            return str(exc)
+        return plan
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())
