@@ -33,6 +33,9 @@ ROTARY_TIMM = {
 }
 ROTARY_HF = ["DINOv3ViTModel"]
 
+# class-attention models (rewriters/class_attention.py; tests/test_cait.py): 64 patch tokens, 2 class-attention blocks
+CLASS_ATTENTION_TIMM = {"cait": ("cait_xxs24_224", dict(depth=2, img_size=64, patch_size=8))}
+
 # models whose blocks run on unfolded 2-D patch grids (ltm_convert/grid.py)
 GRID_TIMM = {"mobilevit-xxs": ("mobilevit_xxs", {}), "mobilevit-s": ("mobilevit_s", {})}
 GRID_HF = ["MobileViTModel", "MobileViTForImageClassification"]

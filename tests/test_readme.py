@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from model_zoo import (
+    CLASS_ATTENTION_TIMM,
     FFN_GRID_HF,
     FFN_GRID_TIMM,
     GRID_HF,
@@ -41,7 +42,8 @@ def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
 def test_every_timm_pattern_in_the_table_matches_a_tested_model_and_vice_versa():
     patterns = [p for row in _table_rows() for p in re.findall(r"`(\w*\*[\w*]*)`", row[1])]
     tested = {name for name, _ in [*TIMM_FAMILIES.values(), *GRID_TIMM.values(), *FFN_GRID_TIMM.values(),
-                                        *ROTARY_TIMM.values(), *RELB_TIMM.values()]}
+                                        *ROTARY_TIMM.values(), *RELB_TIMM.values(),
+                                        *CLASS_ATTENTION_TIMM.values()]}
     for pattern in patterns:
         assert any(fnmatch.fnmatch(name, pattern) for name in tested), f"README lists untested timm models {pattern}"
     for name in tested:

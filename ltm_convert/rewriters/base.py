@@ -109,22 +109,33 @@ def family_named(name: str) -> Family:
 
 
 def plan_for(analysis: "Analysis") -> "tuple[Family, ConversionPlan]":
-    """The first family that can convert the analysed model, with its plan; or one error that
-    says what each family found."""
+    """The first family that can convert the analysed model, with its plan; or one error line that
+    gives every family's reason ("not supported yet: ... (sequence: ...; ffn-grid: ...)")."""
     from ltm_convert.tracer import no_blocks_error
 
     if not analysis.blocks:
         raise no_blocks_error(analysis)
     reasons = []
     for family in families():
-        found = family.find(analysis)
+        try:
+            found = family.find(analysis)
+        except UnsupportedModelError as exc:  # a family that refuses by raising still gives its reason
+            found = str(exc)
         if not isinstance(found, str):
             found.family = family.name
             return family, found
-        reasons.append(found)
-    # families are ordered from the most common to the most general: the last one's reason is the
-    # most informative (it says what the others already ruled out)
-    raise UnsupportedModelError(reasons[-1])
+        reasons.append(f"{family.name}: {_bare(found)}")
+    raise UnsupportedModelError(f"not supported yet: no model family converts {analysis.model_class} "
+                                f"({'; '.join(reasons)})")
+
+
+def _bare(reason: str) -> str:
+    """One family's reason inside the joined line: one line, without the shared opening."""
+    reason = " ".join(reason.split())
+    return reason[len(_OPENING):] if reason.startswith(_OPENING) else reason
+
+
+_OPENING = "not supported yet: "
 
 
 def chain_keep(keep: dict[str, int], sites: list[Site]) -> Callable[[str], int]:

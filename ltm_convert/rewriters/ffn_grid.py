@@ -168,8 +168,8 @@ class FfnGridFamily:
         if not sites:
             unfold = "" if analysis.on_maps else grid_groups(facts, analysis.blocks, analysis.block_adds)
             reasons = "; ".join(f"{n}: {w}" for n, w in skipped[:2])
-            return (f"not supported yet: {analysis.model_class} runs its blocks on 2-D grids and no block's FFN "
-                    f"could be merged safely ({reasons or unfold})")
+            return (f"not supported yet: no block of {analysis.model_class} has an FFN on a 2-D grid that could be "
+                    f"merged safely ({reasons or unfold})")
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=kept[0].tokens, prefix_tokens=0,
                               heads=["grid (each FFN unmerges onto its full grid)"], blocks=kept, skipped=skipped,

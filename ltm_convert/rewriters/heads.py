@@ -158,8 +158,9 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
     take, _ = feature_take_indices(len(model.blocks), indices)
     grid = model.patch_embed.dynamic_feat_size((H, W)) if hasattr(model.patch_embed, "dynamic_feat_size") \
         else model.patch_embed.grid_size
-    prefix = model.num_prefix_tokens
     blocks = list(model.blocks)
+    # the tokens the blocks keep in front (CaiT's blocks see no class token: it joins after them)
+    prefix = next((b.ltm_prefix for b in blocks if hasattr(b, "ltm_prefix")), model.num_prefix_tokens)
 
     def state_after(i: int) -> Any:
         for j in range(i, -1, -1):  # an unconverted block passes its input's state on
@@ -231,5 +232,15 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
             return [found]
     raise UnsupportedModelError(
         f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "
-        "weight by token size; use a token-pooled head (global_pool='token') or exclude nothing and open an issue"
+        f"weight by token size; {_class_token_hint(model)}"
     )
+
+
+def _class_token_hint(model: nn.Module) -> str:
+    """How this model is told to read its class token instead (timm and HF spell it differently)."""
+    if isinstance(getattr(model, "global_pool", None), str):
+        return "use a token-pooled head (timm: global_pool='token')"
+    for holder in (model, *model.children()):
+        if isinstance(getattr(getattr(holder, "config", None), "use_mean_pooling", None), bool):
+            return "build it with config.use_mean_pooling=False (its pooler then reads the class token)"
+    return "use a head that reads the class token"

@@ -71,18 +71,18 @@ class SequenceFamily:
         num_tokens = analysis.blocks[0].tokens
         prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], num_tokens)
         names = [b.name for b in analysis.blocks]
-        grid_reader = any(read_as_grid(analysis.facts, out, names) for _, out in analysis.block_adds[:-1])
+        # the reshape_hidden_states hint only for models that have that setting (HF backbones)
+        hf_grid = hasattr(getattr(analysis.modules.get(""), "config", None), "reshape_hidden_states")
+        hint = ("; set config.reshape_hidden_states=False (the feature maps are then token sequences, fewer tokens "
+                "in later stages), or take full-grid maps from a timm model's forward_intermediates()"
+                if hf_grid else "")
+        if any(read_as_grid(analysis.facts, out, names) for _, out in analysis.block_adds[:-1]):
+            return (f"not supported yet: {analysis.model_class} lays intermediate block outputs out on the 2-D patch "
+                    f"grid, which merged tokens cannot fill{hint}")
         try:
             heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix)
-        except UnsupportedModelError:
-            grid_reader = True
-        if grid_reader:
-            hint = ("; set config.reshape_hidden_states=False (the feature maps are then token sequences, fewer "
-                    "tokens in later stages), or take full-grid maps from a timm model's forward_intermediates()"
-                    if analysis.model_class.endswith("Backbone") else "")
-            raise UnsupportedModelError(
-                f"not supported yet: {analysis.model_class} lays block outputs out on the 2-D patch grid "
-                f"(reshape_hidden_states), which merged tokens cannot fill{hint}")
+        except UnsupportedModelError as exc:
+            return f"{exc}{hint if 'grid' in str(exc) else ''}"
         plan = ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               num_tokens=num_tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
                               skipped=list(analysis.skipped), data={"carry": carry})
