@@ -12,6 +12,11 @@ evaluated here (``--extra NAME=model.pt``, ``--verify-split DIR/split.json``) wi
     python benchmarks/bench_quality.py --images DIR [--held-out 350] [--methods ...] [--ratios ...]
         [--extra NAME=PATH] [--write-train-split OUT] [--json result.json]
 
+A method may name how a rotary model's positions follow merged tokens, ``METHOD:POSITIONS``
+(``ltm:rows``, ``ltm:target``, ``tome:coords``; ``LtmConfig.positions``), and ``--reference`` picks
+a second row every other is compared with per photo (e.g. ``ltm`` to compare position variants);
+``--checkpoint`` loads a model's weights from a file (e.g. the RoPE substitute of distill_rope.py).
+
 Progress and timings go to stderr; the Markdown table goes to stdout.
 """
 from __future__ import annotations
@@ -255,6 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-split", type=Path, metavar="SPLIT_JSON", help="fail unless the held-out list matches this split.json")
     p.add_argument("--model-spec", default="bundled", help="load_model spec (default: bundled DINOv2 ViT-S/14, 224 px)")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (tests)")
+    p.add_argument("--checkpoint", type=Path, help="weights file for --model-spec (e.g. a distilled substitute)")
+    p.add_argument("--reference", default=None, metavar="METHOD",
+                   help="also compare every row with this one (same ratio), e.g. ltm to compare ltm:rows with it")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
                    help='extra load_model options, e.g. \'{"depth": 3, "img_size": 96}\' (small test models)')
     p.add_argument("--methods", nargs="+", default=["ltm", "tome", "tome_odd", "tofu", "ltmp"])
@@ -318,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from ltm_convert.api import convert, describe
+    from ltm_convert.config import LtmConfig
     from ltm_convert.io import load
     from ltm_convert.metrics import agreement
     from ltm_convert.sources import load_model
@@ -352,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             result["timings"]["total_seconds"] = time.time() - T0
             args.json.write_text(json.dumps(result, indent=1))
 
-    base = load_model(args.model_spec, pretrained=not args.no_pretrained, **args.model_kwargs).eval()
+    base = load_model(args.model_spec, pretrained=not args.no_pretrained and not args.checkpoint,
+                      checkpoint=str(args.checkpoint) if args.checkpoint else None, **args.model_kwargs).eval()
     size, mean, std = model_input(base)
     log(f"model {args.model_spec} at {size} px; decoding {len(held)} photos")
     photos = load_photos(args.images, held, size, mean, std)
@@ -382,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         if job["path"]:
             return load(job["path"]).eval()
-        return convert(base, job["ratio"], method=job["method"], **sched).eval()
+        return convert_as(job["method"], job["ratio"])
+
+    def convert_as(method: str, ratio: float) -> torch.nn.Module:
+        """``METHOD[:POSITIONS]`` at ``ratio``."""
+        name, _, positions = method.partition(":")
+        options = {k: v for k, v in sched.items() if k != "calibration_images"}
+        config = LtmConfig(ratio=ratio, method=name, **options, **({"positions": positions} if positions else {}))
+        return convert(base, config=config, calibration_images=sched.get("calibration_images")).eval()
 
     def cosines(model: torch.nn.Module, label: str) -> np.ndarray:
         out = features(model, len(held), photo_batch, args.batch, label)
@@ -407,13 +424,20 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         job["row"] = row
         del model
-    for job in jobs:  # ToMe at ratios that --methods did not cover (e.g. an extra model's own ratio)
-        if (BASELINE, job["ratio"]) not in cos_by:
-            model = convert(base, job["ratio"], method=BASELINE, **sched).eval()
-            cos_by[(BASELINE, job["ratio"])] = cosines(model, f"{BASELINE}@{job['ratio']:g}")
+    references = [BASELINE] + ([args.reference] if args.reference and args.reference != BASELINE else [])
+    for job in jobs:  # ToMe (and the reference) at ratios --methods did not cover (e.g. an extra model's own)
+        for ref_method in references:
+            if (ref_method, job["ratio"]) not in cos_by:
+                model = convert_as(ref_method, job["ratio"])
+                cos_by[(ref_method, job["ratio"])] = cosines(model, f"{ref_method}@{job['ratio']:g}")
     for job in jobs:
-        job["row"]["vs_tome"] = paired_bootstrap(cos_by[(job["method"], job["ratio"])], cos_by[(BASELINE, job["ratio"])],
-                                                 args.seed)
+        mine = cos_by[(job["method"], job["ratio"])]
+        job["row"]["vs_tome"] = paired_bootstrap(mine, cos_by[(BASELINE, job["ratio"])], args.seed)
+        if len(references) > 1:
+            vs = job["row"]["vs_reference"] = paired_bootstrap(mine, cos_by[(references[1], job["ratio"])], args.seed)
+            vs["reference"] = references[1]
+            log(f"{job['method']}@{job['ratio']:g} vs {references[1]}: mean {fmt_ci(vs['diff_mean'], vs['diff_mean_ci'])}"
+                f", p5 {fmt_ci(vs['diff_p5'], vs['diff_p5_ci'])}")
     result["timings"]["agreement_seconds"] = time.time() - t_agree
     log(f"agreement done in {time.time() - t_agree:.0f}s")
     print(table(result["rows"], None), file=sys.stderr)
