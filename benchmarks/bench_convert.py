@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,33 @@ def cli_dry_run(repeats: int) -> dict:
             "transformers_imported": any(imported), "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
+def load_times(repeats: int) -> dict:
+    """``load`` of a saved ViT-B/16 (random weights) as files record it now (family + plan, replayed
+    without torch.export) against the same file without its plan (re-planned, as before), paired."""
+    import tempfile
+    from pathlib import Path
+
+    import timm
+
+    from ltm_convert.api import convert
+    from ltm_convert.io import load, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        replay, replan = Path(tmp) / "replay", Path(tmp) / "replan"
+        save(convert(timm.create_model("vit_base_patch16_224", pretrained=False).eval(), 0.8), replay)
+        shutil.copytree(replay, replan)
+        recipe = json.loads((replan / "ltm_config.json").read_text())
+        recipe.pop("plan")
+        (replan / "ltm_config.json").write_text(json.dumps(recipe))
+        times: dict[str, list[float]] = {"replayed": [], "re-planned": []}
+        for _ in range(repeats):
+            for name, path in (("replayed", replay), ("re-planned", replan)):
+                start = time.perf_counter()
+                load(path)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -81,6 +109,7 @@ def main() -> None:
         convert_times("bundled DINOv2 ViT-S/14", lambda: load_model("bundled"), args.repeats),
     ]
     cli = cli_dry_run(args.repeats)
+    loads = load_times(args.repeats)
     phases = list(results[0]["seconds"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
     print("| model | " + " | ".join(phases) + " |")
@@ -93,9 +122,11 @@ def main() -> None:
     print(f"  dry run end to end:                          {cli['dry_run_s']}")
     print(f"  dry run beyond the floor (paired):           {cli['beyond_floor_s']}")
     print(f"  transformers imported: {cli['transformers_imported']}")
+    print(f"\nload() of a saved ViT-B/16, median of {args.repeats}: plan replayed {loads['replayed']:.2f} s, "
+          f"re-planned (files without a plan) {loads['re-planned']:.2f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"convert": results, "cli_dry_run_s": cli}, fh, indent=2)
+            json.dump({"convert": results, "cli_dry_run": cli, "load_s": loads}, fh, indent=2)
 
 
 if __name__ == "__main__":

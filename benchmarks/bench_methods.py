@@ -18,7 +18,7 @@ import time
 import torch
 
 from ltm_convert.tools.bench import benchmark, convert_all, markdown_table
-from ltm_convert.tools.images import sample_photos
+from ltm_convert.images import sample_photos
 from ltm_convert.sources.bundled import bundled_timm
 
 

@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 
 def list_images(folder: Path) -> list[str]:
     """Image file names in ``folder`` (sorted, so the split does not depend on directory order)."""
-    from ltm_convert.tools.images import is_image_file
+    from ltm_convert.images import is_image_file
 
     return sorted(p.name for p in folder.iterdir() if is_image_file(p))
 
@@ -101,7 +101,7 @@ def write_train_split(out: Path, folder: Path, record: dict) -> None:
 def model_input(model: torch.nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """Square input size and the model's own mean/std (photos are normalised for it)."""
     from ltm_convert.model_inputs import default_input_size
-    from ltm_convert.tools.images import normalisation
+    from ltm_convert.images import normalisation
 
     h, w = default_input_size(model)
     if h != w:
@@ -112,8 +112,8 @@ def model_input(model: torch.nn.Module) -> tuple[int, tuple[float, ...], tuple[f
 
 def to_model(x01: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> the model's input (the package's one preprocessing rule:
-    ltm_convert.tools.images: cover, centre-crop, the model's mean/std)."""
-    from ltm_convert.tools.images import preprocess
+    ltm_convert.images: cover, centre-crop, the model's mean/std)."""
+    from ltm_convert.images import preprocess
 
     return preprocess(x01, size, mean, std)
 

@@ -28,7 +28,7 @@ from ltm_convert.config import (
 )
 from ltm_convert.errors import LtmError
 from ltm_convert.flops import count_flops, meta_copy
-from ltm_convert.ltm_block import LtmBlockMixin, ltm_blocks
+from ltm_convert.ltm_block import LtmBlockMixin, is_converted, ltm_blocks
 from ltm_convert.merge.grid import GridMerge
 from ltm_convert.model_inputs import default_input_size
 from ltm_convert.rewriters import family_named, plan_for
@@ -40,10 +40,6 @@ __all__ = ["convert", "find_blocks", "describe", "is_converted", "ltm_blocks", "
 
 _CONVERT_LOCK = threading.RLock()
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def is_converted(model: nn.Module) -> bool:
-    return any(isinstance(m, (LtmBlockMixin, GridMerge)) for m in model.modules())
 
 
 def _hw(size: Any) -> tuple[int, int] | None:
@@ -259,7 +255,7 @@ def _record_hf_recipe(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict") or not hasattr(model, "save_pretrained"):
         return
-    from ltm_convert.io import recipe_of
+    from ltm_convert.recipe import recipe_of
 
     try:
         config.ltm_recipe = recipe_of(model)

@@ -47,7 +47,7 @@ def calibration_batch(model: nn.Module, images: Any, size: tuple[int, int]) -> t
     """Images (paths, a folder, PIL, arrays, or a (N, 3, H, W) tensor in [0, 1]) -> the model's input."""
     from pathlib import Path
 
-    from ltm_convert.tools.images import folder_photos, model_input
+    from ltm_convert.images import folder_photos, model_input
 
     if images is None:
         images = default_calibration_images()

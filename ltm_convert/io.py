@@ -17,7 +17,6 @@ recipe records no local path (a checkpoint's file name at most): the weights are
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from ltm_convert.config import LtmConfig, is_int
 from ltm_convert.errors import LtmError
 from ltm_convert.plan import ConversionPlan
+from ltm_convert.recipe import FILE_FORMAT, recipe_of
 from ltm_convert.safe_write import (  # check_writable and replace_atomically are also imported from here
     CONFIG_NAME,
     MODEL_SUFFIXES,
@@ -38,7 +38,6 @@ from ltm_convert.safe_write import (  # check_writable and replace_atomically ar
     replace_directory,
 )
 
-FILE_FORMAT = 1
 # how far (relative to the ratio) a saved schedule may land further from its ratio than a fresh
 # solve does: FLOPs accounting moves between versions (a 0.1.0 ToMe file at 0.6 counts 0.617
 # today, its solver 0.595); an edited ratio or schedule is off by far more
@@ -61,33 +60,6 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
         state[key] = tensor
     return state
-
-
-def recipe_of(model: nn.Module, source: Any = None) -> dict[str, Any]:
-    """What a saved file records: the base model's source (an HF model as its class + config, so
-    the file loads on any machine) and the conversion config with its schedule."""
-    from ltm_convert import __version__
-    from ltm_convert.api import is_converted
-    from ltm_convert.sources import ModelSource, source_of
-
-    if not is_converted(model):
-        raise LtmError("save() needs a converted model; call ltm_convert.convert(model) first")
-    src = source if source is not None else source_of(model)
-    if not isinstance(src, ModelSource):
-        raise LtmError(f"source= must be a ModelSource (ltm_convert.sources.parse_source(spec)), got {type(src).__name__}")
-    if src.kind == "hf":  # never an absolute path or a hub id that may not be reachable: the config itself
-        src = ModelSource("hf-config", type(model).__name__, False, None, {"config": hf_config_dict(model)})
-    if src.checkpoint:  # a shared file names no local path; load takes the weights from the file itself
-        src = dataclasses.replace(src, checkpoint=Path(src.checkpoint).name)
-    return {"ltm_format": FILE_FORMAT, "ltm_version": __version__, "source": src.check("the model source").to_dict(),
-            "config": model.ltm_config.to_dict(), "plan": model.ltm_plan.to_dict()}
-
-
-def hf_config_dict(model: nn.Module) -> dict[str, Any]:
-    config = model.config.to_dict()
-    for key in ("ltm_recipe", "auto_map", "_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    return config
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, source: Any = None) -> Path:

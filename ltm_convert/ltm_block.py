@@ -293,6 +293,13 @@ def check_schedule(module: nn.Module, state_dict: dict, prefix: int | str, *args
             "convert with the same settings (ltm_convert.load rebuilds a saved model exactly)")
 
 
+def is_converted(model: nn.Module) -> bool:
+    """Whether ltm_convert converted the model (a sequence block or a grid merge in it)."""
+    from ltm_convert.merge.grid import GridMerge
+
+    return any(isinstance(m, (LtmBlockMixin, GridMerge)) for m in model.modules())
+
+
 def ltm_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, block) of every converted block of a model, in order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LtmBlockMixin)]

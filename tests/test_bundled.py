@@ -6,7 +6,7 @@ import torch
 
 from ltm_convert.api import convert, describe
 from ltm_convert.sources.bundled import bundled_hf, bundled_timm
-from ltm_convert.tools.images import preprocess
+from ltm_convert.images import preprocess
 
 
 @pytest.fixture(scope="module")

@@ -372,7 +372,7 @@ def test_bf16_autocast_merge_decisions_are_made_in_float32():
     cosines would decide merges at random). What remains is the attention's own bf16 rounding, which can
     flip a near-tie between two merges; LTM must be no more sensitive to it than ToMe."""
     from ltm_convert.sources import load_model
-    from ltm_convert.tools.images import sample_photos
+    from ltm_convert.images import sample_photos
 
     original = load_model("bundled")
     x = sample_photos(224)

@@ -248,7 +248,7 @@ def test_calibration_images_in_class_folders_are_used(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["schedule"] == "calibrated"
     from ltm_convert.calibrate import calibration_batch
-    from ltm_convert.tools.images import folder_photos
+    from ltm_convert.images import folder_photos
 
     files = folder_photos(folder)
     assert [f.parent.name for f in files[:4]] == ["a", "b", "a", "b"] and len(files) == 8

@@ -317,7 +317,7 @@ def test_fashion_mnist_end_to_end(tiny_file, tmp_path):
     data = build_data("fashion-mnist", model, input_size=(64, 64), train_samples=4, val_samples=4)
     x, y = data.train[0]
     assert x.shape == (3, 64, 64) and 0 <= y < 10 and data.num_classes == 10
-    from ltm_convert.tools.images import normalisation
+    from ltm_convert.images import normalisation
 
     mean, std = normalisation(model)
     assert x.min() >= (0 - max(mean)) / min(std) - 1e-4 and x.min() < 0 < x.max()  # model's mean / std
@@ -500,7 +500,7 @@ def test_default_rates_keep_a_real_models_agreement(tmp_path, lr, mask_lr, shoul
     per step whatever its gradient, so the old defaults (1e-4) undo the pretrained agreement in a
     few steps; that case is run too, so this test can tell the two apart."""
     from ltm_convert.sources.bundled import bundled_timm
-    from ltm_convert.tools.images import sample_photos
+    from ltm_convert.images import sample_photos
 
     pytest.importorskip("skimage.data")
     photos = sample_photos(224)

@@ -153,7 +153,7 @@ def test_preprocess_normalises_like_imagenet() -> None:
 
     img = np.full((300, 400, 3), 255, dtype=np.uint8)
     from ltm_convert.config import IMAGENET_MEAN, IMAGENET_STD
-    from ltm_convert.tools.images import preprocess
+    from ltm_convert.images import preprocess
 
     x = preprocess([img, img[:, :, :]], 224)
     assert x.shape == (2, 3, 224, 224)

@@ -92,7 +92,7 @@ def test_bundled_real_model_on_chelsea(bundled_half, tmp_path):
     from types import SimpleNamespace
 
     from ltm_convert.merge.state import recording, state_of
-    from ltm_convert.tools.images import model_input
+    from ltm_convert.images import model_input
 
     with torch.no_grad(), recording() as records:  # the same forward, its records and final sizes
         feats = bundled_half.forward_features(model_input(bundled_half, [chelsea()]))

@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
             pick_device(device)  # an impossible device is refused before anything loads
             from ltm_convert.model_inputs import planned_input_size
             from ltm_convert.tools.bench import benchmark, pick_device
-            from ltm_convert.tools.images import sample_photos
+            from ltm_convert.images import sample_photos
 
             def log(msg: str) -> None:
                 say(msg, json_out)

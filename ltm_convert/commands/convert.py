@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
                 raise _UsageError("--calibration-images only applies with --schedule calibrated")
             if not calibration_images.is_dir():
                 raise _UsageError(f"--calibration-images {calibration_images} is not a folder; give a folder of photos")
-            from ltm_convert.tools.images import folder_photos  # torch: not at CLI import time
+            from ltm_convert.images import folder_photos  # torch: not at CLI import time
 
             photos = folder_photos(calibration_images, "--calibration-images")
         if topk is not None and (method or "ltm") != "ltm":

@@ -71,7 +71,7 @@ def finetune(model: Any, data: Any, *, output: str | os.PathLike | None = None, 
     for flag, n in (("--train-samples", train_samples), ("--val-samples", val_samples)):
         if n is not None and n < 1:
             raise LtmError(f"{flag} must be >= 1 (leave it out to use every image), got {n}")
-    from ltm_convert.tools.device import pick_device
+    from ltm_convert.device import pick_device
 
     pick_device(cfg.device)  # a device this machine does not have: refused before any work
     student = prepare_model(model, ratio=ratio, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size)

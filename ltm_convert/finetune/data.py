@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
 from ltm_convert.errors import LtmError
-from ltm_convert.tools.images import Augment, Preprocess, is_image_file, normalisation
+from ltm_convert.images import Augment, Preprocess, is_image_file, normalisation
 
 FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")

@@ -31,7 +31,7 @@ def setup(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    from ltm_convert.tools.device import pick_device
+    from ltm_convert.device import pick_device
 
     dev = pick_device(device)
     if dev.type == "cuda":

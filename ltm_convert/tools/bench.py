@@ -28,7 +28,7 @@ from ltm_convert.model_inputs import (
     example_input,
     planned_input_size,
 )
-from ltm_convert.tools.device import pick_device
+from ltm_convert.device import pick_device
 
 DEFAULT_BATCHES_CPU = (1, 8, 32)
 DEFAULT_BATCHES_GPU = (1, 8, 32, 256)

@@ -214,13 +214,13 @@ def trace_model(model: "nn.Module", images: "torch.Tensor", grid: tuple[int, int
 
 def prepare(images: Sequence[Any], size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
             ) -> tuple["torch.Tensor", list["Image.Image"]]:
-    """The model's input (tools/images.py: cover ``size``, centre-crop, normalise) and, for the
+    """The model's input (images.py: cover ``size``, centre-crop, normalise) and, for the
     panels, the same crops as pictures."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from ltm_convert.tools.images import normalise, resize_crop, to_tensor
+    from ltm_convert.images import normalise, resize_crop, to_tensor
 
     crops, tensors = [], []
     for item in images:
@@ -460,7 +460,7 @@ def visualize(model: "nn.Module", images: Sequence[Any], *, block: int | str | N
     config = getattr(model, "ltm_config", None)
     _check(model)
     size = tuple(input_size or (config.input_size if config is not None else (224, 224)))
-    from ltm_convert.tools.images import normalisation
+    from ltm_convert.images import normalisation
 
     mean, std = normalisation(model)
     batch, crops = prepare(images, size, mean, std)  # type: ignore[arg-type]
