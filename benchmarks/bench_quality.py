@@ -15,7 +15,7 @@ evaluated here (``--extra NAME=model.pt``, ``--verify-split DIR/split.json``) wi
 A method may name how a rotary model's positions follow merged tokens, ``METHOD:POSITIONS``
 (``ltm:rows``, ``ltm:target``, ``tome:coords``; ``LtmConfig.positions``), and ``--reference`` picks
 a second row every other is compared with per photo (e.g. ``ltm`` to compare position variants);
-``--checkpoint`` loads a model's weights from a file (e.g. the RoPE substitute of distill_rope.py).
+``--rope-substitute DIR`` measures the RoPE model distilled by distill_rope.py.
 
 Progress and timings go to stderr; the Markdown table goes to stdout.
 """
@@ -260,7 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify-split", type=Path, metavar="SPLIT_JSON", help="fail unless the held-out list matches this split.json")
     p.add_argument("--model-spec", default="bundled", help="load_model spec (default: bundled DINOv2 ViT-S/14, 224 px)")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (tests)")
-    p.add_argument("--checkpoint", type=Path, help="weights file for --model-spec (e.g. a distilled substitute)")
+    p.add_argument("--checkpoint", type=Path, help="weights file for --model-spec")
+    p.add_argument("--rope-substitute", type=Path, metavar="DIR",
+                   help="use the RoPE model distilled by distill_rope.py (its cache folder) instead of --model-spec")
     p.add_argument("--reference", default=None, metavar="METHOD",
                    help="also compare every row with this one (same ratio), e.g. ltm to compare ltm:rows with it")
     p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
@@ -361,8 +363,14 @@ def main(argv: list[str] | None = None) -> int:
             result["timings"]["total_seconds"] = time.time() - T0
             args.json.write_text(json.dumps(result, indent=1))
 
-    base = load_model(args.model_spec, pretrained=not args.no_pretrained and not args.checkpoint,
-                      checkpoint=str(args.checkpoint) if args.checkpoint else None, **args.model_kwargs).eval()
+    if args.rope_substitute:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from distill_rope import load_rope_substitute
+
+        base = load_rope_substitute(args.rope_substitute)
+    else:
+        base = load_model(args.model_spec, pretrained=not args.no_pretrained and not args.checkpoint,
+                          checkpoint=str(args.checkpoint) if args.checkpoint else None, **args.model_kwargs).eval()
     size, mean, std = model_input(base)
     log(f"model {args.model_spec} at {size} px; decoding {len(held)} photos")
     photos = load_photos(args.images, held, size, mean, std)
