@@ -169,6 +169,13 @@ def test_cache_round_trips_through_the_cli(dr, tmp_path, capsys):
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), dr.load_rope_substitute(out / dr.WEIGHTS_FILE).forward_features(x))
+    # bench_quality measures merged copies of it against it (issue 23's position variants)
+    bench = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_quality.py"), "--images", str(photos),
+                            "--allow-small", "--held-out", "4", "--rope-substitute", str(out), "--methods", "ltm",
+                            "ltm:rows", "--reference", "ltm", "--ratios", "0.8", "--no-fmnist"],
+                           capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "ltm:rows@0.8 vs ltm: mean" in bench.stderr and "| ltm:rows | 0.8 |" in bench.stdout
     # other settings are another result: recomputed, not served from the cache
     assert dr.main([*args, "--lr", "3e-4"]) == 0
     assert json.loads(capsys.readouterr().out)["cached"] is False
