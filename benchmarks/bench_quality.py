@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_model(args.model_spec, pretrained=not args.no_pretrained and not args.checkpoint,
                           checkpoint=str(args.checkpoint) if args.checkpoint else None, **args.model_kwargs).eval()
     size, mean, std = model_input(base)
-    log(f"model {args.model_spec} at {size} px; decoding {len(held)} photos")
+    log(f"model {args.rope_substitute or args.model_spec} at {size} px; decoding {len(held)} photos")
     photos = load_photos(args.images, held, size, mean, std)
 
     def photo_batch(i, j):

@@ -254,13 +254,13 @@ def test_position_variants_of_a_rotary_model_are_compared_per_photo(image_dir, t
     tiny = dict(depth=2, embed_dim=64, num_heads=2, img_size=64)
     cmd = [sys.executable, str(SCRIPT), "--images", str(image_dir), "--allow-small", "--held-out", "8",
            "--model-spec", "vit_small_patch16_dinov3", "--no-pretrained", "--model-kwargs", json.dumps(tiny),
-           "--methods", "ltm", "ltm:rows", "ltm:target", "tome:coords", "--reference", "ltm", "--ratios", "0.8",
+           "--methods", "ltm", "ltm:coords", "ltm:target", "tome:coords", "--reference", "ltm", "--ratios", "0.8",
            "--no-fmnist", "--threads", "2", "--json", str(out_json)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads(out_json.read_text())["rows"]}
-    assert set(rows) == {"ltm", "ltm:rows", "ltm:target", "tome:coords"}
+    assert set(rows) == {"ltm", "ltm:coords", "ltm:target", "tome:coords"}
     assert all(r["vs_reference"]["reference"] == "ltm" for r in rows.values())
     assert rows["ltm"]["vs_reference"]["diff_mean"] == 0
-    assert rows["ltm:rows"]["cosines"] != rows["ltm"]["cosines"]  # the variant really changed the model
-    assert "ltm:rows@0.8 vs ltm: mean" in proc.stderr
+    assert rows["ltm:coords"]["cosines"] != rows["ltm"]["cosines"]  # the variant really changed the model
+    assert "ltm:coords@0.8 vs ltm: mean" in proc.stderr

@@ -49,18 +49,20 @@ def test_cait_pooled_by_average_is_told_its_own_reason():
 
 
 def test_pooling_hint_speaks_the_models_own_options():
-    """timm models are told global_pool='token', HF models their config's use_mean_pooling."""
+    """timm models are told global_pool='token', HF models their config's use_mean_pooling (asked of
+    the hint itself: the relative-bias family now converts the mean-pooled HF BEiT this was found on)."""
+    import timm
     import transformers
 
-    from ltm_convert.rewriters.heads import install_head_adapters
-    from ltm_convert.tracer import ConversionPlan
+    from ltm_convert.rewriters.heads import _class_token_hint
 
-    plan = ConversionPlan(model_class="X", input_size=(32, 32), num_tokens=5, prefix_tokens=1, heads=["avg"])
     hf = transformers.BeitModel(transformers.BeitConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         intermediate_size=64, image_size=32, patch_size=16))
-    with pytest.raises(UnsupportedModelError) as err:
-        install_head_adapters(hf, plan)
-    assert "use_mean_pooling=False" in str(err.value) and "global_pool" not in str(err.value)
+    hint = _class_token_hint(hf)
+    assert "use_mean_pooling=False" in hint and "global_pool" not in hint
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, img_size=32, global_pool="avg")
+    hint = _class_token_hint(vit)
+    assert "global_pool='token'" in hint and "use_mean_pooling" not in hint
 
 
 def test_vit_b_sized_refusal_is_fast_and_runs_no_forward(monkeypatch):

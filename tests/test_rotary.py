@@ -228,11 +228,11 @@ def test_save_load_round_trip_replays_the_position_variant(tmp_path):
 
     base = load_model("vit_small_patch16_dinov3", pretrained=False, depth=3, img_size=96, embed_dim=64, num_heads=2,
                       num_classes=5)
-    model = convert(base, config=LtmConfig(ratio=0.6, positions="rows"))
+    model = convert(base, config=LtmConfig(ratio=0.6, positions="coords"))  # not the default
     x = images(model, batch=2)
     loaded = load(save(model, tmp_path / "rope.pt"))
-    assert loaded.ltm_config.positions == "rows" and loaded.ltm_plan.family == "rotary"
-    assert all(b.__dict__["_ltm_positions"].variant == "rows" for _, b in ltm_blocks(loaded))
+    assert loaded.ltm_config.positions == "coords" and loaded.ltm_plan.family == "rotary"
+    assert all(b.__dict__["_ltm_positions"].variant == "coords" for _, b in ltm_blocks(loaded))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     hf = convert(rope_model("hf-dinov3"), 0.6)

@@ -5,10 +5,12 @@ per-patch table ``rope``; HF ``DINOv3ViTModel`` passes ``position_embeddings = (
 tokens cannot use the original rows, so each converted block gets a :class:`RotaryPositions`
 rule (ltm_block.PositionRule): before its attention half, the table is rebuilt for the tokens that
 arrive, from the source map (which token holds each original patch; every block tracks it).
-How it is rebuilt is ``LtmConfig.positions`` (merge/positions.py): "coords" (default) evaluates
-the model's own rope at the mean of the members' coordinates, "rows" averages their sin/cos rows,
-"target" keeps the row of the token each one was merged into. Everything else is the sequence
-family's (blocks cut at the attention residual, heads, schedule).
+How it is rebuilt is ``LtmConfig.positions`` (merge/positions.py): "rows" (default) averages the
+members' sin/cos rows (size-weighted), "coords" evaluates the model's own rope at the mean of the
+members' coordinates (a true rotation), "target" keeps the row of the token each one was merged
+into. Measured on a distilled RoPE model, "rows" keeps the output closest to the unmerged model
+(benchmarks/README.md); "coords" may suit models trained with jittered coordinates (DINOv3).
+Everything else is the sequence family's (blocks cut at the attention residual, heads, schedule).
 
 The rule's work is elementwise (sin / cos of N x head_dim / 2 angles per block, one scatter), which
 FlopCounterMode does not count and which is small against the block's matmuls; the cost model is
