@@ -98,7 +98,7 @@ def main() -> None:
     info = describe(converted)
     print(f"rewritten by {family.name!r}: {', '.join(family.rewritten)}")
     for name, blk in ltm_blocks(converted):
-        print(f"  {name}: {blk.ltm_tokens_in} tokens in -> keeps {blk.ltm_keep} (+{blk.ltm_prefix} prefix), "
+        print(f"  {name}: {blk.ltm_in_with_prefix} tokens in -> keeps {blk.ltm_keep_mergeable} (+{blk.ltm_prefix} prefix), "
               f"top-k {blk.ltm_mask.topk}")
     print(f"FLOPs ratio {info['flops_ratio']:.3f} (target 0.6), parameters added {info['params_added']:,}")
 

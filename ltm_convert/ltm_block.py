@@ -96,8 +96,8 @@ class LtmBlockMixin:
     """The forward of a converted block (placed in front of the original class in the MRO).
 
     Per-block settings (plain attributes, set by the family that converts the block):
-    ltm_name (module path), ltm_prefix (leading tokens never merged), ltm_tokens_in / ltm_keep
-    (tokens entering at the planned resolution / mergeable tokens kept), ltm_prop_attn (add
+    ltm_name (module path), ltm_prefix (leading tokens never merged), ltm_in_with_prefix (tokens entering at the
+    planned resolution, prefix included) / ltm_keep_mergeable (mergeable tokens kept, prefix excluded), ltm_prop_attn (add
     log(size) to the attention logits: True once an earlier block merged), ltm_unmerge (grid
     groups: restore the full grid after this block), and ``ltm_mask`` (child module or None).
     """
@@ -109,8 +109,9 @@ class LtmBlockMixin:
     ltm_track_sources = False  # (class defaults: models pickled before these settings existed)
     ltm_full_grid_out = False
 
-    def ltm_setup(self, *, call: BlockCall, attn_child: str, name: str, prefix: int, tokens_in: int, keep: int,
-                  mask: nn.Module | None, prop_attn: bool = False, unmerge: bool = False) -> None:
+    def ltm_setup(self, *, call: BlockCall, attn_child: str, name: str, prefix: int, in_with_prefix: int,
+                  keep_mergeable: int, mask: nn.Module | None, prop_attn: bool = False,
+                  unmerge: bool = False) -> None:
         self.ltm_mask = mask
         self.ltm_name = name
         self.ltm_prefix = prefix
@@ -122,14 +123,20 @@ class LtmBlockMixin:
         self.__dict__["_ltm_attn_child"] = attn_child
         self.register_buffer("ltm_schedule", torch.zeros(2, dtype=torch.long))
         self.register_load_state_dict_pre_hook(check_schedule)
-        self.ltm_set(tokens_in, keep, prop_attn)
+        self.ltm_set(in_with_prefix, keep_mergeable, prop_attn)
 
-    def ltm_set(self, tokens_in: int, keep: int, prop_attn: bool) -> None:
+    def ltm_set(self, in_with_prefix: int, keep_mergeable: int, prop_attn: bool) -> None:
         """Set the block's static counts. They are also a buffer (``ltm_schedule``), so a state dict
         records the schedule it was trained with and refuses to load into another one."""
-        self.ltm_tokens_in, self.ltm_keep, self.ltm_prop_attn = int(tokens_in), int(keep), bool(prop_attn)
+        self.ltm_in_with_prefix, self.ltm_keep_mergeable = int(in_with_prefix), int(keep_mergeable)
+        self.ltm_prop_attn = bool(prop_attn)
         if self.ltm_schedule.device.type != "meta":
-            self.ltm_schedule.copy_(torch.tensor([self.ltm_tokens_in, self.ltm_keep]))
+            self.ltm_schedule.copy_(torch.tensor([self.ltm_in_with_prefix, self.ltm_keep_mergeable]))
+
+    # the counts' names before they said whether prefix tokens are included (read-only, for code
+    # written against them, e.g. a family of one's own)
+    ltm_tokens_in = property(lambda self: self.ltm_in_with_prefix)
+    ltm_keep = property(lambda self: self.ltm_keep_mergeable)
 
     # -- copying and pickling: the generated code is rebuilt, never serialised -----------------
     def __getstate__(self) -> dict[str, Any]:
@@ -160,19 +167,19 @@ class LtmBlockMixin:
     # -- schedule ---------------------------------------------------------------------------------
     def keep_for(self, tokens_in: int) -> int:
         """Mergeable tokens kept for an input of ``tokens_in`` tokens (static per resolution)."""
-        planned_m = self.ltm_tokens_in - self.ltm_prefix
-        if tokens_in == self.ltm_tokens_in:
-            return self.ltm_keep
+        planned_m = self.ltm_in_with_prefix - self.ltm_prefix
+        if tokens_in == self.ltm_in_with_prefix:
+            return self.ltm_keep_mergeable
         m = tokens_in - self.ltm_prefix
-        return max(1, min(m, int(round(m * self.ltm_keep / max(planned_m, 1)))))
+        return max(1, min(m, int(round(m * self.ltm_keep_mergeable / max(planned_m, 1)))))
 
     def merges(self, tokens_in: int | None = None) -> bool:
-        tokens_in = self.ltm_tokens_in if tokens_in is None else tokens_in
+        tokens_in = self.ltm_in_with_prefix if tokens_in is None else tokens_in
         return self.ltm_mask is not None and self.keep_for(tokens_in) < tokens_in - self.ltm_prefix
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
-        ltm = (f"ltm: prefix={self.ltm_prefix}, tokens_in={self.ltm_tokens_in}, keep={self.ltm_keep}")
+        ltm = (f"ltm: prefix={self.ltm_prefix}, tokens_in={self.ltm_in_with_prefix}, keep={self.ltm_keep_mergeable}")
         return f"{base}, {ltm}" if base else ltm
 
     # -- forward ------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ class LtmBlockMixin:
         values = self._bind(split, args, kwargs)
         x = values[split.a_inputs[0]]
         state = state_of(x)
-        if state is None and self.ltm_prop_attn and x.shape[1] == self.ltm_tokens_in:
+        if state is None and self.ltm_prop_attn and x.shape[1] == self.ltm_in_with_prefix:
             raise LtmError(
                 f"block {self.ltm_name} received merged tokens without their sizes: code between the blocks "
                 "replaced the token tensor (ltm_convert attaches the sizes to it); call the blocks in sequence")
@@ -215,7 +222,7 @@ class LtmBlockMixin:
         # training relaxes the merge (every token stays, so the planned count applies); inference
         # merges to the count planned for the tokens that arrive
         if soft:
-            keep = self.ltm_keep if self.ltm_keep < self.ltm_tokens_in - self.ltm_prefix else None
+            keep = self.ltm_keep_mergeable if self.ltm_keep_mergeable < self.ltm_in_with_prefix - self.ltm_prefix else None
         else:
             keep = self.keep_for(z.shape[1]) if self.merges(z.shape[1]) else None
         if keep is not None:

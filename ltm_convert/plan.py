@@ -20,7 +20,7 @@ class BlockMatch:
     name: str  # module path of the block, e.g. "blocks.3"
     attn_child: str  # the block's child that computes attention, e.g. "attn"
     index: int  # position along the residual stream
-    tokens: int  # tokens entering the block at the traced resolution
+    tokens_with_prefix: int  # tokens entering the block at the traced resolution, prefix included
     dim: int
 
 
@@ -34,7 +34,7 @@ class GridGroup:
     """
 
     blocks: list[str]
-    tokens: int
+    mergeable: int  # n_h x n_w patch positions (a grid has no prefix tokens)
     grid: tuple[int, int]  # (n_h, n_w)
     patch_area: int
 
@@ -45,7 +45,7 @@ class ConversionPlan:
 
     model_class: str
     input_size: tuple[int, int]
-    num_tokens: int
+    tokens_with_prefix: int  # tokens entering the first block, prefix tokens included
     prefix_tokens: int
     heads: list[str]
     blocks: list[BlockMatch] = field(default_factory=list)
@@ -72,10 +72,10 @@ class ConversionPlan:
 
     def __str__(self) -> str:
         lines = [
-            f"{self.model_class} at {self.input_size[0]}x{self.input_size[1]}: {self.num_tokens} tokens "
+            f"{self.model_class} at {self.input_size[0]}x{self.input_size[1]}: {self.tokens_with_prefix} tokens "
             f"({self.prefix_tokens} prefix), head: {', '.join(self.heads) or 'none'}",
         ]
-        lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens}" for b in self.blocks]
+        lines += [f"  {b.name:<32} attention={b.attn_child:<16} tokens={b.tokens_with_prefix}" for b in self.blocks]
         for key, value in self.data.items():
             for item in (value if isinstance(value, list) else [value]):
                 lines.append(f"  {key}: " + (", ".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict)
@@ -87,12 +87,15 @@ class ConversionPlan:
     def from_dict(cls, data: Any, where: str = "the file") -> "ConversionPlan":
         """The plan a file recorded, every field checked (a tampered plan is refused, not run)."""
         bad = LtmError(f"{where}: its recorded conversion plan is malformed; the file is corrupt (convert the model again)")
-        if not isinstance(data, dict) or set(data) - {f.name for f in fields(cls)}:
+        if not isinstance(data, dict):
+            raise bad
+        data = _renamed(data, {"num_tokens": "tokens_with_prefix"})
+        if set(data) - {f.name for f in fields(cls)}:
             raise bad
         try:
             plan = cls(
                 model_class=_text(data["model_class"]), input_size=_pair(data["input_size"]),
-                num_tokens=_count(data["num_tokens"]), prefix_tokens=_count(data["prefix_tokens"]),
+                tokens_with_prefix=_count(data["tokens_with_prefix"]), prefix_tokens=_count(data["prefix_tokens"]),
                 heads=[_text(h) for h in data.get("heads", [])],
                 blocks=[_record(BlockMatch, b) for b in data.get("blocks", [])],
                 skipped=[(_text(n), _text(w)) for n, w in data.get("skipped", [])],
@@ -149,8 +152,21 @@ def _pair(value: Any) -> tuple[int, int]:
     return (_count(value[0]), _count(value[1]))
 
 
+# token counts renamed to say whether prefix tokens are included (files written before keep the old names)
+_OLD_NAMES = {"BlockMatch": {"tokens": "tokens_with_prefix"}, "GridGroup": {"tokens": "mergeable"}}
+
+
+def _renamed(data: dict, names: dict[str, str]) -> dict:
+    """``data`` with the fields of an older file format under today's names (a clash is left to fail)."""
+    if not any(old in data and new not in data for old, new in names.items()):
+        return data
+    return {(names[k] if k in names and names[k] not in data else k): v for k, v in data.items()}
+
+
 def _record(kind: type, data: Any) -> Any:
     """A dataclass from its asdict() form: strings, counts and (H, W) pairs only."""
+    if isinstance(data, dict):
+        data = _renamed(data, _OLD_NAMES.get(kind.__name__, {}))
     if not isinstance(data, dict) or set(data) != {f.name for f in fields(kind)}:
         raise ValueError(data)
     parse = {"str": _text, "int": _count, "tuple[int, int]": _pair,

@@ -31,14 +31,14 @@ from ltm_convert.errors import LtmError
 
 @dataclass
 class Site:
-    """One place where a converted model merges: ``tokens`` mergeable tokens enter it at the planned
+    """One place where a converted model merges: ``mergeable`` tokens enter it at the planned
     resolution (for a chained site: when no earlier site merged) and it may keep any of
     ``options`` of them. Chained sites (token sequences) pass their output on to the next site, so
     the next one receives what this one kept; grid sites are independent."""
 
     name: str
-    tokens: int
-    options: list[int] = field(default_factory=list)  # allowed kept counts, ascending; empty = 1..tokens
+    mergeable: int  # tokens that may merge (prefix tokens excluded)
+    options: list[int] = field(default_factory=list)  # allowed kept counts, ascending; empty = 1..mergeable
     chained: bool = True
     prefix: int = 0
     # nothing reads this site's mergeable tokens afterwards (the last block before a class-token
@@ -77,7 +77,7 @@ class Schedule:
 
 def full_keep(sites: Sequence["Site"]) -> dict[str, int]:
     """The schedule that merges nothing (the original computation, free sites included)."""
-    return {s.name: s.tokens for s in sites}
+    return {s.name: s.mergeable for s in sites}
 
 
 def _nearest(site: "Site", tokens_in: int, want: float) -> int:
@@ -94,7 +94,7 @@ def shaped(sites: Sequence["Site"], shape: str, t: float, weights: dict[str, flo
     m = None
     n = sum(not s.free for s in sites)
     for i, site in enumerate(sites):
-        tokens_in = m if (site.chained and m is not None) else site.tokens
+        tokens_in = m if (site.chained and m is not None) else site.mergeable
         if site.free:
             keep[site.name] = 1
             m = 1 if site.chained else None
@@ -135,7 +135,7 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
     if all(s.free for s in sites):
         return result(shaped(sites, shape, 1.0))
     independent = all(not s.chained for s in sites)
-    if independent and math.prod(len(s.options or range(s.tokens)) for s in sites) <= max_combinations:
+    if independent and math.prod(len(s.options or range(s.mergeable)) for s in sites) <= max_combinations:
         return result(_exhaustive(sites, cost, target, max(tolerance, GRID_TOLERANCE)))
     seen: dict[tuple[int, ...], float] = {}
 
@@ -150,7 +150,7 @@ def solve(sites: Sequence["Site"], cost: CostModel, ratio: float, shape: str = "
     if shape == "calibrated":
         lo, hi = 0.0, 1.0 / min(w for w in weights.values() if w > 0)  # type: ignore[union-attr]
     else:
-        lo, hi = (1.0, 1e-9) if shape == "fraction" else (0.0, float(max(s.tokens for s in sites)))
+        lo, hi = (1.0, 1e-9) if shape == "fraction" else (0.0, float(max(s.mergeable for s in sites)))
     e_lo, e_hi = error(lo), error(hi)
     if e_hi > REACH_TOLERANCE * ratio and not independent:
         floor = e_hi + ratio
@@ -196,7 +196,7 @@ def _trim(sites: Sequence["Site"], cost: CostModel, keep: dict[str, int], target
     inflow: dict[str, int] = {}
     m = None
     for site in sites:
-        inflow[site.name] = m if (site.chained and m is not None) else site.tokens
+        inflow[site.name] = m if (site.chained and m is not None) else site.mergeable
         m = keep[site.name] if site.chained else None
     for i in reversed(range(len(sites))):
         site = sites[i]
@@ -217,12 +217,12 @@ def _trim(sites: Sequence["Site"], cost: CostModel, keep: dict[str, int], target
 def _exhaustive(sites: Sequence["Site"], cost: CostModel, target: float, tolerance: float) -> dict[str, int]:
     """Rank every combination of independent grid sites: the smallest error wins, and among
     schedules within ``tolerance`` the one that keeps the most in its most-merged site."""
-    options = [s.options or list(range(1, s.tokens + 1)) for s in sites]
+    options = [s.options or list(range(1, s.mergeable + 1)) for s in sites]
 
     def rank(combo: tuple[int, ...]) -> tuple[float, float]:
         keep = {s.name: k for s, k in zip(sites, combo)}
         err = abs(cost.flops(keep) - target) / cost.base
-        least_kept = min(k / s.tokens for s, k in zip(sites, combo))
+        least_kept = min(k / s.mergeable for s, k in zip(sites, combo))
         return (max(err, tolerance), -least_kept)
 
     best = min(itertools.product(*options), key=rank)
@@ -259,10 +259,10 @@ class GridCost:
         names = sorted({m for ms in modules.values() for m in ms})
         apply(full)
         base_counts = count_flops_by_module(meta_model, size, names)
-        probes = {s.name: _probes(s, len(basis(s, s.tokens))) for s in sites}
+        probes = {s.name: _probes(s, len(basis(s, s.mergeable))) for s in sites}
         measured: dict[str, dict[int, float]] = {s.name: {} for s in sites}
         for i in range(max((len(p) for p in probes.values()), default=0)):
-            choice = {s.name: probes[s.name][i] if i < len(probes[s.name]) else s.tokens for s in sites}
+            choice = {s.name: probes[s.name][i] if i < len(probes[s.name]) else s.mergeable for s in sites}
             apply(choice)
             counts = count_flops_by_module(meta_model, size, names)
             for s in sites:
@@ -273,7 +273,7 @@ class GridCost:
         self.savings: dict[str, dict[int, float]] = {}
         for s in sites:
             curve = fit_linear(lambda k, s=s: basis(s, k), measured[s.name]) if measured[s.name] else (lambda k: 0.0)
-            self.savings[s.name] = {k: (0.0 if k >= s.tokens else curve(k)) for k in s.allowed(s.tokens)}
+            self.savings[s.name] = {k: (0.0 if k >= s.mergeable else curve(k)) for k in s.allowed(s.mergeable)}
 
     def flops(self, keep: dict[str, int]) -> float:
         return self.base - sum(self.savings[name][k] for name, k in keep.items())
@@ -281,7 +281,7 @@ class GridCost:
 
 def _probes(site: "Site", terms: int) -> list[int]:
     """Merged options of a site to count (as many as the basis has terms, spread out)."""
-    merged = [k for k in site.allowed(site.tokens) if k < site.tokens]
+    merged = [k for k in site.allowed(site.mergeable) if k < site.mergeable]
     if len(merged) <= terms:
         return merged
     idx = [round(i * (len(merged) - 1) / (terms - 1)) for i in range(terms)]

@@ -61,7 +61,7 @@ class Analysis:
 
     @property
     def token_counts(self) -> list[int]:
-        return sorted({b.tokens for b in self.blocks})
+        return sorted({b.tokens_with_prefix for b in self.blocks})
 
 
 def first_calls(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[tuple, dict]]:
@@ -117,15 +117,15 @@ def check_recorded_plan(model: nn.Module, plan: ConversionPlan, analysis: Record
         block = analysis.modules.get(match.name)
         if block is None or not isinstance(getattr(block, match.attn_child, None), nn.Module):
             raise refuse(f"no block {match.name} with an attention child {match.attn_child!r}")
-        if not match.tokens:
+        if not match.tokens_with_prefix:
             continue
         args, kwargs = analysis.calls.get(match.name, ((), {}))
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        fits = x is not None and (tuple(x.shape[1:]) == (match.tokens, match.dim) if x.dim() == 3 else
-                                  x.dim() == 4 and x[0].numel() == match.tokens * match.dim)  # a 2-D map
+        fits = x is not None and (tuple(x.shape[1:]) == (match.tokens_with_prefix, match.dim) if x.dim() == 3 else
+                                  x.dim() == 4 and x[0].numel() == match.tokens_with_prefix * match.dim)  # a 2-D map
         if not fits:
             got = "no call" if x is None else f"tokens of shape {tuple(x.shape[1:])}"
-            raise refuse(f"{match.name} receives {got}, the plan {match.tokens} tokens of width {match.dim}")
+            raise refuse(f"{match.name} receives {got}, the plan {match.tokens_with_prefix} tokens of width {match.dim}")
 
 
 def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
@@ -168,7 +168,7 @@ def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
             skipped.append((name, "excluded by the user"))
             continue
         tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)  # 2-D maps: set from the FFN site
-        blocks.append(BlockMatch(name=name, attn_child=rel, index=len(blocks), tokens=tokens, dim=dim))
+        blocks.append(BlockMatch(name=name, attn_child=rel, index=len(blocks), tokens_with_prefix=tokens, dim=dim))
         block_adds.append((attn_res.skip, r.add))
         pairs.append((attn_res, r))
     return Analysis(model_class=type(model).__name__, input_size=input_size, facts=facts, blocks=blocks,

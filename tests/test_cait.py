@@ -133,4 +133,4 @@ def test_forward_intermediates_are_full_grid_maps(cait, merged):
         final, maps = merged.forward_intermediates(x)
         _, ref = cait.forward_intermediates(x)
     assert [m.shape for m in maps] == [r.shape for r in ref] == [(2, 192, 8, 8)] * 2
-    assert final.shape[1] == 1 + merged.blocks[1].ltm_keep
+    assert final.shape[1] == 1 + merged.blocks[1].ltm_keep_mergeable

@@ -62,9 +62,9 @@ def test_the_recorded_family_is_used_not_re_guessed(saved, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: r["plan"]["blocks"][1].update(name="blocks.9"), "no block blocks.9"),
-    (lambda r: r["plan"]["blocks"][0].update(tokens=50), "receives tokens of shape"),
+    (lambda r: r["plan"]["blocks"][0].update(tokens_with_prefix=50), "receives tokens of shape"),
     (lambda r: r["plan"].update(model_class="Eva"), "the plan is for a Eva"),
-    (lambda r: r["plan"]["blocks"][0].update(tokens="16"), "recorded conversion plan is malformed"),
+    (lambda r: r["plan"]["blocks"][0].update(tokens_with_prefix="16"), "recorded conversion plan is malformed"),
     (lambda r: r["plan"].update(extra=1), "recorded conversion plan is malformed"),
 ])
 def test_a_plan_that_does_not_fit_the_model_is_refused(saved, tmp_path, change, message):

@@ -169,7 +169,7 @@ def test_training_merge_reaches_the_masks_and_pools_by_size(kind):
     converted.train()
     outputs = all_outputs(run_model(converted, images_for(converted, batch=2)))
     sum(v.square().mean() for v in outputs.values()).backward()
-    merging = [b for _, b in ltm_blocks(converted) if b.ltm_keep < b.ltm_tokens_in - b.ltm_prefix]
+    merging = [b for _, b in ltm_blocks(converted) if b.ltm_keep_mergeable < b.ltm_in_with_prefix - b.ltm_prefix]
     assert merging and all(p.grad is not None and p.grad.abs().sum() > 0
                            for b in merging for p in b.ltm_mask.parameters())
 

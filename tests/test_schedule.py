@@ -13,10 +13,10 @@ class VitCost:
 
     def __init__(self, sites: list[Site], prefix: int) -> None:
         self.sites, self.prefix, self.asked = sites, prefix, []
-        self.base = self._cost({s.name: s.tokens for s in sites})
+        self.base = self._cost({s.name: s.mergeable for s in sites})
 
     def _cost(self, keep: dict[str, int]) -> float:
-        m, total = self.sites[0].tokens, 0.0
+        m, total = self.sites[0].mergeable, 0.0
         for s in self.sites:
             n = self.prefix + m
             total += 1000 * n + n ** 2 + 2000 * (self.prefix + keep[s.name])
@@ -29,7 +29,7 @@ class VitCost:
 
 
 def chain(n: int, tokens: int) -> list[Site]:
-    return [Site(name=f"blocks.{i}", tokens=tokens, chained=True, prefix=1) for i in range(n)]
+    return [Site(name=f"blocks.{i}", mergeable=tokens, chained=True, prefix=1) for i in range(n)]
 
 
 @pytest.mark.parametrize("ratio", [0.8, 0.65, 0.5])

@@ -308,7 +308,7 @@ class ClassAttentionFamily(SequenceFamily):
             return f"{cls}'s blocks work on 2-D maps, not on token sequences"
         facts = analysis.facts
         n = max(analysis.token_counts)
-        patch_blocks = [i for i, b in enumerate(analysis.blocks) if b.tokens == n]
+        patch_blocks = [i for i, b in enumerate(analysis.blocks) if b.tokens_with_prefix == n]
         seq = analysis.block_adds[patch_blocks[-1]][1]
         inside = [analysis.blocks[i].name for i in patch_blocks]
         class_attn, others = [], []
@@ -344,7 +344,7 @@ class ClassAttentionFamily(SequenceFamily):
             return str(exc)
         # the class-attention blocks read the last block's patch tokens, so no block is "free"
         # (SequenceFamily.sites): they are heads of the patch sequence, recorded as such
-        return ConversionPlan(model_class=cls, input_size=analysis.input_size, num_tokens=n, prefix_tokens=prefix,
+        return ConversionPlan(model_class=cls, input_size=analysis.input_size, tokens_with_prefix=n, prefix_tokens=prefix,
                               heads=[HEAD + a for a in class_attn] + heads,
                               blocks=[analysis.blocks[i] for i in patch_blocks], skipped=list(analysis.skipped),
                               data={"carry": carry})
@@ -377,7 +377,7 @@ class ClassAttentionFamily(SequenceFamily):
     def _patch_input(block: nn.Module, args: tuple, kwargs: dict, plan: "ConversionPlan") -> str:
         call = bind_call(block, args, kwargs)
         bound = _bound(block, args, kwargs)
-        names = [t for t in call.tensor_names if tuple(bound[t].shape[1:2]) == (plan.num_tokens,)]
+        names = [t for t in call.tensor_names if tuple(bound[t].shape[1:2]) == (plan.tokens_with_prefix,)]
         if len(names) != 1:
             raise UnsupportedModelError(f"not supported yet: {type(block).__name__} receives the patch tokens "
                                         f"{len(names)} times")
@@ -397,7 +397,7 @@ class ClassAttentionCost(SequenceCost):
         from ltm_convert.schedule import fit_linear
 
         modules = dict(meta_model.named_modules())
-        n_full = plan.num_tokens
+        n_full = plan.tokens_with_prefix
         probes = sorted({n_full, n_full // 2 + 1, n_full // 4 + 1})
         self.class_fits = []
         for attn in class_attention_paths(plan):
@@ -415,4 +415,4 @@ class ClassAttentionCost(SequenceCost):
     def flops(self, keep: dict[str, int]) -> float:
         total = super().flops(keep)
         n = self.prefix + keep[self.blocks[-1].ltm_name]
-        return total + sum(fit(n) - fit(self.plan.num_tokens) for fit in self.class_fits)
+        return total + sum(fit(n) - fit(self.plan.tokens_with_prefix) for fit in self.class_fits)

@@ -163,7 +163,7 @@ class FfnGridFamily:
                 skipped.append((block.name, "its FFN lays the tokens out on the 2-D grid itself (a convolution "
                                             "inside the MLP, as in PVTv2), which merged tokens cannot feed"))
                 continue
-            kept.append(dataclasses.replace(block, tokens=site.grid[0] * site.grid[1], dim=site.dim, index=len(kept)))
+            kept.append(dataclasses.replace(block, tokens_with_prefix=site.grid[0] * site.grid[1], dim=site.dim, index=len(kept)))
             sites.append(site)
         if not sites:
             unfold = "" if analysis.on_maps else grid_groups(facts, analysis.blocks, analysis.block_adds)
@@ -171,7 +171,7 @@ class FfnGridFamily:
             return (f"not supported yet: no block of {analysis.model_class} has an FFN on a 2-D grid that could be "
                     f"merged safely ({reasons or unfold})")
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
-                              num_tokens=kept[0].tokens, prefix_tokens=0,
+                              tokens_with_prefix=kept[0].tokens_with_prefix, prefix_tokens=0,
                               heads=["grid (each FFN unmerges onto its full grid)"], blocks=kept, skipped=skipped,
                               data={"ffn_grids": [asdict(site) for site in sites]})
 
@@ -194,7 +194,7 @@ class FfnGridFamily:
             install(mask, block, site)
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
-        return [Site(name=s.block, tokens=s.grid[0] * s.grid[1], options=sorted(a * b for a, b in grid_options(*s.grid)),
+        return [Site(name=s.block, mergeable=s.grid[0] * s.grid[1], options=sorted(a * b for a, b in grid_options(*s.grid)),
                      chained=False) for s in ffn_sites_of(plan)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:

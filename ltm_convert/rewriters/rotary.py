@@ -152,7 +152,7 @@ class RotaryFamily(SequenceFamily):
 
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         (adapter,), _ = _rope_modules(dict(model.named_modules()))
-        patches = plan.num_tokens - plan.prefix_tokens
+        patches = plan.tokens_with_prefix - plan.prefix_tokens
         grid = grid_for(patches, plan.input_size)
         if grid is None:
             raise UnsupportedModelError(f"not supported yet: {plan.model_class}'s {patches} patches at "

@@ -68,8 +68,8 @@ class SequenceFamily:
         if analysis.on_maps or len(analysis.token_counts) != 1:
             return (f"{analysis.model_class}'s blocks do not all work on one token sequence "
                     f"(token counts {analysis.token_counts})")
-        num_tokens = analysis.blocks[0].tokens
-        prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], num_tokens)
+        tokens = analysis.blocks[0].tokens_with_prefix
+        prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], tokens)
         names = [b.name for b in analysis.blocks]
         # the reshape_hidden_states hint only for models that have that setting (HF backbones)
         hf_grid = hasattr(getattr(analysis.modules.get(""), "config", None), "reshape_hidden_states")
@@ -84,7 +84,7 @@ class SequenceFamily:
         except UnsupportedModelError as exc:
             return f"{exc}{hint if 'grid' in str(exc) else ''}"
         plan = ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
-                              num_tokens=num_tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
+                              tokens_with_prefix=tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
                               skipped=list(analysis.skipped), data={"carry": carry})
         try:  # what each block receives besides its tokens, checked before anything is built
             for match in plan.blocks:
@@ -114,7 +114,8 @@ class SequenceFamily:
             mask = factory(spec).to(device=param.device, dtype=param.dtype)
             block.__class__ = ltm_class(type(block))
             block.ltm_setup(call=call, attn_child=match.attn_child, name=match.name, prefix=plan.prefix_tokens,
-                            tokens_in=match.tokens, keep=match.tokens - plan.prefix_tokens, mask=mask)
+                            in_with_prefix=match.tokens_with_prefix,
+                            keep_mergeable=match.tokens_with_prefix - plan.prefix_tokens, mask=mask)
             block.__dict__["_ltm_split"] = split
             block.__dict__["_ltm_dim"] = match.dim
             block.__dict__["_ltm_side"] = side
@@ -134,7 +135,7 @@ class SequenceFamily:
         which merged tokens cannot follow unless a family supplies a :class:`PositionRule`."""
         for name, value in side.items():
             for t in (value if isinstance(value, (tuple, list)) else (value,)):  # HF: (cos, sin)
-                if any(d in (match.tokens, match.tokens - plan.prefix_tokens) for d in t.shape):
+                if any(d in (match.tokens_with_prefix, match.tokens_with_prefix - plan.prefix_tokens) for d in t.shape):
                     raise UnsupportedModelError(
                         f"not supported yet: {type(block).__name__} receives a per-token table {name!r} of shape "
                         f"{tuple(t.shape)} (rotary position embeddings?), which merged tokens cannot follow")
@@ -148,19 +149,19 @@ class SequenceFamily:
         return SequenceCost(meta_model, plan, self)
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
-        m = plan.num_tokens - plan.prefix_tokens
+        m = plan.tokens_with_prefix - plan.prefix_tokens
         # a head that reads only prefix tokens (a class token) makes the last block's patch tokens
         # dead weight: that block merges them all into one
         free_last = bool(plan.heads) and all(h.startswith("token:") for h in plan.heads) and plan.prefix_tokens > 0
         names = plan.block_names
-        return [Site(name=name, tokens=m, chained=True, prefix=plan.prefix_tokens,
+        return [Site(name=name, mergeable=m, chained=True, prefix=plan.prefix_tokens,
                      free=free_last and i == len(names) - 1) for i, name in enumerate(names)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
         """Set every block's kept count; each block receives what the previous one kept."""
         sites = self.sites(model, plan)
         get = chain_keep(keep, sites)
-        m, merged = plan.num_tokens - plan.prefix_tokens, False
+        m, merged = plan.tokens_with_prefix - plan.prefix_tokens, False
         for block, site in zip(converted_blocks(model, plan), sites):
             k = get(site.name)
             if not 1 <= k <= m:
@@ -173,7 +174,7 @@ class SequenceFamily:
 
     def describe(self, model: nn.Module, plan: "ConversionPlan") -> dict[str, Any]:
         blocks = converted_blocks(model, plan)
-        return {"blocks": [{"name": b.ltm_name, "tokens_in": b.ltm_tokens_in, "tokens_out": b.ltm_prefix + b.ltm_keep}
+        return {"blocks": [{"name": b.ltm_name, "tokens_in": b.ltm_in_with_prefix, "tokens_out": b.ltm_prefix + b.ltm_keep_mergeable}
                            for b in blocks]}
 
 
@@ -200,7 +201,7 @@ class SequenceCost:
         self.base = float(count_flops(meta_model, self.size))
         self._fits: dict[tuple, tuple] = {}
         self._mask: dict[tuple, int] = {}
-        self.full = [self._a(b, plan.num_tokens, False) + self._b(b, plan.num_tokens) for b in self.blocks]
+        self.full = [self._a(b, plan.tokens_with_prefix, False) + self._b(b, plan.tokens_with_prefix) for b in self.blocks]
         # a head that reads more than the prefix tokens gets the full grid back (pools_patches), so
         # what follows the blocks costs the same whatever the schedule: it is all in ``base``
 
@@ -219,7 +220,7 @@ class SequenceCost:
         fit = self._fits.get(key)
         if fit is None:
             split = block.ltm_split()
-            n_full = self.plan.num_tokens
+            n_full = self.plan.tokens_with_prefix
             probes = sorted({n_full, max(self.prefix + 1, n_full // 2 + 1), max(self.prefix + 1, n_full // 4 + 1)})
 
             def b(n: int) -> int:
@@ -275,7 +276,7 @@ class SequenceCost:
         return found
 
     def flops(self, keep: dict[str, int]) -> float:
-        total, m, merged = self.base, self.plan.num_tokens - self.prefix, False
+        total, m, merged = self.base, self.plan.tokens_with_prefix - self.prefix, False
         for block, full in zip(self.blocks, self.full):
             k = keep[block.ltm_name]
             n = self.prefix + m
@@ -290,4 +291,4 @@ class SequenceCost:
 
 def family_disable(blocks: list[Any]) -> None:
     for block in blocks:
-        block.ltm_set(block.ltm_tokens_in, block.ltm_tokens_in - block.ltm_prefix, False)
+        block.ltm_set(block.ltm_in_with_prefix, block.ltm_in_with_prefix - block.ltm_prefix, False)

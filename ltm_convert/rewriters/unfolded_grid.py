@@ -119,8 +119,8 @@ def grid_groups(facts: GraphFacts, blocks: list["BlockMatch"], block_adds: list[
             layout = patch_layout(shape_of(block_in) or (), shape_of(source) or ())
             if layout is None:
                 return (f"{block.name} does not run on patches unfolded from a feature map (blocks see "
-                        f"token counts {sorted({b.tokens for b in blocks})})")
-            groups.append(GridGroup(blocks=[block.name], tokens=block.tokens, grid=layout[0], patch_area=layout[1]))
+                        f"token counts {sorted({b.tokens_with_prefix for b in blocks})})")
+            groups.append(GridGroup(blocks=[block.name], mergeable=block.tokens_with_prefix, grid=layout[0], patch_area=layout[1]))
         prev_out = block_out
     return groups
 
@@ -148,7 +148,7 @@ class UnfoldedGridFamily:
         if isinstance(groups, str):
             return groups
         return ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
-                              num_tokens=analysis.blocks[0].tokens, prefix_tokens=0,
+                              tokens_with_prefix=analysis.blocks[0].tokens_with_prefix, prefix_tokens=0,
                               heads=["grid (unmerged before the fold)"], blocks=list(analysis.blocks),
                               skipped=list(analysis.skipped), data={"grids": [asdict(g) for g in groups]})
 
@@ -172,12 +172,13 @@ class UnfoldedGridFamily:
                     param = next(block.parameters())
                     mask = mask.to(device=param.device, dtype=param.dtype)
                 block.__class__ = ltm_class(type(block))
-                block.ltm_setup(call=call, attn_child=match.attn_child, name=name, prefix=0, tokens_in=group.tokens,
-                                keep=group.tokens, mask=mask, unmerge=(i == len(group.blocks) - 1))
+                block.ltm_setup(call=call, attn_child=match.attn_child, name=name, prefix=0,
+                                in_with_prefix=group.mergeable,
+                                keep_mergeable=group.mergeable, mask=mask, unmerge=(i == len(group.blocks) - 1))
                 block.__dict__["_ltm_split"] = split
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
-        return [Site(name=g.blocks[0], tokens=g.tokens, options=sorted(a * b for a, b in grid_options(*g.grid)),
+        return [Site(name=g.blocks[0], mergeable=g.mergeable, options=sorted(a * b for a, b in grid_options(*g.grid)),
                      chained=False) for g in grid_groups_of(plan)]
 
     def apply(self, model: nn.Module, plan: "ConversionPlan", keep: dict[str, int]) -> None:
@@ -193,7 +194,7 @@ class UnfoldedGridFamily:
             members = [modules[n] for n in group.blocks]
             members[0].ltm_mask.configure(*options[k])
             for i, blk in enumerate(members):
-                blk.ltm_set(group.tokens if i == 0 else k, k, i > 0 and k < group.tokens)
+                blk.ltm_set(group.mergeable if i == 0 else k, k, i > 0 and k < group.mergeable)
 
     def cost_model(self, meta_model: nn.Module, plan: "ConversionPlan") -> Any:
         from ltm_convert.schedule import GridCost
@@ -213,8 +214,8 @@ class UnfoldedGridFamily:
             mask = modules[group.blocks[0]].ltm_mask
             hk, wk = mask.grid_out
             grids.append({"blocks": list(group.blocks), "grid": list(group.grid), "grid_out": [hk, wk],
-                          "patch_area": group.patch_area, "tokens_in": group.tokens, "tokens_out": hk * wk})
-            blocks += [{"name": n, "tokens_in": modules[n].ltm_tokens_in, "tokens_out": modules[n].ltm_keep}
+                          "patch_area": group.patch_area, "tokens_in": group.mergeable, "tokens_out": hk * wk})
+            blocks += [{"name": n, "tokens_in": modules[n].ltm_in_with_prefix, "tokens_out": modules[n].ltm_keep_mergeable}
                        for n in group.blocks]
         return {"blocks": blocks, "grids": grids}
 

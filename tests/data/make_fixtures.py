@@ -1,9 +1,13 @@
-"""Writes the tests/data/f1_* fixtures: files in file format 1 as ltm_convert wrote them on 2026-12-06
-(before the plan was recorded in the file). Kept for the record; test_compat.py only reads the
-outputs. Run from the repository root with that version: python tests/data/make_f1_fixtures.py"""
+"""Writes the tests/data/<prefix>_* fixtures: files as a given ltm_convert version wrote them, kept for the
+record; test_compat.py only reads the outputs. Run from the repository root of that version:
+
+    python tests/data/make_fixtures.py f1   # 2026-12-06, file format 1 before the plan was recorded
+    python tests/data/make_fixtures.py f2   # 2026-12-06 (64364dd), plan recorded with the old count names
+"""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -43,17 +47,18 @@ def hf_mobilevit():
 VIT = dict(depth=3, embed_dim=64, num_heads=2, img_size=64, num_classes=5)
 SWIN = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), img_size=64, window_size=2, num_classes=5)
 CASES = {
-    "f1_vit_avg_ltm.pt": (lambda: timm("vit_tiny_patch16_224", global_pool="avg", class_token=False, **VIT), {}),
-    "f1_vit_token_tome": (lambda: timm("vit_tiny_patch16_224", **VIT), {"method": "tome"}),
-    "f1_hf_vit_ltm.pt": (hf_vit, {}),
-    "f1_swin_ltm.pt": (lambda: timm("swin_tiny_patch4_window7_224", **SWIN), {}),
-    "f1_hf_mobilevit_ltm.pt": (hf_mobilevit, {}),
+    "vit_avg_ltm.pt": (lambda: timm("vit_tiny_patch16_224", global_pool="avg", class_token=False, **VIT), {}),
+    "vit_token_tome": (lambda: timm("vit_tiny_patch16_224", **VIT), {"method": "tome"}),
+    "hf_vit_ltm.pt": (hf_vit, {}),
+    "swin_ltm.pt": (lambda: timm("swin_tiny_patch4_window7_224", **SWIN), {}),
+    "hf_mobilevit_ltm.pt": (hf_mobilevit, {}),
 }
 
 
-def main() -> None:
+def main(prefix: str) -> None:
     expected = {}
-    for name, (build, options) in CASES.items():
+    for case, (build, options) in CASES.items():
+        name = f"{prefix}_{case}"
         model = ltm_convert.convert(build(), 0.6, **options)
         ltm_convert.save(model, DATA / name)
         size = tuple(model.ltm_config.input_size)
@@ -61,8 +66,8 @@ def main() -> None:
         with torch.no_grad():
             expected[name] = {"input_size": list(size),
                               "output": main_output(run_model(ltm_convert.load(DATA / name), x)).tolist()}
-    (DATA / "f1_expected.json").write_text(json.dumps(expected))
+    (DATA / f"{prefix}_expected.json").write_text(json.dumps(expected))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
