@@ -1,7 +1,9 @@
 """ltm_convert: swap a vision transformer's blocks for Learnable Token Merging blocks.
 
-Importing the package stays light: nothing here imports transformers or touches CUDA; the public
-names below are resolved on first use.
+Importing the package stays light: nothing here imports torch, timm or transformers, or touches CUDA;
+the public names below are resolved on first use. Importing it also teaches timm the ``ltm_<name>``
+models (``timm.create_model("ltm_vit_small_patch16_224", ratio=0.8)``), as soon as timm is imported
+(timm_registry.py).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ __all__ = [
     "save",
     "load",
     "load_model",
+    "create_model",
     "LtmConfig",
     "LtmError",
     "count_flops",
@@ -27,6 +30,7 @@ _LAZY = {
     "save": ("ltm_convert.io", "save"),
     "load": ("ltm_convert.io", "load"),
     "load_model": ("ltm_convert.sources", "load_model"),
+    "create_model": ("ltm_convert.create", "create_model"),
     "LtmConfig": ("ltm_convert.config", "LtmConfig"),
     "LtmError": ("ltm_convert.errors", "LtmError"),
     "count_flops": ("ltm_convert.flops", "count_flops"),
@@ -42,3 +46,12 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ltm_convert' has no attribute {name!r}")
+
+
+def _teach_timm() -> None:
+    from ltm_convert import timm_registry
+
+    timm_registry.install()
+
+
+_teach_timm()

@@ -398,8 +398,9 @@ def say(message: str, json_mode: bool) -> None:
 def resolve_model(target: str, *, no_pretrained: bool = False, checkpoint: Optional[Path] = None,
                   model_kwargs: Optional[dict] = None, given: Optional[dict] = None) -> Tuple[Any, bool]:
     """(model, is_saved): a saved LTM model (.pt or a directory) loaded as is, or the base model of
-    a model source (timm name, hf:..., bundled) built to be converted. ``given`` maps the flags a
-    command got to whether they were given: for a saved model they are ignored, with a warning."""
+    a model source (timm name, hf:..., bundled; ``ltm_NAME`` builds NAME) built to be converted. ``given``
+    maps the flags a command got to whether they were given: for a saved model they are ignored, with a
+    warning."""
     from ltm_convert.io import is_saved_model, load
 
     path = Path(target)
@@ -417,8 +418,9 @@ def resolve_model(target: str, *, no_pretrained: bool = False, checkpoint: Optio
             warnings.warn(f"{', '.join(ignored)} ignored: {target} is a saved model and keeps its own settings",
                           UserWarning, stacklevel=2)
         return load(str(path)), True
-    from ltm_convert.sources import load_model
+    from ltm_convert.sources import load_model, ltm_base
 
+    target = ltm_base(target) or target  # ltm_NAME: the command converts NAME itself
     return load_model(target, pretrained=not no_pretrained, checkpoint=str(checkpoint) if checkpoint else None,
                       **(model_kwargs or {})), False
 

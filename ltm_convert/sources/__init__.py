@@ -2,10 +2,10 @@
 
 Nothing here imports transformers at import time, and every user mistake is a one-line LtmError.
 """
-from ltm_convert.sources.build import build_model, from_pretrained_checked, load_model
+from ltm_convert.sources.build import build_model, from_pretrained_checked, load_model, load_source
 from ltm_convert.sources.checkpoints import read_checkpoint
 from ltm_convert.sources.infer import source_of
-from ltm_convert.sources.spec import KINDS, ModelSource, parse_source
+from ltm_convert.sources.spec import KINDS, ModelSource, ltm_base, parse_source
 
-__all__ = ["KINDS", "ModelSource", "build_model", "from_pretrained_checked", "load_model", "parse_source",
-           "read_checkpoint", "source_of"]
+__all__ = ["KINDS", "ModelSource", "build_model", "from_pretrained_checked", "load_model", "load_source",
+           "ltm_base", "parse_source", "read_checkpoint", "source_of"]

@@ -347,7 +347,12 @@ def _build_hf_config(name: str, kwargs: dict) -> nn.Module:
 def load_model(spec: str, *, pretrained: bool = True, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a model from a spec and remember how (``model.ltm_source``), so a converted copy can
     be saved and rebuilt anywhere."""
-    model, src = _build_model(parse_source(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs))
+    return load_source(parse_source(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs))
+
+
+def load_source(src: ModelSource) -> nn.Module:
+    """:func:`build_model`, with the recipe it was built from remembered (``model.ltm_source``)."""
+    model, src = _build_model(src)
     model.ltm_source = src
     return model
 

@@ -27,6 +27,7 @@ _NO_HUB = (
     "or use the bundled real model 'bundled'"
 )
 _SPEC_HINT = "ltm-convert accepts a timm model name, an HF id or local directory (hf:ID), or 'bundled'"
+LTM_PREFIX = "ltm_"  # timm.create_model("ltm_<timm name>") names the converted model (timm_registry.py)
 
 
 @dataclass
@@ -73,6 +74,9 @@ class ModelSource:
                            f"{'the file is corrupt' if from_file else 'pass a bool and a path'}")
         if self.kind == "timm" and not _TIMM_NAME.match(self.name):
             raise LtmError(f"{where} names timm model {self.name[:60]!r}, which is not a model name; {corrupt}")
+        if self.kind == "timm" and ltm_base(self.name) is not None:  # it would build a converted model
+            raise LtmError(f"{where} names {self.name}, an LTM model; a recipe names the model that is converted "
+                           f"({ltm_base(self.name)}); {corrupt}")
         if self.kind == "bundled":
             from ltm_convert.sources.bundled import BUNDLED_NAMES
 
@@ -108,6 +112,10 @@ def parse_source(spec: str, *, pretrained: bool = True, checkpoint: str | None =
         return mk("bundled", name)
     if spec.startswith("hf:"):
         return mk("hf", _hf_name(spec[3:]))
+    base = ltm_base(spec)
+    if base is not None:  # a recipe names the model that is converted, never its LTM version
+        raise LtmError(f"{spec} names the LTM version of timm model {base}; pass {base} (it is converted at the "
+                       f"ratio you give) or build the LTM model with ltm_convert.create_model({spec!r}, ratio=...)")
     if spec.startswith(("timm:", "hf-hub:", "hf_hub:")):  # hf-hub: is timm's own hub syntax
         name = spec[5:] if spec.startswith("timm:") else spec
         if not name.startswith("hf") and not _is_timm(name):
@@ -123,6 +131,16 @@ def parse_source(spec: str, *, pretrained: bool = True, checkpoint: str | None =
     if p.is_dir():
         _hf_name(spec)  # raises: a directory without config.json
     raise LtmError(_unknown(spec))
+
+
+def ltm_base(spec: str) -> str | None:
+    """The timm model (pretrained tag kept) that ``ltm_<name>`` or ``timm:ltm_<name>`` converts; None
+    for any other spec, an existing path named ``ltm_...`` included."""
+    name = spec[5:] if spec.startswith("timm:") else spec
+    if not name.startswith(LTM_PREFIX) or Path(spec).expanduser().exists():
+        return None
+    base = name[len(LTM_PREFIX):]
+    return base if _TIMM_NAME.match(base) and ":" not in base and _is_timm(base) else None
 
 
 def _hf_name(name: str) -> str:
@@ -154,7 +172,10 @@ def _is_timm(name: str) -> bool:
 def _unknown(name: str) -> str:
     import timm
 
-    close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=3, cutoff=0.6)
+    prefix = LTM_PREFIX if name.startswith(LTM_PREFIX) else ""  # ltm_ names: match the timm name they convert
+    base = name[len(prefix):].split(".")[0]
+    known = timm.list_models(exclude_filters=f"{LTM_PREFIX}*")
+    close = [prefix + n for n in difflib.get_close_matches(base, known, n=3, cutoff=0.6)]
     alt = f" (did you mean {', '.join(close)}?)" if close else ""
     return f"unknown model {name!r}{alt}; {_SPEC_HINT}"
 
