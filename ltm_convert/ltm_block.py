@@ -10,15 +10,12 @@ The new ``forward`` runs the block's own code cut in two at the attention residu
 (analysis/block_split.py): ``z = part_a(x, bias=log sizes)``, the merge, ``part_b(z)``. Token
 sizes ride on the token tensors (merge/state.py), never on the model.
 
-The generated subclasses are named after the class they extend and are rebuilt on demand from
-that name (``__getattr__`` below), so converted models pickle, deep-copy and travel to
-``torch.multiprocessing`` workers like any model; the cut code is regenerated after unpickling.
+The generated subclasses are picklable by name (generated.py), so converted models pickle,
+deep-copy and travel to ``torch.multiprocessing`` workers like any model; the cut code is
+regenerated after unpickling.
 """
 from __future__ import annotations
 
-import copy
-import importlib
-import threading
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +23,7 @@ from torch import nn
 
 from ltm_convert.analysis.block_split import BlockCall, SplitBlock, split_block
 from ltm_convert.errors import LtmError
+from ltm_convert.generated import DropsGenerated, generated_subclass, rebuild
 from ltm_convert.merge.state import (
     SequenceMask,
     TokenState,
@@ -38,61 +36,23 @@ from ltm_convert.merge.state import (
 )
 
 CLASS_PREFIX = "LtmBlock__"
-_CLASSES: dict[type, type] = {}
-_LOCK = threading.Lock()
-
-
-# --------------------------------------------------------------------------------------------
-# generated classes, picklable by name
-
-
-def _escape(text: str) -> str:
-    return text.replace("_", "_u").replace(".", "_d").replace(":", "_c")
-
-
-def _unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "_" and i + 1 < len(text):
-            out.append({"u": "_", "d": ".", "c": ":"}.get(text[i + 1], "?"))
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
 
 
 def ltm_class(original: type) -> type:
-    """The LTM subclass of a block class (created once, then cached)."""
-    if issubclass(original, LtmBlockMixin):
-        return original
-    with _LOCK:
-        cls = _CLASSES.get(original)
-        if cls is None:
-            name = CLASS_PREFIX + _escape(f"{original.__module__}:{original.__qualname__}")
-            cls = type(name, (LtmBlockMixin, original), {"__module__": __name__, "__qualname__": name,
-                                                          "ltm_original_class": original})
-            _CLASSES[original] = cls
-            globals()[name] = cls
-    return cls
+    """The LTM subclass of a block class (created once, then cached; picklable by name)."""
+    return generated_subclass(CLASS_PREFIX, original, __name__, LtmBlockMixin)
 
 
 def __getattr__(name: str) -> Any:
     """Rebuild a generated class from its name (what pickle asks for in a fresh process)."""
-    if not name.startswith(CLASS_PREFIX):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, qualname = _unescape(name[len(CLASS_PREFIX):]).partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return ltm_class(obj)
+    return rebuild(__name__, name, {CLASS_PREFIX: ltm_class})
 
 
 # --------------------------------------------------------------------------------------------
 # the block
 
 
-class LtmBlockMixin:
+class LtmBlockMixin(DropsGenerated):
     """The forward of a converted block (placed in front of the original class in the MRO).
 
     Per-block settings (plain attributes, set by the family that converts the block):
@@ -104,6 +64,7 @@ class LtmBlockMixin:
 
     ltm_original_class: type
     ltm_mask: Any
+    ltm_generated_keys = ("_ltm_split",)  # the cut code: rebuilt after unpickling, shared by deep copies
     # ``__dict__["_ltm_positions"]``: an optional :class:`PositionRule` set by the family that converted
     # the block (picklable, holds no tensors of its own)
     ltm_track_sources = False  # (class defaults: models pickled before these settings existed)
@@ -137,24 +98,6 @@ class LtmBlockMixin:
     # written against them, e.g. a family of one's own)
     ltm_tokens_in = property(lambda self: self.ltm_in_with_prefix)
     ltm_keep = property(lambda self: self.ltm_keep_mergeable)
-
-    # -- copying and pickling: the generated code is rebuilt, never serialised -----------------
-    def __getstate__(self) -> dict[str, Any]:
-        state = nn.Module.__getstate__(self) if hasattr(nn.Module, "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_ltm_split", None)
-        return state
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        cls = type(self)
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        state = self.__dict__.copy()
-        split = state.pop("_ltm_split", None)
-        new.__dict__.update(copy.deepcopy(state, memo))
-        if split is not None:
-            new.__dict__["_ltm_split"] = split  # generated functions take the block as ``self``: shareable
-        return new
 
     def ltm_split(self) -> SplitBlock:
         split = self.__dict__.get("_ltm_split")

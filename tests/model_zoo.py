@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import Attention as TimmAttention
+from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
 TIMM_FAMILIES = {
@@ -21,7 +23,7 @@ HF_FAMILIES = ["ViTModel", "ViTForImageClassification", "DeiTForImageClassificat
                "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                "CLIPVisionModel", "SiglipVisionModel"]
 
-# rotary-position models (rewriters/rotary.py), built small by tests/test_rotary.py
+# rotary-position models (rewriters/rotary.py), built small by rope_model (tests/test_rotary.py)
 ROTARY_TIMM = {
     "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, average pool, dynamic_img_size, centred coords
     "dinov3-token-noreg": ("vit_small_patch16_dinov3", dict(num_reg_tokens=0, global_pool="token")),
@@ -32,6 +34,22 @@ ROTARY_TIMM = {
     "rope-mixed": ("vit_base_patch16_rope_mixed_224", {}),  # learned frequencies per block and head
 }
 ROTARY_HF = ["DINOv3ViTModel"]
+ROTARY_SMALL = dict(depth=3, img_size=96, embed_dim=64, num_heads=2, num_classes=5)
+
+# relative-position-bias models (rewriters/relative_bias.py), built small by relb_model (tests/test_relative_bias.py)
+RELB_TINY = dict(depth=3, img_size=96, embed_dim=96, num_heads=2, num_classes=7)
+RELB_TIMM = {
+    "beit": ("beit_base_patch16_224", {}),  # per-block tables, average pooling
+    "beit-token": ("beit_base_patch16_224", dict(global_pool="token")),  # the crash of issue 23
+    "beit-shared": ("beit_base_patch16_224", dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)),
+    "beitv2": ("beitv2_base_patch16_224", {}),
+    "relpos": ("vit_relpos_small_patch16_224", {}),  # RelPosMlp, no class token, average pooling
+    "relpos-rpn": ("vit_relpos_small_patch16_rpn_224", {}),  # RelPosBias table, post-norm block
+    "srelpos": ("vit_srelpos_small_patch16_224", {}),  # one table shared by all blocks
+    "relpos-cls": ("vit_relpos_medium_patch16_cls_224", {}),  # class token, token pooling
+    "relpos-clsgap": ("vit_relpos_base_patch16_clsgap_224", {}),  # class token, average pooling
+}
+RELB_HF = ["BeitModel", "BeitModel-cls", "Data2VecVisionModel", "Data2VecVisionModel-cls", "BeitForImageClassification"]
 
 # class-attention models (rewriters/class_attention.py; tests/test_cait.py): 64 patch tokens, 2 class-attention blocks
 CLASS_ATTENTION_TIMM = {"cait": ("cait_xxs24_224", dict(depth=2, img_size=64, patch_size=8))}
@@ -50,6 +68,21 @@ FFN_GRID_TIMM = {
 }
 FFN_GRID_HF = ["SwinModel", "SwinForImageClassification", "Swinv2Model"]
 FFN_GRID_SIZES = {"swinv2": 256}
+
+
+def cait_model(**kw) -> nn.Module:
+    """A tiny CaiT (CLASS_ATTENTION_TIMM, 4 classes; ``kw`` overrides), made by ``load_model`` (it
+    records its source, so it saves); layer scale 1 so every block changes its output (timm: 1e-4)."""
+    from ltm_convert.sources import load_model
+
+    name, zoo = CLASS_ATTENTION_TIMM["cait"]
+    torch.manual_seed(0)
+    model = load_model(name, pretrained=False, **{**zoo, "num_classes": 4, **kw}).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "gamma" in n:
+                p.fill_(1.0)
+    return model
 
 
 def ffn_grid_model(kind: str) -> nn.Module:
@@ -125,6 +158,105 @@ def hf_model(cls_name: str) -> nn.Module:
             if "lambda1" in n:
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def rope_model(kind: str) -> nn.Module:
+    """A tiny rotary model: a ROTARY_TIMM kind, or "hf-dinov3" / "hf-dinov3-noreg" (HF DINOv3, 4 registers or none)."""
+    torch.manual_seed(0)
+    if kind in ROTARY_TIMM:
+        import timm
+
+        name, extra = ROTARY_TIMM[kind]
+        model = timm.create_model(name, pretrained=False, **{**ROTARY_SMALL, **extra}).eval()
+        with torch.no_grad():  # random init leaves LayerScale near zero: make the blocks matter
+            for n, p in model.named_parameters():
+                if n.endswith(".gamma"):
+                    p.uniform_(0.5, 1.5)
+        return model
+    import transformers as T
+
+    config = T.DINOv3ViTConfig(image_size=96, patch_size=16, hidden_size=64, num_attention_heads=2,
+                               intermediate_size=256, num_hidden_layers=3,
+                               num_register_tokens=0 if kind.endswith("noreg") else 4)
+    return T.DINOv3ViTModel(config).eval()
+
+
+def randomise_relative_bias(model: nn.Module) -> nn.Module:
+    """Random init zeroes BEiT's tables and shrinks its layer scale: make both matter."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif ".rel_pos." in name or name.startswith("shared_rel_pos."):  # timm's RelPosMlp starts near flat
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("gamma_1", "gamma_2", "lambda_1", "lambda_2", ".gamma")):
+                p.uniform_(0.5, 1.5, generator=g)
+    return model.eval()
+
+
+def relb_model(kind: str) -> nn.Module:
+    """A tiny relative-position-bias model: a RELB_TIMM kind or a RELB_HF class ("-cls": token pooling)."""
+    torch.manual_seed(0)
+    if kind in RELB_TIMM:
+        import timm
+
+        name, extra = RELB_TIMM[kind]
+        return randomise_relative_bias(timm.create_model(name, pretrained=False, **RELB_TINY, **extra))
+    import transformers as T
+
+    cls_name, _, pool = kind.partition("-")
+    config_cls = T.Data2VecVisionConfig if cls_name.startswith("Data2Vec") else T.BeitConfig
+    config = config_cls(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=96,
+                        patch_size=16, use_mean_pooling=pool != "cls", use_relative_position_bias=True,
+                        layer_scale_init_value=0.1, num_labels=5)
+    return randomise_relative_bias(getattr(T, cls_name)(config))
+
+
+def maskless_vit(attention: str = "maskless") -> nn.Module:
+    """A tiny timm ViT (3 blocks, 64 patch tokens) whose attention ``forward(self, x)`` takes no mask
+    and computes its own softmax, as custom timm-style models do. ``attention="mask"``: the same
+    weights with timm's own block and attention, which takes one (``attn_mask``); ``"sigmoid"``:
+    attention weights by a sigmoid (no softmax a bias could be added before)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=64, patch_size=8,
+                              embed_dim=64, num_heads=2, num_classes=5).eval()
+    cls = {"mask": None, "maskless": MasklessAttention, "sigmoid": SigmoidAttention}[attention]
+    if cls is not None:
+        for block in model.blocks:
+            block.__class__, block.attn.__class__ = MasklessBlock, cls
+    return model
+
+
+class MasklessAttention(TimmAttention):
+    """timm's attention with a ``forward(self, x)`` that takes no mask and computes its own softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (self.q_norm(q) * self.scale) @ self.k_norm(k).transpose(-2, -1)
+        x = (self.attn_drop(attn.softmax(dim=-1)) @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class SigmoidAttention(TimmAttention):
+    """Attention whose weights are sigmoids of the logits (no softmax), taking no mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.sigmoid((q * self.scale) @ k.transpose(-2, -1) - 4.0)  # (a bias of -log N, here fixed)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+class MasklessBlock(TimmBlock):
+    """timm's block with a ``forward(self, x)`` that calls its attention without a mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 def images_for(model: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:

@@ -8,26 +8,16 @@ import pickle
 
 import pytest
 import torch
-from model_zoo import CLASS_ATTENTION_TIMM
+from model_zoo import CLASS_ATTENTION_TIMM, cait_model
 
 from ltm_convert.api import convert, describe
 from ltm_convert.flops import count_flops
 from ltm_convert.io import load, save
 from ltm_convert.merge.state import TokenState, with_state
-from ltm_convert.sources import load_model
 
 NAME, ZOO = CLASS_ATTENTION_TIMM["cait"]
-KW = dict(ZOO, num_classes=4)  # 64 patch tokens, 2 class-attention blocks
-
-
-def _cait(**kw):
-    torch.manual_seed(0)
-    model = load_model(NAME, pretrained=False, **{**KW, **kw}).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name:
-                p.fill_(1.0)
-    return model
+KW = dict(ZOO, num_classes=4)  # 64 patch tokens, 2 class-attention blocks (as cait_model builds it)
+_cait = cait_model
 
 
 def _images(batch=2, seed=0):

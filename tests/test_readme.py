@@ -12,13 +12,12 @@ from model_zoo import (
     GRID_HF,
     GRID_TIMM,
     HF_FAMILIES,
+    RELB_HF,
+    RELB_TIMM,
     ROTARY_HF,
     ROTARY_TIMM,
     TIMM_FAMILIES,
 )
-
-from test_relative_bias import HF as RELB_HF
-from test_relative_bias import TIMM as RELB_TIMM
 
 from ltm_convert.rewriters import families
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_zoo import check_batch_independence, images_for
+from model_zoo import (
+    RELB_HF,
+    RELB_TIMM,
+    RELB_TINY,
+    check_batch_independence,
+    images_for,
+    randomise_relative_bias,
+    relb_model,
+)
 
 from ltm_convert.api import convert, describe
 from ltm_convert.flops import count_flops
@@ -13,50 +21,7 @@ from ltm_convert.merge.state import TokenState, with_state
 from ltm_convert.model_inputs import all_outputs, run_model
 from ltm_convert.rewriters.relative_bias import merged_bias
 
-TINY = dict(depth=3, img_size=96, embed_dim=96, num_heads=2, num_classes=7)
-TIMM = {
-    "beit": ("beit_base_patch16_224", {}),  # per-block tables, average pooling
-    "beit-token": ("beit_base_patch16_224", dict(global_pool="token")),  # the crash of issue 23
-    "beit-shared": ("beit_base_patch16_224", dict(use_rel_pos_bias=False, use_shared_rel_pos_bias=True)),
-    "beitv2": ("beitv2_base_patch16_224", {}),
-    "relpos": ("vit_relpos_small_patch16_224", {}),  # RelPosMlp, no class token, average pooling
-    "relpos-rpn": ("vit_relpos_small_patch16_rpn_224", {}),  # RelPosBias table, post-norm block
-    "srelpos": ("vit_srelpos_small_patch16_224", {}),  # one table shared by all blocks
-    "relpos-cls": ("vit_relpos_medium_patch16_cls_224", {}),  # class token, token pooling
-    "relpos-clsgap": ("vit_relpos_base_patch16_clsgap_224", {}),  # class token, average pooling
-}
-HF = ["BeitModel", "BeitModel-cls", "Data2VecVisionModel", "Data2VecVisionModel-cls", "BeitForImageClassification"]
-
-
-def _randomise(model: torch.nn.Module) -> torch.nn.Module:
-    """Random init zeroes BEiT's tables and shrinks its layer scale: make both matter."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("relative_position_bias_table"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif ".rel_pos." in name or name.startswith("shared_rel_pos."):  # timm's RelPosMlp starts near flat
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith(("gamma_1", "gamma_2", "lambda_1", "lambda_2", ".gamma")):
-                p.uniform_(0.5, 1.5, generator=g)
-    return model.eval()
-
-
-def relb_model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind in TIMM:
-        import timm
-
-        name, extra = TIMM[kind]
-        return _randomise(timm.create_model(name, pretrained=False, **TINY, **extra))
-    import transformers as T
-
-    cls_name, _, pool = kind.partition("-")
-    config_cls = T.Data2VecVisionConfig if cls_name.startswith("Data2Vec") else T.BeitConfig
-    config = config_cls(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=96,
-                        patch_size=16, use_mean_pooling=pool != "cls", use_relative_position_bias=True,
-                        layer_scale_init_value=0.1, num_labels=5)
-    return _randomise(getattr(T, cls_name)(config))
+TIMM, HF = RELB_TIMM, RELB_HF
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -178,12 +143,30 @@ def test_save_and_load_round_trip(tmp_path):
     from ltm_convert.io import load, save
     from ltm_convert.sources import load_model
 
-    model = _randomise(load_model("beit_base_patch16_224", pretrained=False, **TINY))
+    model = randomise_relative_bias(load_model("beit_base_patch16_224", pretrained=False, **RELB_TINY))
     converted = convert(model, 0.6)
     x = images_for(converted, batch=2)
     loaded = load(save(converted, tmp_path / "beit.pt"))
     assert loaded.ltm_plan.family == "relative-bias"
     assert loaded.ltm_config.keep == converted.ltm_config.keep
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
+
+
+def test_a_beit_made_with_timm_create_model_saves_and_loads(tmp_path):
+    """Its recipe is inferred by comparing every module's class with a rebuilt BEiT: the attention's
+    generated class compares as the class it extends (generated.py records it), as a converted
+    block's does (before, save refused: "its blocks.0.attn is LtmRelBiasAttn__...")."""
+    import timm
+
+    from ltm_convert.io import load, save
+
+    torch.manual_seed(0)
+    model = randomise_relative_bias(timm.create_model("beit_base_patch16_224", pretrained=False, **RELB_TINY))
+    converted = convert(model, 0.6)
+    x = images_for(converted, batch=2)
+    loaded = load(save(converted, tmp_path / "beit.pt"))
+    assert loaded.ltm_plan.family == "relative-bias"
     with torch.no_grad():
         assert torch.equal(loaded(x), converted(x))
 

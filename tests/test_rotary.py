@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_zoo import ROTARY_TIMM
+from model_zoo import ROTARY_TIMM, rope_model
 
 from ltm_convert import LtmConfig
 from ltm_convert.api import convert, describe, find_blocks, ltm_blocks
@@ -16,30 +16,9 @@ from ltm_convert.flops import count_flops
 from ltm_convert.merge.positions import gather_rows, grid_for, mean_rows, merged_coords
 from ltm_convert.model_inputs import all_outputs, run_model
 
-SMALL = dict(depth=3, img_size=96, embed_dim=64, num_heads=2, num_classes=5)
 TIMM = ROTARY_TIMM
 HF = ["hf-dinov3", "hf-dinov3-noreg"]
 ALL = list(TIMM) + HF
-
-
-def rope_model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if kind in TIMM:
-        import timm
-
-        name, extra = TIMM[kind]
-        model = timm.create_model(name, pretrained=False, **{**SMALL, **extra}).eval()
-        with torch.no_grad():  # random init leaves LayerScale near zero: make the blocks matter
-            for n, p in model.named_parameters():
-                if n.endswith(".gamma"):
-                    p.uniform_(0.5, 1.5)
-        return model
-    import transformers as T
-
-    config = T.DINOv3ViTConfig(image_size=96, patch_size=16, hidden_size=64, num_attention_heads=2,
-                               intermediate_size=256, num_hidden_layers=3,
-                               num_register_tokens=0 if kind.endswith("noreg") else 4)
-    return T.DINOv3ViTModel(config).eval()
 
 
 def images(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:

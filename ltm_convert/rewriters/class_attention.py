@@ -9,37 +9,31 @@ added to its logit, 0 for the class token), so a merged token counts for the pat
 At ratio 1.0 nothing merges and every block runs its original code.
 
 Attention modules that take no mask (CaiT's talking-heads and class attention compute their own
-softmax) are given one: their class becomes a generated subclass whose forward, when it receives
-``attn_mask``, runs the original code with the bias added to the logits right before the softmax
-(or passed to ``scaled_dot_product_attention``). Generated classes are rebuilt from their names
-(module ``__getattr__``), so converted models pickle and deep-copy; the generated code is
-regenerated after unpickling.
+softmax) are given one (attention_bias.py), as in any token-sequence model. The class-attention
+blocks become generated subclasses too (generated.py: picklable by name, their generated code
+regenerated after unpickling).
 """
 from __future__ import annotations
 
-import operator
-import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ltm_convert.analysis.block_split import (
-    BlockCall,
-    _compile,
-    _mask_param,
-    bind_call,
-    structure_key,
-    trace_block,
-    unwrapped_forward,
-)
+from ltm_convert.analysis.block_split import BlockCall, _compile, _mask_param, bind_call, unwrapped_forward
 from ltm_convert.analysis.graph import ATTENTION_OPS, module_path, shape_of
 from ltm_convert.analysis.heads import classify_heads, prefix_tokens
-from ltm_convert.errors import LtmError, UnsupportedModelError
-from ltm_convert.ltm_block import _escape, _unescape
+from ltm_convert.errors import UnsupportedModelError
+from ltm_convert.generated import generated_subclass, rebuild
 from ltm_convert.merge.state import state_of
 from ltm_convert.plan import ConversionPlan
+from ltm_convert.rewriters.attention_bias import (
+    BIASED_PREFIX,
+    GeneratedCode,
+    accept_bias,
+    add_placeholder,
+    biased_class,
+)
 from ltm_convert.rewriters.base import builtin_family
 from ltm_convert.rewriters.sequence import SequenceCost, SequenceFamily
 
@@ -48,9 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.tracer import Analysis
 
 aten = torch.ops.aten
-BIASED_PREFIX = "LtmBiasedAttention__"
 CLASS_BLOCK_PREFIX = "LtmClassAttention__"
-_SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax)
 
 
 HEAD = "class-attention:"  # plan.heads entry per class-attention block: HEAD + its attention module's path
@@ -63,155 +55,18 @@ def class_attention_paths(plan: ConversionPlan) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# generated classes (picklable by name) and their generated code (never pickled)
-
-_CLASSES: dict[tuple[str, type], type] = {}
-_CODE: dict[tuple, Any] = {}
-_LOCK = threading.Lock()
+# the class-attention block: a generated class (picklable by name) over the model's own
 
 
-def _generated(prefix: str, mixin: type, original: type) -> type:
-    if issubclass(original, mixin):
-        return original
-    with _LOCK:
-        cls = _CLASSES.get((prefix, original))
-        if cls is None:
-            name = prefix + _escape(f"{original.__module__}:{original.__qualname__}")
-            cls = type(name, (mixin, original), {"__module__": __name__, "__qualname__": name,
-                                                 "ltm_original_class": original})
-            _CLASSES[(prefix, original)] = globals()[name] = cls
-    return cls
+def class_block_class(original: type) -> type:
+    """The :class:`ClassAttentionBlock` subclass of a block class."""
+    return generated_subclass(CLASS_BLOCK_PREFIX, original, __name__, ClassAttentionBlock)
 
 
 def __getattr__(name: str) -> Any:
-    """Rebuild a generated class from its name (what pickle asks for in a fresh process)."""
-    import importlib
-
-    for prefix, mixin in ((BIASED_PREFIX, BiasedAttention), (CLASS_BLOCK_PREFIX, ClassAttentionBlock)):
-        if name.startswith(prefix):
-            module, _, qualname = _unescape(name[len(prefix):]).partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            return _generated(prefix, mixin, obj)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _GeneratedCode:
-    """Shared by the generated classes: ``_ltm_code()`` = (function, parameter names, the call it was
-    traced for), built once per block structure and dropped when pickled (rebuilt on first use)."""
-
-    ltm_original_class: type
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = nn.Module.__getstate__(self) if hasattr(nn.Module, "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_ltm_generated", None)
-        return state
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        # the generated code is shared, not dropped: a copy compiles (torch.compile) without regenerating
-        import copy
-
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = self.__dict__.copy()
-        code = state.pop("_ltm_generated", None)
-        new.__dict__.update(copy.deepcopy(state, memo))
-        if code is not None:
-            new.__dict__["_ltm_generated"] = code
-        return new
-
-    def _ltm_code(self) -> tuple[Callable, list[str], BlockCall]:
-        code = self.__dict__.get("_ltm_generated")
-        if code is None:
-            call: BlockCall = self.__dict__["_ltm_call"]
-            cls = type(self).ltm_original_class
-            key = (type(self).__name__, structure_key(self, cls, "", call))
-            with _LOCK:
-                code = _CODE.get(key)
-            if code is None:
-                fn = self._ltm_generate(trace_block(self, call, cls), call)
-                names = [p for p in _signature_names(cls) if p != "self"]
-                code = (fn, names, call)
-                with _LOCK:
-                    code = _CODE.setdefault(key, code)
-            self.__dict__["_ltm_generated"] = code
-        return code
-
-    def _ltm_generate(self, graph: fx.Graph, call: BlockCall) -> Callable:
-        raise NotImplementedError
-
-    def _ltm_bind(self, names: list[str], call: BlockCall, args: tuple, kwargs: dict) -> dict[str, Any]:
-        values = dict(zip(names, args))
-        values.update(kwargs)
-        for key, planned in call.constants.items():
-            value = values.get(key, planned)
-            if isinstance(value, torch.Tensor) or (value is None) != (planned is None):
-                raise LtmError(f"{type(self).ltm_original_class.__name__} was converted for calls with "
-                               f"{key}={planned!r}; convert the model for this calling convention")
-        return values
-
-
-def _signature_names(cls: type) -> list[str]:
-    import inspect
-
-    return [p.name for p in inspect.signature(inspect.unwrap(cls.forward)).parameters.values()
-            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _add_placeholder(graph: fx.Graph, name: str) -> fx.Node:
-    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        return graph.placeholder(name)
-
-
-class BiasedAttention(_GeneratedCode):
-    """An attention module given an ``attn_mask``: added to its logits right before its softmax."""
-
-    def forward(self, *args: Any, attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        if attn_mask is None:
-            return type(self).ltm_original_class.forward(self, *args, **kwargs)
-        fn, names, call = self._ltm_code()
-        values = self._ltm_bind(names, call, args, kwargs)
-        return fn(self, *[values[n] for n in call.tensor_names], attn_mask)
-
-    def _ltm_generate(self, graph: fx.Graph, call: BlockCall) -> Callable:
-        what = type(self).ltm_original_class.__name__
-        bias = _add_placeholder(graph, "ltm_attn_bias")
-        sdpa = [n for n in graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
-        soft = [n for n in graph.nodes if (n.op == "call_method" and n.target == "softmax")
-                or (n.op == "call_function" and n.target in _SOFTMAX)]
-        if len(sdpa) + len(soft) != 1:
-            raise UnsupportedModelError(f"not supported yet: {what} computes {len(sdpa) + len(soft)} softmaxes; "
-                                        "ltm_convert adds the token-size bias to exactly one")
-        if sdpa:
-            node = sdpa[0]
-            if len(node.args) > 3 or node.kwargs.get("attn_mask") is not None or node.kwargs.get("is_causal"):
-                raise UnsupportedModelError(f"not supported yet: {what} already masks its attention")
-            node.kwargs = {**node.kwargs, "attn_mask": bias}
-        else:
-            node = soft[0]
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            if dim not in (-1, 3):
-                raise UnsupportedModelError(f"not supported yet: {what} takes its softmax over dim {dim}, not the keys")
-            with graph.inserting_before(node):
-                biased = graph.call_function(operator.add, (node.args[0], bias))
-            node.args = (biased, *node.args[1:])
-        return _compile(graph, self)[1]
-
-
-def accept_bias(attn: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Give an attention module without a mask argument one (class swap; a no-op for the others)."""
-    if _mask_param(attn) is not None:
-        return
-    if len(args) > 1:
-        raise UnsupportedModelError(f"not supported yet: {type(attn).__name__} takes no attention mask and "
-                                    "more than one positional argument")
-    call = bind_call(attn, args, kwargs)
-    attn.__class__ = _generated(BIASED_PREFIX, BiasedAttention, type(attn))
-    attn.__dict__["_ltm_call"] = call
-    attn._ltm_code()  # generated now: a model it cannot handle is refused at conversion, not at run time
+    """Rebuild a generated class from its name (what pickle asks for in a fresh process); attention
+    classes made by earlier versions of this module live in attention_bias.py now."""
+    return rebuild(__name__, name, {CLASS_BLOCK_PREFIX: class_block_class, BIASED_PREFIX: biased_class})
 
 
 def key_bias(parts: list[torch.Tensor], index: int, log_sizes: torch.Tensor) -> torch.Tensor:
@@ -221,7 +76,7 @@ def key_bias(parts: list[torch.Tensor], index: int, log_sizes: torch.Tensor) -> 
     return torch.cat(cols, dim=1)[:, None, None, :]
 
 
-class ClassAttentionBlock(_GeneratedCode):
+class ClassAttentionBlock(GeneratedCode):
     """A class-attention block that reads merged patch tokens: its attention gets their log sizes."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -244,7 +99,7 @@ class ClassAttentionBlock(_GeneratedCode):
                 and n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0) in (1, -2)]
         if len(attn_nodes) != 1 or len(cats) != 1:
             raise UnsupportedModelError(f"not supported yet: {what} does not attend once over cat(tokens, patches)")
-        log_sizes = _add_placeholder(graph, "ltm_log_sizes")
+        log_sizes = add_placeholder(graph, "ltm_log_sizes")
         parts = list(cats[0].args[0])
         param = _mask_param(getattr(self, attn_child))
         node = attn_nodes[0]
@@ -267,7 +122,7 @@ def convert_class_block(block: nn.Module, attn_child: str, block_call: tuple[tup
     bound = _bound(block, args, kwargs)
     # batch-1 meta stand-ins of its inputs: the cost model counts the block at any token count
     side = {n: torch.empty((1, *bound[n].shape[1:]), dtype=bound[n].dtype, device="meta") for n in call.tensor_names}
-    block.__class__ = _generated(CLASS_BLOCK_PREFIX, ClassAttentionBlock, type(block))
+    block.__class__ = class_block_class(type(block))
     block.__dict__["_ltm_call"] = call
     block.__dict__["_ltm_attn_child"] = attn_child
     block.__dict__["_ltm_side"] = side
@@ -361,7 +216,7 @@ class ClassAttentionFamily(SequenceFamily):
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())
         calls = analysis.calls
-        for match in plan.blocks:
+        for match in plan.blocks:  # refused, not warned (sequence.py), where the bias cannot reach the logits
             path = f"{match.name}.{match.attn_child}"
             accept_bias(modules[path], *calls[path])
         super().build(model, plan, analysis, config)

@@ -37,8 +37,8 @@ counts none of them, as it counts no softmax). Tables computed by a network (tim
 do cost FLOPs: the cost model adds them (:class:`RelativeBiasCost`).
 
 How the bias reaches the attention. Each model computes its bias inside its own modules at the
-full size, so the attention child's class is swapped for a generated subclass (picklable by name,
-as ``ltm_block.ltm_class`` does for blocks; state-dict keys unchanged) whose forward takes one more
+full size, so the attention child's class is swapped for a generated subclass (generated.py:
+picklable by name; state-dict keys unchanged) whose forward takes one more
 argument, ``attn_mask``: None runs the original code (ratio 1.0 is the original model); a tensor
 replaces the model's own position bias. The block's :class:`RelativeBiasRule` computes it each
 forward from the block's own table and the incoming token state; nothing is stored on the model.
@@ -47,8 +47,6 @@ class is swapped for one whose forward returns the result alone, so the block ca
 """
 from __future__ import annotations
 
-import importlib
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -57,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm_convert.errors import LtmError
-from ltm_convert.ltm_block import _escape, _unescape
+from ltm_convert.generated import generated_subclass, rebuild
 from ltm_convert.merge.state import TokenState, state_of
 from ltm_convert.rewriters.base import builtin_family
 from ltm_convert.rewriters.heads import HEAD_ADAPTERS, size_weighted_mean
@@ -118,7 +116,7 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _timm_beit_attention(self: Any, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None,
                          attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     if attn_mask is None:
-        return self.ltm_original_attention.forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias)
+        return self.ltm_original_class.forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias)
     B, N, _ = x.shape
     if self.q_bias is None:
         qkv = self.qkv(x)
@@ -132,7 +130,7 @@ def _timm_beit_attention(self: Any, x: torch.Tensor, shared_rel_pos_bias: torch.
 def _timm_relpos_attention(self: Any, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None,
                            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     if attn_mask is None:
-        return self.ltm_original_attention.forward(self, x, shared_rel_pos=shared_rel_pos)
+        return self.ltm_original_class.forward(self, x, shared_rel_pos=shared_rel_pos)
     B, N, _ = x.shape
     q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return self.proj_drop(self.proj(_attend(self, self.q_norm(q), self.k_norm(k), v, attn_mask, self.attn_drop.p)))
@@ -142,14 +140,14 @@ def _hf_beit_attention(self: Any, hidden_states: torch.Tensor, attention_mask: t
                        attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
     # HF's BeitAttention adds whatever it is given: the merged bias replaces the layer's full-size one
     mask = attention_mask if attn_mask is None else attn_mask.to(hidden_states.dtype)
-    return self.ltm_original_attention.forward(self, hidden_states, attention_mask=mask, **kwargs)
+    return self.ltm_original_class.forward(self, hidden_states, attention_mask=mask, **kwargs)
 
 
 def _data2vec_attention(self: Any, hidden_states: torch.Tensor, output_attentions: bool = False,
                         relative_position_bias: torch.Tensor | None = None, interpolate_pos_encoding: bool = False,
                         resolution: Any = None, attn_mask: torch.Tensor | None = None) -> Any:
     if attn_mask is None:
-        return self.ltm_original_attention.forward(self, hidden_states, output_attentions, relative_position_bias,
+        return self.ltm_original_class.forward(self, hidden_states, output_attentions, relative_position_bias,
                                                    interpolate_pos_encoding, resolution)
     sa = self.attention
     B, N, _ = hidden_states.shape
@@ -249,41 +247,24 @@ def _kind_of_class(attn_cls: type) -> Kind | None:
 
 
 # --------------------------------------------------------------------------------------------
-# generated classes, picklable by name (as ltm_block.ltm_class)
+# generated classes (generated.py: picklable by name, state-dict keys unchanged)
 
 _ATTN_PREFIX, _BLOCK_PREFIX = "LtmRelBiasAttn__", "LtmRelBiasBlock__"
-_CLASSES: dict[tuple[str, type], type] = {}
-_LOCK = threading.Lock()
 
 
-def _generated(prefix: str, original: type) -> type:
-    if getattr(original, "ltm_generated_by", None) == prefix:
-        return original
-    with _LOCK:
-        cls = _CLASSES.get((prefix, original))
-        if cls is None:
-            if prefix == _ATTN_PREFIX:
-                members = {"forward": _kind_of_class(original).forward, "ltm_original_attention": original}
-            else:
-                members = {"forward": _data2vec_layer}
-            name = prefix + _escape(f"{original.__module__}:{original.__qualname__}")
-            cls = type(name, (original,), {**members, "__module__": __name__, "__qualname__": name,
-                                           "ltm_generated_by": prefix})
-            _CLASSES[(prefix, original)] = cls
-            globals()[name] = cls
-    return cls
+def attention_class(original: type) -> type:
+    """The attention class whose forward also takes a given bias (``attn_mask``)."""
+    return generated_subclass(_ATTN_PREFIX, original, __name__, members={"forward": _kind_of_class(original).forward})
+
+
+def block_class(original: type) -> type:
+    """The block class whose forward returns its result alone (HF Data2Vec-vision)."""
+    return generated_subclass(_BLOCK_PREFIX, original, __name__, members={"forward": _data2vec_layer})
 
 
 def __getattr__(name: str) -> Any:
     """Rebuild a generated class from its name (what pickle asks for in a fresh process)."""
-    prefix = next((p for p in (_ATTN_PREFIX, _BLOCK_PREFIX) if name.startswith(p)), None)
-    if prefix is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, qualname = _unescape(name[len(prefix):]).partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return _generated(prefix, obj)
+    return rebuild(__name__, name, {_ATTN_PREFIX: attention_class, _BLOCK_PREFIX: block_class})
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,9 +333,9 @@ class RelativeBiasFamily(SequenceFamily):
             block = modules[match.name]
             attn = getattr(block, match.attn_child)
             kind = kind_of(attn)
-            attn.__class__ = _generated(_ATTN_PREFIX, type(attn))
+            attn.__class__ = attention_class(type(attn))
             if kind.block_forward is not None:
-                block.__class__ = _generated(_BLOCK_PREFIX, type(block))
+                block.__class__ = block_class(type(block))
         super().build(model, plan, analysis, config)
         for match in plan.blocks:  # every block reads the members of its tokens from the source map
             modules[match.name].ltm_track_sources = True
