@@ -151,8 +151,9 @@ def test_resume_mid_epoch_reaches_the_same_weights(colours, tmp_path):
 def test_ratio_one_trains_the_unconverted_original_and_saves_it(colours, tmp_path):
     from ltm_convert.io import load
 
-    result = train_from_scratch(TINY, colours, quiet(ratio=1.0, max_steps=2), tmp_path / "run",
+    result = train_from_scratch(TINY, colours, quiet(ratio=1.0, time_budget=1e-6), tmp_path / "run",
                                 output=tmp_path / "orig.pt")
+    assert result.metrics["final"]["stopped"] == "time_budget" and result.metrics["final"]["step"] == 1
     assert not is_converted(result.model) and not any(is_ltm_name(n) for n, _ in result.model.named_parameters())
     assert result.metrics["method"] == "original" and result.metrics["converted"] is False
     assert result.metrics["flops"]["ratio"] == pytest.approx(1.0)
@@ -162,10 +163,27 @@ def test_ratio_one_trains_the_unconverted_original_and_saves_it(colours, tmp_pat
         torch.testing.assert_close(back(x), result.model.eval()(x))
 
 
-def test_tome_trains_with_the_same_recipe(colours, tmp_path):
-    result = train_from_scratch(TINY, colours, quiet(method="tome", max_steps=2), tmp_path / "run")
+class Colours(torch.utils.data.Dataset):
+    """In memory, as a Python caller hands data over: (PIL image, label), with .classes."""
+
+    def __init__(self, n: int) -> None:
+        from PIL import Image
+
+        self.classes = list(COLOURS)
+        self.items = [(Image.new("RGB", (32, 32), COLOURS[self.classes[i % 3]]), i % 3) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def test_tome_trains_with_the_same_recipe_on_in_memory_data(tmp_path):
+    result = train_from_scratch(TINY, (Colours(16), Colours(6)), quiet(method="tome", max_steps=2), tmp_path / "run")
     assert is_converted(result.model) and result.model.ltm_config.method == "tome"
     assert result.metrics["method"] == "tome" and math.isfinite(result.metrics["final"]["val_loss"])
+    assert result.metrics["num_classes"] == 3 and result.metrics["val_images"] == 6
 
 
 def test_a_saved_converted_model_gives_architecture_and_schedule_not_weights(colours, tmp_path):
