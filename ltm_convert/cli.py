@@ -2,6 +2,7 @@
 
     ltm-convert convert MODEL --ratio 0.8 -o OUT      convert and save
     ltm-convert inspect OUT.pt                        show what a saved model holds
+    ltm-convert train MODEL --data DIR -o OUT.pt       train from scratch (labels only)
     ltm-convert finetune | bench | export | visualize
 
 Each command lives in ``ltm_convert/commands/`` (one module each, sharing ``_common.py``); this
@@ -64,9 +65,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from ltm_convert.commands import bench, convert, export, finetune, visualize
+    from ltm_convert.commands import bench, convert, export, finetune, train, visualize
 
-    for module in (convert, finetune, bench, export, visualize):
+    for module in (convert, finetune, train, bench, export, visualize):
         module.register(app)
 
 

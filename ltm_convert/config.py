@@ -32,6 +32,7 @@ GRID_TOLERANCE = 0.005  # grid sites: among schedules this close, keep the most 
 REACH_TOLERANCE = 0.02  # a schedule within 2% (relative) of the target reaches it; beyond, the verdict says not
 MIN_INPUT_SIDE = 8
 MAX_INPUT_SIDE = 2048  # a 2048 px side is 16k patches of 16 px; beyond that one image's attention alone is GBs
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")  # --data names of the offline Debian package
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

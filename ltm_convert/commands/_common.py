@@ -153,6 +153,8 @@ def _one_of(value: Optional[str], choices: "list[str] | tuple[str, ...]", what: 
 
 
 def method_callback(value: Optional[str]) -> Optional[str]:
+    if value is None:  # not given: nothing to check (the method registry loads torch)
+        return None
     from ltm_convert.merge.methods import method_names
 
     return _one_of(value, method_names(), "method")

@@ -22,7 +22,7 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../lt
 # ltm_convert's own code that reads what the user names (model sources, saved models, checkpoints,
 # data sets): a failure raised inside a library below one of these is about the user's input
 _LOADERS = ("sources" + os.sep, "io.py", os.path.join("finetune", "data.py"),
-            os.path.join("finetune", "checkpoint.py"))
+            os.path.join("finetune", "scratch_data.py"), os.path.join("finetune", "checkpoint.py"))
 
 # libraries that build and load models, and what they are called in a message
 _LIBRARIES = {"timm": "timm", "transformers": "transformers", "huggingface_hub": "transformers",

@@ -13,10 +13,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ltm_convert.errors import LtmError, TrainingDiverged
-from ltm_convert.finetune.loop import FinetuneConfig, Trainer
+
+if TYPE_CHECKING:
+    from ltm_convert.finetune.loop import FinetuneConfig, Trainer
 
 __all__ = ["finetune", "prepare_model", "FinetuneConfig", "Trainer"]
+
+
+def __getattr__(name: str) -> Any:
+    """FinetuneConfig and Trainer load torch: imported when first asked for, so that importing a light
+    submodule (scratch_config, scratch_data's folder check) lets the CLI refuse bad input at once."""
+    if name in ("FinetuneConfig", "Trainer"):
+        from ltm_convert.finetune import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prepare_model(model: Any, *, ratio: float = 0.5, pretrained: bool = True, checkpoint: str | None = None,
@@ -59,6 +73,7 @@ def finetune(model: Any, data: Any, *, output: str | os.PathLike | None = None, 
     Checkpoints and ``log.jsonl`` go to ``workdir`` (default ``<output>.run`` or ``./ltm_finetune``).
     """
     from ltm_convert.finetune.data import DataBundle, build_data
+    from ltm_convert.finetune.loop import FinetuneConfig, Trainer
 
     cfg = config or FinetuneConfig()
     for key, value in options.items():

@@ -74,6 +74,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    data = read_checkpoint(path)
+    check_fingerprint(data, model, path)
+    return data
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint's contents, read weights-only (no model needed yet)."""
     from ltm_convert.sources.checkpoints import load_weights_only
 
     path = Path(path)
@@ -82,14 +89,66 @@ def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
     data = load_weights_only(path, what="training checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT or "model" not in data:
         raise LtmError(f"{path} is not an ltm_convert training checkpoint")
+    return data
+
+
+def check_fingerprint(data: dict[str, Any], model: nn.Module, path: Path) -> None:
     if data.get("fingerprint") != fingerprint(model):
         raise LtmError(f"{path} was written for another model (its parameters or token schedule differ); "
                        "resume with the model it was trained from, or start a new run")
-    return data
 
 
 # --------------------------------------------------------------------------------------------
 # a trainer's run
+
+
+def saved_config(data: dict[str, Any]) -> dict[str, Any]:
+    """The options a checkpoint's run was started with ({} when it holds none readable)."""
+    try:
+        saved = json.loads(data.get("config") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def load_training_state(data: dict[str, Any], model: nn.Module, optimizer: Any, scaler: Any) -> None:
+    """Put a checkpoint's weights, optimiser state and grad-scaler state back."""
+    model.load_state_dict(data["model"])
+    try:
+        optimizer.load_state_dict(data["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise LtmError(f"--resume: the checkpoint's optimiser state does not fit this run ({exc}); start a new run") from None
+    scaler.load_state_dict(data["scaler"])
+
+
+def check_same(saved: dict[str, Any], current: dict[str, Any], flag: Any = None) -> None:
+    """Refuse to resume with another value of an option that decides what the run computes
+    (``saved``: the checkpoint's config; ``flag`` names an option as on the command line)."""
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    for key, new in current.items():
+        old = saved.get(key)
+        if key in saved and plain(old) != plain(new):
+            name = flag(key) if flag is not None else "--" + key.replace("_", "-")
+            raise LtmError(f"--resume: the checkpoint was trained with {name} {old}, this run asks for {new}; resume "
+                           "with the same value, or start a new run (another --workdir)")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the JSON-lines log records written after the checkpoint of ``step`` (they are redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if int(rec.get("step", 0)) <= step:
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
 
 
 def save_run(trainer: Any, rng: dict[str, Any] | None = None) -> None:
@@ -131,23 +190,10 @@ def resume_run(trainer: Any, path: Path) -> bool:
     from ltm_convert.finetune import distributed as D
 
     data = load_checkpoint(path, trainer.student)
-    try:
-        saved_cfg = json.loads(data.get("config") or "{}")
-    except (TypeError, ValueError):
-        saved_cfg = {}
-    for key in _FIXED:
-        old, new = saved_cfg.get(key), getattr(trainer.cfg, key)
-        if key in saved_cfg and (list(old) if isinstance(old, (list, tuple)) else old) != \
-                (list(new) if isinstance(new, (list, tuple)) else new):
-            raise LtmError(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} {old}, this run asks "
-                           f"for {new}; resume with the same value, or start a new run (another --workdir)")
-    trainer.student.load_state_dict(data["model"])
-    try:
-        trainer.optimizer.load_state_dict(data["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise LtmError(f"--resume: the checkpoint's optimiser state does not fit this run ({exc}); start a new run") from None
+    saved_cfg = saved_config(data)
+    check_same(saved_cfg, {key: getattr(trainer.cfg, key) for key in _FIXED})
+    load_training_state(data, trainer.student, trainer.optimizer, trainer.scaler)
     trainer.scheduler.load_state_dict(data["scheduler"])
-    trainer.scaler.load_state_dict(data["scaler"])
     changed = _take_new_rates(trainer, saved_cfg)
     if changed and trainer.dist.main:
         warnings.warn("--resume takes this run's optimisation flags: " + ", ".join(changed), UserWarning, stacklevel=3)
@@ -161,16 +207,8 @@ def resume_run(trainer: Any, path: Path) -> bool:
     st.epoch, st.step_in_epoch, st.global_step = int(pos["epoch"]), int(pos["step_in_epoch"]), int(pos["global_step"])
     trainer.saved_step = st.global_step
     trainer.best = _resumed_best(trainer, data)
-    if trainer.dist.main and trainer.log_path.is_file():  # drop log lines written after the checkpoint
-        keep = []
-        for line in trainer.log_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if int(rec.get("step", 0)) <= st.global_step:
-                keep.append(line)
-        trainer.log_path.write_text("".join(k + "\n" for k in keep))
+    if trainer.dist.main:
+        truncate_log(trainer.log_path, st.global_step)
     D.barrier()
     return True
 

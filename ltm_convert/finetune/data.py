@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
+from ltm_convert.config import FASHION_MNIST_NAMES
 from ltm_convert.errors import LtmError
 from ltm_convert.images import Augment, Preprocess, is_image_file, normalisation
 
 FASHION_MNIST_DIR = Path(os.environ.get("LTM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                          "sneaker", "bag", "ankle boot"]
 # --------------------------------------------------------------------------------------------
@@ -226,7 +226,8 @@ class DataBundle:
         return sum(int(c.sum()) for c in counters.values())
 
 
-def _subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+def seeded_subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
+    """``n`` items of ``ds`` drawn by ``seed`` (in their order in ``ds``); all of it for None or n >= len."""
     if n is None or n >= len(ds):
         return ds
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
@@ -289,8 +290,8 @@ def build_data(spec: str | os.PathLike, model: Any, *, input_size: tuple[int, in
                 augmented.__dict__.update(full.__dict__)
                 augmented.augment = aug
                 train = Subset(augmented, train.indices)
-    train = _subset(train, train_samples, seed)
-    val = _subset(val, val_samples, seed + 1)
+    train = seeded_subset(train, train_samples, seed)
+    val = seeded_subset(val, val_samples, seed + 1)
     if len(train) == 0:
         raise LtmError(f"{spec} has no training images")
     return DataBundle(train=train, val=val, classes=classes, skipped=skipped)

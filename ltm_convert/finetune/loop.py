@@ -30,6 +30,7 @@ from ltm_convert.finetune.optim import (  # noqa: F401 - re-exported: loop is wh
     Ema,
     amp_settings,
     cosine_with_warmup,
+    merge_hard,
     merges_tokens,
     param_groups,
 )
@@ -41,6 +42,24 @@ from ltm_convert.finetune.validation import (  # noqa: F401 - re-exported: loop 
     validate,
     validates_better,
 )
+
+
+def progress_bar(enabled: bool):
+    """A started rich progress bar (description, bar, steps done, time left), or None when off."""
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 transient=False)
+    p.start()
+    return p
 
 
 def finite_json(value: Any) -> Any:
@@ -203,10 +222,8 @@ class Trainer:
                     module.train()
         else:
             self.model.train()
-        if self.cfg.training_merge == "hard":  # the masks merge as at inference (their soft() is their mode)
-            for module in self.model.modules():
-                if callable(getattr(module, "soft", None)):
-                    module.eval()
+        if self.cfg.training_merge == "hard":
+            merge_hard(self.model)
 
     def apply_ib_update(self) -> None:
         batch, self._ib_batch = getattr(self, "_ib_batch", None), None
@@ -409,20 +426,7 @@ class Trainer:
                   f"{late} while training; each was replaced by the next readable one)", flush=True)
 
     def _progress(self):
-        if not (self.cfg.progress and self.dist.main):
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                     transient=False)
-        p.start()
-        return p
+        return progress_bar(self.cfg.progress and self.dist.main)
 
     def _consider_best(self, result: dict[str, Any]) -> None:
         """Keep the weights of the best validation so far (higher agreement, then lower KD loss); a

@@ -51,6 +51,14 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def merge_hard(model: nn.Module) -> None:
+    """Make the merge masks of a model in training mode merge as at inference (hard merges: the
+    converted model's token counts, and its speed); a mask's ``soft()`` follows its mode."""
+    for module in model.modules():
+        if callable(getattr(module, "soft", None)):
+            module.eval()
+
+
 def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
