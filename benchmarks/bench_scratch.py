@@ -19,7 +19,8 @@ For each model x seed, in this order:
   train ``--epochs`` epochs on the same class-balanced subset from the same initial weights;
 * **equal wall time**: each merged arm trains the number of steps that fits the original's
   training time at the merged arm's *measured* step rate (images/s of its equal-epochs runs
-  against the original's, the median over seeds; not assumed from FLOPs), on a cosine schedule
+  against the original's, each run's least disturbed epoch, the median over seeds; not assumed
+  from FLOPs), on a cosine schedule
   whose length is rounded up to whole epochs and cut at that step. Training time excludes
   validation, which is the same work for every arm. A merged arm that is no faster gets the
   equal-epochs run again (reused, not re-run).
@@ -106,7 +107,8 @@ def train_arm(model: str, kwargs: dict, img_size: int, arm: str, ratio: float, s
     m, final = result.metrics, result.metrics["final"]
     return {"top1": final["val_top1"], "ema_top1": final.get("ema_val_top1"), "steps": final["step"],
             "epochs": epochs, "train_seconds": final["train_seconds"], "wall_seconds": final["wall_seconds"],
-            "img_s": final["img_s"], "steps_per_epoch": m["steps_per_epoch"],
+            "img_s": final["img_s"], "epoch_img_s": [e["img_s"] for e in m.get("epochs", [])],
+            "steps_per_epoch": m["steps_per_epoch"],
             "flops": count_flops(result.model, (img_size, img_size))}
 
 
@@ -187,12 +189,19 @@ def claim_line(rows: list[dict], model: str, regime: str) -> str:
 # the run
 
 
+def best_rate(run: dict) -> float:
+    """A run's images/s in its least disturbed epoch: the cores are shared, and a busy minute should
+    not decide how long another arm trains."""
+    return max(run.get("epoch_img_s") or [run["img_s"]])
+
+
 def equal_time_steps(runs: list[dict], model: str, arm: str, epochs: int,
                      warmup_epochs: int = 0) -> tuple[float, int, int | None]:
     """(speed ratio, epochs, max_steps) of the equal-wall-time run: the steps that fit the original's
-    training time at this arm's measured rate (median over seeds of its images/s over the original's)."""
+    training time at this arm's measured rate (median over seeds of its best-epoch images/s over the
+    original's, same seed)."""
     base = {r["seed"]: r for r in runs if r["model"] == model and r["arm"] == "original" and "img_s" in r}
-    ratios = [r["img_s"] / base[r["seed"]]["img_s"] for r in runs
+    ratios = [best_rate(r) / best_rate(base[r["seed"]]) for r in runs
               if r["model"] == model and r["arm"] == arm and r["regime"] == "epochs" and "img_s" in r and r["seed"] in base]
     speed = statistics.median(ratios)
     spe = next(r["steps_per_epoch"] for r in runs if r["model"] == model and "steps_per_epoch" in r)
@@ -331,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}, {args.threads} threads; load {start[0]:.2f} {start[1]:.2f} {start[2]:.2f} at start.\n"
           f"Recipe (every arm): train_from_scratch defaults with {json.dumps(recipe, sort_keys=True)}.\n"
           "Equal wall time: steps that fit the original's training time at each merged arm's measured images/s "
-          "(median over seeds), not assumed from FLOPs.\n", flush=True)
+          "(best epoch of each run, median over seeds), not assumed from FLOPs; wall time = training steps and data "
+          "loading, validation excluded.\n", flush=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if start[0] > cores:
+        print(f"note: load {start[0]:.1f} on {cores} cores: other work shares the cores; the images/s, and with them "
+              "the equal-wall-time step counts, are noisy (the load of each run is in the JSON).\n", flush=True)
     meta = {"argv": sys.argv[1:] if argv is None else argv, "data": args.data, "train": len(data["train"]),
             "val": len(data["val"]), "seeds": args.seeds, "epochs": args.epochs, "ratio": args.ratio,
             "threads": args.threads, "recipe": recipe, "torch": torch.__version__, "load_start": start,
