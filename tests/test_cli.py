@@ -454,3 +454,17 @@ def test_readme_quick_start_bundled(tmp_path):
     check_schema(info)
     assert info["prefix_tokens"] >= 1
     assert_near_target(info)
+
+
+def test_readme_three_ways_in_use_options_their_commands_know():
+    """The README's "Three ways in" lines are what users copy: every option must be one that the
+    command's own --help lists (a renamed flag fails here, not in a user's shell)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Three ways in", 1)[1].split("\n## ", 1)[0]
+    lines = [line.split() for line in section.splitlines() if line.startswith("ltm-convert ")]
+    assert [words[1] for words in lines] == ["convert", "finetune", "train"]
+    for words in lines:
+        helped = run_cli(words[1], "--help", cwd=REPO)
+        assert helped.returncode == 0, helped.stderr
+        for option in (w for w in words if w.startswith("-")):
+            assert option in helped.stdout, f"README's {words[1]} line uses {option}, unknown to --help"
