@@ -4,7 +4,9 @@ Converts timm ``vit_base_patch16_224`` (random weights) and the bundled real DIN
 times in this process and prints the median seconds of every phase (``model.ltm_timings``: trace =
 torch.export + matching, match = family choice, build = merge modules in, flops = cost model,
 solve = schedule, finish), then times the CLI dry run end to end in a fresh process (imports
-included) against its floor, a fresh process that only imports torch and timm and builds the model.
+included) against its floor, a fresh process that only imports torch and timm and builds the model
+(also with exits alike, both with Python's exit collections or both skipping them as the CLI does,
+to show what the CLI's cheaper exit is worth).
 
     python benchmarks/bench_convert.py [--repeats 3] [--json out.json]
 """
@@ -41,6 +43,11 @@ DRY_RUN = ("import sys; from ltm_convert.cli import main\n"
            "sys.argv = ['ltm-convert', 'convert', 'vit_base_patch16_224', '--no-pretrained', '--dry-run']\n"
            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
            "sys.stderr.write('transformers imported: %s\\n' % ('transformers' in sys.modules))\n")
+# the same dry run with Python's exit collections (the CLI skips them: cli._freeze_heap_at_exit), to
+# show how much of the dry run's lead over the floor is its cheaper exit
+DRY_RUN_FULL_EXIT = DRY_RUN + "import atexit, gc; atexit.unregister(gc.freeze)\n"
+# and the floor skipping them too: the dry run's own work beyond it, exits alike
+FLOOR_FROZEN_EXIT = FLOOR + "; import atexit, gc; atexit.register(gc.freeze)"
 
 
 def _timed(code: str) -> tuple[float, str]:
@@ -51,18 +58,26 @@ def _timed(code: str) -> tuple[float, str]:
 
 def cli_dry_run(repeats: int) -> dict:
     """The CLI dry run end to end against its floor (a fresh process that imports torch and timm and
-    builds the same model), interleaved so that both see the same machine load."""
-    floor, dry, over, imported = [], [], [], set()
+    builds the same model), interleaved so that all see the same machine load; also the dry run
+    with Python's usual exit collections, against the same floor."""
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    floor, dry, over, over_full_exit, over_frozen, imported = [], [], [], [], [], set()
     for _ in range(repeats):
         f, _ = _timed(FLOOR)
         d, err = _timed(DRY_RUN)
+        e, _ = _timed(DRY_RUN_FULL_EXIT)
+        g, _ = _timed(FLOOR_FROZEN_EXIT)
         floor.append(f)
         dry.append(d)
         over.append(d - f)
+        over_full_exit.append(e - f)
+        over_frozen.append(d - g)
         imported.add("transformers imported: True" in err)
     q = lambda xs: [round(v, 2) for v in statistics.quantiles(xs, n=4)] if len(xs) > 1 else [round(xs[0], 2)] * 3  # noqa: E731
     return {"floor_s": q(floor), "dry_run_s": q(dry), "beyond_floor_s": q(over),
-            "transformers_imported": any(imported), "loadavg": [round(v, 2) for v in os.getloadavg()]}
+            "beyond_floor_full_exit_s": q(over_full_exit), "beyond_frozen_floor_s": q(over_frozen),
+            "transformers_imported": any(imported),
+            "loadavg_before": load_before, "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
 def load_times(repeats: int) -> dict:
@@ -117,10 +132,12 @@ def main() -> None:
     for r in results:
         print(f"| {r['model']} | " + " | ".join(f"{r['seconds'][p]:.2f}" for p in phases) + " |")
     print(f"\n`ltm-convert convert vit_base_patch16_224 --no-pretrained --dry-run` ({args.repeats} paired runs, "
-          f"quartiles in s, load average {cli['loadavg']}):")
+          f"quartiles in s, load average {cli['loadavg_before']} before, {cli['loadavg']} after):")
     print(f"  floor (import torch, timm + build the model): {cli['floor_s']}")
     print(f"  dry run end to end:                          {cli['dry_run_s']}")
     print(f"  dry run beyond the floor (paired):           {cli['beyond_floor_s']}")
+    print(f"  exits alike, both with Python's collections: {cli['beyond_floor_full_exit_s']}")
+    print(f"  exits alike, both skipping them:             {cli['beyond_frozen_floor_s']}")
     print(f"  transformers imported: {cli['transformers_imported']}")
     print(f"\nload() of a saved ViT-B/16, median of {args.repeats}: plan replayed {loads['replayed']:.2f} s, "
           f"re-planned (files without a plan) {loads['re-planned']:.2f} s")

@@ -9,11 +9,13 @@ dispatch modes, so two threads converting at once would corrupt each other's mod
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import gc
 import threading
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -128,7 +130,7 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     config = _resolve_config(config, ratio=ratio, input_size=input_size, exclude=exclude, topk=topk, method=method,
                              schedule=schedule)
     _check_model(model)
-    with _CONVERT_LOCK:
+    with _CONVERT_LOCK, _collection_paused():
         if not inplace:
             source = getattr(model, "ltm_source", None)
             model = copy.deepcopy(model)
@@ -146,6 +148,22 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
             if dtype in _HALF:
                 model.to(dtype)
     return model
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while converting: the trace and the counts allocate hundreds of
+    thousands of short-lived objects, and the full collection they trigger walks every object in
+    the process (torch, timm, the model's modules), about 0.2 s of a ViT-B's 1 s conversion on a
+    small CPU. Nothing is lost: what the conversion leaves in cycles is collected at the next
+    collection after it (and no more than one conversion's worth piles up meanwhile)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None,

@@ -9,9 +9,10 @@ Nothing here mutates the model.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import fx, nn
@@ -33,14 +34,42 @@ LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.mat
 SHAPE_ONLY = {aten.sym_size.int, operator.mul, operator.add, operator.floordiv}
 
 
-def export_graph(model: nn.Module, input_size: tuple[int, int] | None = None) -> torch.export.ExportedProgram:
-    """torch.export the model on a batch of one image; the graph the matcher reads."""
+@contextlib.contextmanager
+def lean_trace(lean: bool = True) -> Iterator[None]:
+    """torch.export settings that change what a trace costs, not the graph it gives (the same nodes,
+    targets, shapes and module paths; tests/test_dry_run_cost.py holds them equal): no Python stack trace
+    recorded for each node (``node.meta["stack_trace"]``, which nothing here reads; about a fifth
+    of a ViT-B trace) and graph modules that write their Python code when first run rather than
+    after each of export's passes. Conversion holds its process-wide lock around the trace, so the
+    global flag is set and restored in one thread."""
+    if not lean:
+        yield
+        return
+    import torch.fx.config as fx_config
+
+    try:  # private in torch 2.x: without it, only the stack traces are skipped
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+    except ImportError:  # pragma: no cover - older / newer torch
+        _use_lazy_graph_module = None
+    old = getattr(fx_config, "do_not_emit_stack_traces", False)
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        with _use_lazy_graph_module(True) if _use_lazy_graph_module is not None else contextlib.nullcontext():
+            yield
+    finally:
+        fx_config.do_not_emit_stack_traces = old
+
+
+def export_graph(model: nn.Module, input_size: tuple[int, int] | None = None,
+                 lean: bool = True) -> torch.export.ExportedProgram:
+    """torch.export the model on a batch of one image; the graph the matcher reads (``lean``: see
+    :func:`lean_trace`)."""
     images = example_input(model, input_size)
     args, kwargs = call_kwargs(model, images)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), lean_trace(lean):
             return torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # export failures carry long messages; keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
