@@ -78,4 +78,6 @@ def test_converted_models_unpickle_in_a_fresh_process(converted, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for kind, want in expected.items():
-        assert torch.equal(torch.load(tmp_path / f"{kind}.out", weights_only=True), want), kind
+        # another process may pick other CPU kernels / thread splits: equal up to float rounding
+        torch.testing.assert_close(torch.load(tmp_path / f"{kind}.out", weights_only=True), want,
+                                   rtol=1e-5, atol=1e-5, msg=kind)
