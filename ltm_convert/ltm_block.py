@@ -56,8 +56,9 @@ class LtmBlockMixin(DropsGenerated):
     """The forward of a converted block (placed in front of the original class in the MRO).
 
     Per-block settings (plain attributes, set by the family that converts the block):
-    ltm_name (module path), ltm_prefix (leading tokens never merged), ltm_in_with_prefix (tokens entering at the
-    planned resolution, prefix included) / ltm_keep_mergeable (mergeable tokens kept, prefix excluded), ltm_prop_attn (add
+    ltm_name (module path), ltm_prefix (leading tokens never merged), ltm_in_with_prefix (tokens
+    entering at the planned resolution, prefix included) / ltm_keep_mergeable (mergeable tokens
+    kept, prefix excluded), ltm_prop_attn (add
     log(size) to the attention logits: True once an earlier block merged), ltm_unmerge (grid
     groups: restore the full grid after this block), and ``ltm_mask`` (child module or None).
     """
