@@ -41,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-relaxed", action="store_true", help="skip the relaxed-merge rows")
     p.add_argument("--tiny", action="store_true", help="a random-weight ViT-Ti at 32 px (tests)")
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: CPU seconds of this process on one thread (for a shared, loaded machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (--clock cpu needs 1)")
     args = p.parse_args(argv)
 
     import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.clock == "cpu":
+        torch.set_num_threads(1)
     from speed_models import finish, speed_model
 
     from ltm_convert.api import convert
@@ -59,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             if method == "ltm" and not args.no_relaxed:
                 runs.append((f"{method}@{ratio:g}", ratio, method, "relaxed"))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    clock = "CPU seconds of this process" if args.clock == "cpu" else "wall seconds"
     print(f"CPU, {torch.get_num_threads()} threads, load {load:.1f} at start; batch {args.batch}, {size[0]} px, "
-          f"median of {args.steps} steps after {args.warmup} warm-up (quartiles in brackets).\n", flush=True)
+          f"median of {args.steps} steps after {args.warmup} warm-up (quartiles in brackets), {clock}.\n", flush=True)
     print("| model | merge | FLOPs ratio | step s | im/s | teacher s | student s | student speed-up | ideal "
           "| / ideal |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     results, base_student = [], None
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         fr = count_flops(student, size) / flops0
         trainer = make_trainer(student, batch=args.batch, size=size, train="all" if merge == "hard" else "mask",
                                training_merge=merge)
-        t = time_steps(trainer, steps=args.steps, warmup=args.warmup)
+        t = time_steps(trainer, steps=args.steps, warmup=args.warmup, clock=args.clock)
         student_s = t.step_s - (t.teacher_s or 0.0)
         base_student = base_student or student_s
         sp = base_student / student_s

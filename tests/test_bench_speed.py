@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,12 +42,13 @@ def test_bench_gpu_refuses_without_a_gpu_unless_smoke():
 
 def test_bench_train_tiny_times_the_real_trainer_step(tmp_path):
     """benchmarks/bench_train.py on a tiny random ViT: one row per model and merge, student time =
-    step - teacher forward, FLOPs ratios near the targets."""
+    step - teacher forward, FLOPs ratios near the targets; timed on the cpu clock (one thread)."""
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--batch", "4",
-                           "--ratios", "0.5", "--steps", "2", "--json", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+                           "--ratios", "0.5", "--steps", "2", "--clock", "cpu", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 threads" in proc.stdout and "CPU seconds" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["merge"]) for r in rows] == [("original", "hard"), ("ltm@0.5", "hard"),
                                                         ("ltm@0.5", "relaxed"), ("tome@0.5", "hard")]
@@ -64,3 +67,27 @@ def test_bench_deploy_tiny_onnx_against_its_own_original(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["runtime"], r["model"]) for r in rows] == [("onnx", "ltm@0.5"), ("onnx", "tome@0.5")]
     assert all(0.45 < r["flops_ratio"] < 0.55 and r["speedup"] > 0 and len(r["pairs"]) == 2 for r in rows)
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    """time_steps(clock="cpu") on a shared machine: CPU seconds of this process, which do not advance
+    while the process waits (here: sleeps; on a loaded machine: is descheduled); refused with several
+    threads, where OpenMP workers' spin-waits would count as work."""
+    import time
+
+    import torch
+
+    from ltm_convert.tools.train_speed import _clock
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cpu, wall = _clock("cpu"), _clock("wall")
+        c0, w0 = cpu(), wall()
+        time.sleep(0.3)
+        assert wall() - w0 >= 0.29 and cpu() - c0 < 0.05
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="one thread"):
+            _clock("cpu")
+    finally:
+        torch.set_num_threads(threads)
