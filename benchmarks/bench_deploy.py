@@ -57,9 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: CPU seconds of this process on one thread (for a shared, loaded machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (--clock cpu needs 1)")
     args = p.parse_args(argv)
 
     import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif args.clock == "cpu":
+        torch.set_num_threads(1)
     from speed_models import finish, speed_model
 
     from ltm_convert.api import convert
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     x = example_input(base, size, batch=args.batch)
     load = os.getloadavg()[0]
     print(f"CPU, {torch.get_num_threads()} threads, load {load:.1f} at start; batch {args.batch}, {size[0]} px, "
-          f"median of {args.repeats} paired repeats against the same runtime's original.\n", flush=True)
+          f"median of {args.repeats} paired repeats against the same runtime's original, "
+          f"{'CPU seconds of this process' if args.clock == 'cpu' else 'wall seconds'}.\n", flush=True)
     print("| runtime | model | FLOPs ratio | ideal | speed-up (q1-q3) | / ideal | im/s | original im/s |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
     results = []
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[k](x[:2] if runtime == "onnx" else x)
             for k in list(models)[1:]:
                 log(f"{runtime}: timing {k} ...")
-                t = time_against_original(runs["original"], {k: runs[k]}, x, repeats=args.repeats, warmup=1)
+                t = time_against_original(runs["original"], {k: runs[k]}, x, repeats=args.repeats, warmup=1,
+                                          clock=args.clock)
                 pairs = sorted(a / b for a, b in zip(t.samples["original"], t.samples[k]))
                 q1, q3 = pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]
                 sp = t.speedup[k]

@@ -61,7 +61,7 @@ def test_bench_deploy_tiny_onnx_against_its_own_original(tmp_path):
     """benchmarks/bench_deploy.py: exported, verified and timed in onnxruntime against the exported original."""
     out = tmp_path / "deploy.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_deploy.py"), "--tiny", "--batch", "4",
-                           "--ratios", "0.5", "--repeats", "2", "--runtimes", "onnx", "--json", str(out)],
+                           "--ratios", "0.5", "--repeats", "2", "--runtimes", "onnx", "--clock", "cpu", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -77,7 +77,7 @@ def test_cpu_clock_counts_work_not_waiting():
 
     import torch
 
-    from ltm_convert.tools.train_speed import _clock
+    from ltm_convert.tools.bench import clock_fn as _clock
 
     threads = torch.get_num_threads()
     try:

@@ -79,10 +79,24 @@ def make_runner(model: nn.Module, device: torch.device, amp_dtype: torch.dtype |
     return run
 
 
-def _time(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    start = time.perf_counter()
+CLOCKS = ("wall", "cpu")
+
+
+def clock_fn(name: str) -> Any:
+    """``wall``: elapsed seconds. ``cpu``: this process's CPU seconds, for a CPU run on one thread on
+    a shared machine: the work done, untouched by the time other processes hold the core (with
+    more threads it would also count the spin-waits of OpenMP workers, so it is refused there)."""
+    if name not in CLOCKS:
+        raise ValueError(f"unknown clock {name!r}; choose one of {', '.join(CLOCKS)}")
+    if name == "cpu" and torch.get_num_threads() != 1:
+        raise ValueError("the cpu clock measures one thread's work; call torch.set_num_threads(1) first")
+    return time.process_time if name == "cpu" else time.perf_counter
+
+
+def _time(run: Callable[[torch.Tensor], Any], x: torch.Tensor, now: Callable[[], float] = time.perf_counter) -> float:
+    start = now()
     run(x)
-    return time.perf_counter() - start
+    return now() - start
 
 
 @dataclass
@@ -96,14 +110,15 @@ class Timing:
 
 def time_against_original(original: Callable, converted: dict[str, Callable], x: torch.Tensor, *,
                           repeats: int = 5, warmup: int = 1, group: int = 1,
-                          warmup_input: torch.Tensor | None = None) -> Timing:
+                          warmup_input: torch.Tensor | None = None, clock: str = "wall") -> Timing:
     """Time the converted runners against the original, ``repeats`` times.
 
     The converted models go in groups of ``group``; each group is timed right next to one run of the
     original (before it on even repeats, after it on odd ones), and a model's speed-up is the median
     over repeats of t_original / t_converted within its group. group=1 gives strict pairs; a larger
-    group costs fewer original runs on a slow machine.
+    group costs fewer original runs on a slow machine. ``clock``: see :func:`clock_fn`.
     """
+    now = clock_fn(clock)
     wx = x if warmup_input is None else warmup_input
     for _ in range(warmup):
         original(wx)
@@ -116,10 +131,10 @@ def time_against_original(original: Callable, converted: dict[str, Callable], x:
     for r in range(repeats):
         for i, members in enumerate(groups):
             first = (r + i) % 2 == 0
-            t_o = _time(original, x) if first else None
-            times = {name: _time(converted[name], x) for name in (members if first else reversed(members))}
+            t_o = _time(original, x, now) if first else None
+            times = {name: _time(converted[name], x, now) for name in (members if first else reversed(members))}
             if t_o is None:
-                t_o = _time(original, x)
+                t_o = _time(original, x, now)
             samples["original"].append(t_o)
             for name, t_c in times.items():
                 samples[name].append(t_c)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ltm_convert.tools.bench import clock_fn
+
 
 @dataclass
 class StepTiming:
@@ -57,25 +59,11 @@ def make_trainer(student: nn.Module, *, batch: int, size: tuple[int, int], train
     return Trainer(student, data, cfg, work)
 
 
-CLOCKS = ("wall", "cpu")
-
-
-def _clock(name: str) -> Any:
-    """``wall``: elapsed seconds. ``cpu``: this process's CPU seconds, for a CPU run on one thread on
-    a shared machine: the work done, untouched by the time other processes hold the core (with
-    more threads it would also count the spin-waits of OpenMP workers, so it is refused there)."""
-    if name not in CLOCKS:
-        raise ValueError(f"unknown clock {name!r}; choose one of {', '.join(CLOCKS)}")
-    if name == "cpu" and torch.get_num_threads() != 1:
-        raise ValueError("the cpu clock measures one thread's work; call torch.set_num_threads(1) first")
-    return time.process_time if name == "cpu" else time.perf_counter
-
-
 def time_steps(trainer: Any, *, steps: int = 5, warmup: int = 2, teacher: bool = True,
                clock: str = "wall") -> StepTiming:
     """Median seconds of ``trainer.train_step`` on one fixed batch, after ``warmup`` steps, on the
-    ``clock`` named (see :func:`_clock`)."""
-    now = _clock(clock)
+    ``clock`` named (see :func:`ltm_convert.tools.bench.clock_fn`)."""
+    now = clock_fn(clock)
     if clock == "cpu" and trainer.dist.device.type != "cpu":
         raise ValueError("the cpu clock times CPU runs only")
     device = trainer.dist.device
