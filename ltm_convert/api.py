@@ -32,7 +32,7 @@ from ltm_convert.errors import LtmError
 from ltm_convert.flops import count_flops, meta_copy
 from ltm_convert.ltm_block import LtmBlockMixin, is_converted, ltm_blocks
 from ltm_convert.merge.grid import GridMerge
-from ltm_convert.model_inputs import default_input_size
+from ltm_convert.model_inputs import default_input_size, example_input, input_frames, run_model
 from ltm_convert.rewriters import family_named, plan_for
 from ltm_convert.schedule import Schedule, full_keep, solve
 from ltm_convert.tracer import ConversionPlan, RecordedAnalysis, analyse, check_recorded_plan
@@ -82,6 +82,25 @@ def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
         return
     if tuple(img_size) != tuple(size):
         model.set_input_size(img_size=tuple(size))
+
+
+def _check_clip_size(model: nn.Module, size: tuple[int, int]) -> None:
+    """A video model runs on clips of its config's frames at its config's (H, W): most of them size
+    their position tables for exactly that clip and raise deep inside the trace at another size.
+    Say so in one line; a model that resamples its tables (TimeSformer) converts at the size asked."""
+    frames = input_frames(model)
+    own = default_input_size(model)
+    if frames is None or tuple(size) == tuple(own):
+        return
+    counted = meta_copy(model)
+    try:
+        with torch.no_grad():
+            run_model(counted, example_input(counted, size, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - the model's own refusal, quoted
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise LtmError(f"{type(model).__name__} takes clips of {frames} frames of {own[0]}x{own[1]} pixels (its config's "
+                       f"image size) and cannot run at {size[0]}x{size[1]} ({why}); leave out --input-size, or build "
+                       f"the model with image_size={size[0] if size[0] == size[1] else list(size)}") from None
 
 
 def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
@@ -172,6 +191,7 @@ def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None
     size = config.input_size or default_input_size(model)
     config.input_size = check_input_size(tuple(size), "the model's input size")
     _fit_resolution(model, config.input_size)
+    _check_clip_size(model, config.input_size)
     if recorded is None:
         analysis = analyse(model, config.input_size, config.exclude)
         clock.lap("trace")
@@ -367,6 +387,9 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
     if "grids" in info:
         out = {"grids": info["grids"], **out}
+    frames = input_frames(model)
+    if frames is not None:  # a video model: every input is a clip of this many frames at input_size
+        out["frames"] = frames
     return out
 
 

@@ -106,12 +106,13 @@ def preprocess(images: Any, size: int | tuple[int, int] = 224, mean: Sequence[fl
 
 
 def model_input(model: Any, images: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``preprocess`` with the model's own normalisation and its conversion resolution."""
-    from ltm_convert.model_inputs import planned_input_size
+    """``preprocess`` with the model's own normalisation and its conversion resolution (for a video
+    model: still clips, each image repeated over its frames)."""
+    from ltm_convert.model_inputs import as_model_input, planned_input_size
 
     size = planned_input_size(model, size)
     mean, std = normalisation(model)
-    return preprocess(images, size, mean, std)
+    return as_model_input(model, preprocess(images, size, mean, std))
 
 
 class Preprocess:

@@ -1,7 +1,14 @@
 """How to call a model: its default input size, an example input, and the call itself.
 
-timm models take an image tensor positionally; HF vision models take ``pixel_values=``. Every
-stage (tracing, FLOP counting, benchmarks) goes through these helpers so that they agree.
+timm models take an image tensor positionally; HF vision models take ``pixel_values=`` (HF V-JEPA 2:
+``pixel_values_videos=``). Every stage (tracing, FLOP counting, benchmarks) goes through these
+helpers so that they agree.
+
+Video models (HF VideoMAE, TimeSformer, ViViT, V-JEPA 2) take clips (B, T, C, H, W). The frame count
+T is a property of the model (its config's ``num_frames`` / ``frames_per_clip``: the temporal
+position table is sized for it), so an input size stays (H, W) everywhere and the example input of
+a video model is a clip of its own T frames; a saved file replays with the same clip because the
+rebuilt model carries the same config.
 """
 from __future__ import annotations
 
@@ -40,22 +47,56 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
     size = _as_hw(cfg.get("input_size"))
     if size:
         return size
-    config = getattr(model, "config", None)
-    for holder in (config, getattr(config, "vision_config", None)):
-        size = _as_hw(getattr(holder, "image_size", None))
+    for holder in _configs(model):
+        size = _as_hw(getattr(holder, "image_size", None) or getattr(holder, "crop_size", None))
         if size:
             return size
     return (224, 224)
 
 
+def _configs(model: nn.Module) -> list[Any]:
+    """The HF config objects that describe the model's input: its config and a vision sub-config."""
+    config = getattr(model, "config", None)
+    return [c for c in (config, getattr(config, "vision_config", None)) if c is not None]
+
+
+def input_frames(model: nn.Module) -> int | None:
+    """Frames per clip of a video model (HF ``config.num_frames``, V-JEPA 2's ``frames_per_clip``);
+    None for an image model."""
+    if not is_hf_model(model):
+        return None
+    for holder in _configs(model):
+        for key in ("num_frames", "frames_per_clip"):
+            value = getattr(holder, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def input_shape(model: nn.Module, input_size: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """One sample's input shape: (C, H, W) for an image model, (T, C, H, W) for a video model."""
+    h, w = input_size or default_input_size(model)
+    frames = input_frames(model)
+    return (in_channels(model), h, w) if frames is None else (frames, in_channels(model), h, w)
+
+
+def as_model_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) as the model's input: for a video model, N still clips (each image
+    repeated over the model's frames), so photo-based tools (calibration, agreement) feed it."""
+    frames = input_frames(model)
+    if frames is None or images.dim() != 4:
+        return images
+    return images.unsqueeze(1).expand(-1, frames, -1, -1, -1).contiguous()
+
+
 def in_channels(model: nn.Module) -> int:
     """Channels of the input image. The first convolution decides where there is one: timm keeps the
     pretrained config's 3 channels in ``pretrained_cfg`` for a model built with ``in_chans=1``."""
-    config = getattr(model, "config", None)
-    for holder in (config, getattr(config, "vision_config", None)):
-        if holder is not None and getattr(holder, "num_channels", None):
-            return int(holder.num_channels)
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    for holder in _configs(model):
+        for key in ("num_channels", "in_chans"):  # V-JEPA 2 spells it in_chans
+            if getattr(holder, key, None):
+                return int(getattr(holder, key))
+    first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     if first_conv is not None:
         return int(first_conv.in_channels)
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -78,26 +119,37 @@ def planned_input_size(model: nn.Module, given: tuple[int, int] | None = None) -
 
 def example_input(model: nn.Module, input_size: tuple[int, int] | None = None, batch: int = 1,
                   device: torch.device | str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A deterministic image batch at the model's resolution (random normal, like a normalised image)."""
-    h, w = input_size or default_input_size(model)
+    """A deterministic batch at the model's resolution (random normal, like a normalised image):
+    (B, C, H, W) images, or (B, T, C, H, W) clips for a video model (:func:`input_shape`)."""
+    shape = (batch, *input_shape(model, input_size))
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else "cpu"
     if torch.device(device).type == "meta":
-        return torch.empty(batch, in_channels(model), h, w, device="meta")
+        return torch.empty(shape, device="meta")
     gen = generator or torch.Generator().manual_seed(0)
-    return torch.randn(batch, in_channels(model), h, w, generator=gen).to(device)
+    return torch.randn(shape, generator=gen).to(device)
 
 
 def call_kwargs(model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
     """(args, kwargs) that feed ``images`` to the model's forward."""
     if is_hf_model(model):
-        return (), {"pixel_values": images}
+        return (), {_hf_input_name(model): images}
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not params:
         raise LtmError(f"cannot tell how to feed images to {type(model).__name__}.forward; it takes no positional input")
     return (images,), {}
+
+
+def _hf_input_name(model: nn.Module) -> str:
+    """``pixel_values``, or ``pixel_values_videos`` for a model whose forward takes only that (V-JEPA 2)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return "pixel_values"
+    return "pixel_values_videos" if "pixel_values_videos" in params and "pixel_values" not in params \
+        else "pixel_values"
 
 
 def run_model(model: nn.Module, images: torch.Tensor) -> Any:

@@ -177,6 +177,11 @@ def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
 
 
 def no_blocks_error(analysis: Analysis) -> UnsupportedModelError:
+    from ltm_convert.analysis.layouts import known_layout_reason
+
+    known = known_layout_reason(analysis.modules.values())
+    if known:
+        return UnsupportedModelError(f"not supported yet: {analysis.model_class}: {known}")
     what = (f"found {analysis.attention_residuals} attention residual(s) but none followed by an MLP residual"
             if analysis.attention_residuals else "found no residual branch containing attention")
     reasons = "; ".join(f"{n}: {w}" for n, w in analysis.skipped[:2])

@@ -160,6 +160,38 @@ def hf_model(cls_name: str) -> nn.Module:
     return model
 
 
+# video models (tests/test_video.py): clips (B, T, C, H, W) of 4 frames at 32 px, tubelets of 2 frames x 8 x 8 px
+VIDEO_HF = ["VideoMAEModel", "VideoMAEForVideoClassification", "VivitModel", "VivitForVideoClassification"]
+
+
+def video_model(cls_name: str, **options) -> nn.Module:
+    """A tiny random-weight HF video model (VIDEO_HF, or a refused one: Timesformer*, VJEPA2*)."""
+    import transformers as T
+
+    small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
+    if "Classification" in cls_name:
+        small["num_labels"] = 5
+    if cls_name.startswith("VideoMAE"):
+        config = T.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, **small, **options)
+    elif cls_name.startswith("Vivit"):
+        config = T.VivitConfig(image_size=32, num_frames=4, tubelet_size=[2, 8, 8], **small, **options)
+    elif cls_name.startswith("Timesformer"):
+        config = T.TimesformerConfig(image_size=32, patch_size=8, num_frames=4, **small, **options)
+    else:
+        config = T.VJEPA2Config(crop_size=32, frames_per_clip=4, tubelet_size=2, patch_size=8, hidden_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2.0, pred_hidden_size=32,
+                                pred_num_hidden_layers=1, pred_num_attention_heads=2, **options)
+    torch.manual_seed(0)
+    return getattr(T, cls_name)(config).eval()
+
+
+def clips_for(model: nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """Random clips (B, T, C, H, W) in the shape the model's config asks for."""
+    from ltm_convert.model_inputs import input_shape
+
+    return torch.randn(batch, *input_shape(model), generator=torch.Generator().manual_seed(seed))
+
+
 def rope_model(kind: str) -> nn.Module:
     """A tiny rotary model: a ROTARY_TIMM kind, or "hf-dinov3" / "hf-dinov3-noreg" (HF DINOv3, 4 registers or none)."""
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ from model_zoo import (
     ROTARY_HF,
     ROTARY_TIMM,
     TIMM_FAMILIES,
+    VIDEO_HF,
 )
 
 from ltm_convert.rewriters import families
@@ -34,7 +35,7 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES
+    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(VIDEO_HF)
     assert listed == tested, (sorted(listed), sorted(tested))
 
 

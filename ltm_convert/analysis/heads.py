@@ -7,6 +7,8 @@ reshape to a 2-D grid cannot take merged tokens at all.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -20,15 +22,16 @@ from ltm_convert.analysis.graph import (
 from ltm_convert.errors import UnsupportedModelError
 
 aten = torch.ops.aten
+_PATCH_CONVS = (aten.conv2d.default, aten.conv2d.padding, aten.conv3d.default, aten.conv3d.padding)
 
 def prefix_tokens(facts: GraphFacts, first_block_input: fx.Node, num_tokens: int) -> int:
     """Tokens that lead the sequence and do not come from image patches (class, distillation, registers)."""
     patches = None
-    for n in facts.nodes:
-        if n.op == "call_function" and n.target in (aten.conv2d.default, aten.conv2d.padding) and n.args[0] in facts.data:
+    for n in facts.nodes:  # a 2-D patch embedding, or a 3-D one cutting a clip into tubelets (video)
+        if n.op == "call_function" and n.target in _PATCH_CONVS and n.args[0] in facts.data:
             shape = shape_of(n)
-            if shape and len(shape) == 4:
-                patches = shape[2] * shape[3]
+            if shape and len(shape) in (4, 5):
+                patches = math.prod(shape[2:])
             break
     if patches is None:
         raise UnsupportedModelError("not supported yet: no convolutional patch embedding found before the blocks")

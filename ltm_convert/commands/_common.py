@@ -322,6 +322,8 @@ def render_summary(info: dict, *, title: Optional[str] = None) -> None:
     f0, f1 = info.get("flops_original"), info.get("flops_converted")
     size = info.get("input_size")
     size_txt = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) and len(size) == 2 else "?"
+    if info.get("frames"):
+        size_txt = f"clips of {info['frames']} frames at {size_txt}"
     totals.add_row("model", f"{info.get('model', '?')}  ({_source_text(info.get('source'))})")
     totals.add_row("input size", size_txt)
     if info.get("method"):

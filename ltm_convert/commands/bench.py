@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
             from ltm_convert.tools.bench import pick_device
 
             pick_device(device)  # an impossible device is refused before anything loads
-            from ltm_convert.model_inputs import planned_input_size
+            from ltm_convert.model_inputs import as_model_input, planned_input_size
             from ltm_convert.tools.bench import benchmark, pick_device
             from ltm_convert.images import sample_photos
 
@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
                 first = next(iter(converted.values()))
                 size = planned_input_size(first)
                 try:
-                    images = sample_photos(size)
+                    images = as_model_input(first, sample_photos(size))  # still clips for a video model
                 except LtmError as exc:
                     warnings.warn(f"{exc}; agreement column skipped", UserWarning, stacklevel=1)
             result = benchmark(original, converted, batches=batch_size, repeats=repeats, warmup=warmup,

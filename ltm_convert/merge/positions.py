@@ -31,6 +31,12 @@ REFUSED = {
         "MLCD's attention turns its (cos, sin) into one table for the whole batch (unsqueeze(0)) and "
         "rotates the class token with a learned angle, so merged tokens, which sit at other positions "
         "in every image, cannot get their own rotation"),
+    "VJEPA2RopeAttention": (
+        "V-JEPA 2's attention derives each token's rotary position from its index in the sequence "
+        "(VJEPA2RopeAttention.get_position_ids splits torch.arange(tokens) into frame, row and column), not from "
+        "a table the block receives, so merged tokens would silently rotate as the first tokens of the clip; it "
+        "would work if each block were handed the merged tokens' position ids through its position_mask argument, "
+        "which the rotary family does not do yet"),
 }
 
 
@@ -143,6 +149,13 @@ def adapter_for(module: nn.Module) -> RopeAdapter | str | None:
         return REFUSED[name]
     cls = _ADAPTERS.get(name)
     return cls(module) if cls is not None else None
+
+
+def refused_positions(modules: Any) -> str | None:
+    """Why the positions of one of these modules cannot follow merged tokens (:data:`REFUSED`), or None:
+    every token-sequence family asks, since a rope computed inside the attention leaves no per-token
+    table for them to notice."""
+    return next((r for r in (adapter_for(m) for m in modules) if isinstance(r, str)), None)
 
 
 def grid_for(patches: int, aspect: tuple[int, int]) -> tuple[int, int] | None:

@@ -88,11 +88,13 @@ def _mha_pool_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None
     return args, kwargs
 
 
-# Dinov2ForImageClassification averages the patch tokens inside its own forward. The model's
-# forward runs HF's forward inside a frame of this thread; the backbone's output hook puts the
-# sequence (with its sizes) into the frame and the classifier's pre-hook, only inside that
-# frame, replaces the plain mean by the size-weighted one. A classifier called on its own gets
-# exactly what it is given.
+# Dinov2ForImageClassification and VideoMAEForVideoClassification average the patch tokens inside
+# their own forward. The model's forward runs HF's forward inside a frame of this thread; the
+# backbone's output hook puts the sequence (with its sizes) into the frame and a pre-hook on the
+# module that receives the mean (Dinov2's classifier, VideoMAE's fc_norm), only inside that frame,
+# replaces the plain mean by the size-weighted one. That module called on its own gets exactly
+# what it is given. (In inference the last block hands the full grid back, whose plain mean is
+# already exact and carries no sizes; the hook matters for the relaxed merge of training.)
 _FRAMES = threading.local()
 
 
@@ -105,8 +107,9 @@ def _frames() -> list[dict]:
 
 def classifier_forward(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     stack = _frames()
-    stack.append({"backbone": model.get_submodule(model.__dict__["_ltm_backbone"]), "classifier": model.classifier,
-                  "prefix": model.__dict__["_ltm_prefix"]})
+    stack.append({"backbone": model.get_submodule(model.__dict__["_ltm_backbone"]),
+                  "classifier": model.get_submodule(model.__dict__.get("_ltm_pooled", "classifier")),
+                  "prefix": model.__dict__["_ltm_prefix"], "joined": model.__dict__.get("_ltm_joined", True)})
     try:
         return type(model).forward(model, *args, **kwargs)
     finally:
@@ -127,17 +130,24 @@ def _size_weighted_classifier_input(module: nn.Module, args: tuple) -> tuple | N
     state = state_of(seq)
     if seq is None or state is None:
         return None
-    (linear_input,) = args
+    (pooled_input,) = args
     prefix = stack[-1]["prefix"]
     mean = size_weighted_mean(seq[:, prefix:], state.sizes[:, prefix:])
-    return (torch.cat([linear_input[:, : seq.shape[-1]], mean], dim=1),)
+    if not stack[-1]["joined"]:  # the module receives the mean itself (VideoMAE's fc_norm)
+        return (mean,)
+    return (torch.cat([pooled_input[:, : seq.shape[-1]], mean], dim=1),)  # Dinov2: [class token, mean]
 
 
-def _dinov2_classifier(model: nn.Module, backbone: str, prefix: int) -> None:
+def _mean_classifier(model: nn.Module, backbone: str, prefix: int, pooled: str = "classifier",
+                     joined: bool = True) -> None:
+    """Hook an HF classifier that averages its backbone's tokens (see above). ``pooled``: the module
+    that receives the mean; ``joined``: it receives [class token, mean] (Dinov2) rather than the mean."""
     model.__dict__["_ltm_backbone"] = backbone
     model.__dict__["_ltm_prefix"] = prefix
+    model.__dict__["_ltm_pooled"] = pooled
+    model.__dict__["_ltm_joined"] = joined
     model.get_submodule(backbone).register_forward_hook(_keep_sequence)
-    model.classifier.register_forward_pre_hook(_size_weighted_classifier_input)
+    model.get_submodule(pooled).register_forward_pre_hook(_size_weighted_classifier_input)
     model.forward = InstanceMethod(model, classifier_forward)
 
 
@@ -224,8 +234,11 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
             return ["mha-pool"]
     backbone = next((n for n in ("dinov2", "dinov2_with_registers") if isinstance(getattr(model, n, None), nn.Module)), None)
     if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"} and backbone is not None:
-        _dinov2_classifier(model, backbone, plan.prefix_tokens)
+        _mean_classifier(model, backbone, plan.prefix_tokens)
         return ["dinov2-classifier"]
+    if cls == "VideoMAEForVideoClassification" and needs == {"avg"} and isinstance(getattr(model, "fc_norm", None), nn.Module):
+        _mean_classifier(model, "videomae", plan.prefix_tokens, pooled="fc_norm", joined=False)
+        return ["videomae-classifier"]
     for adapter in HEAD_ADAPTERS:
         found = adapter(model, plan, needs)
         if found:

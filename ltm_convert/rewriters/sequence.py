@@ -19,6 +19,7 @@ from ltm_convert.analysis.heads import classify_heads, prefix_tokens, read_as_gr
 from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.ltm_block import PositionRule, ltm_class
 from ltm_convert.merge.methods import MaskSpec, mask_factory
+from ltm_convert.merge.positions import refused_positions
 from ltm_convert.rewriters.attention_bias import accept_bias, takes_mask
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 from ltm_convert.rewriters.heads import install_head_adapters
@@ -84,6 +85,8 @@ class SequenceFamily:
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan
 
+        if refused_positions(analysis.modules.values()):  # the rotary family gives the reason
+            return f"{analysis.model_class}'s rotary positions cannot follow merged tokens (see rotary)"
         if analysis.on_maps or len(analysis.token_counts) != 1:
             return (f"{analysis.model_class}'s blocks do not all work on one token sequence "
                     f"(token counts {analysis.token_counts})")

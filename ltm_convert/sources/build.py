@@ -267,15 +267,19 @@ def _hf_config(name: str, kwargs: dict, hub: bool, pretrained: bool = False) -> 
 
 
 def _build_hf(name: str, pretrained: bool, kwargs: dict, hub: bool | None = None) -> nn.Module:
-    """AutoConfig, then AutoModelForImageClassification when the config's architectures name a
-    classification head (else AutoModel); ``kwargs`` override config fields (e.g. num_labels).
-    The hub is reached only when ``hub`` (default: ``pretrained``); a directory never reaches it."""
+    """AutoConfig, then AutoModelForImageClassification (AutoModelForVideoClassification) when the
+    config's architectures name an image (video) classification head, else AutoModel; ``kwargs``
+    override config fields (e.g. num_labels). The hub is reached only when ``hub`` (default:
+    ``pretrained``); a directory never reaches it."""
     import transformers
 
     hub = pretrained if hub is None else hub
     config = _hf_config(name, kwargs, hub, pretrained)
-    heads = any("ForImageClassification" in a for a in getattr(config, "architectures", None) or [])
-    auto = transformers.AutoModelForImageClassification if heads else transformers.AutoModel
+    architectures = getattr(config, "architectures", None) or []
+    auto = transformers.AutoModel
+    for head in ("ForImageClassification", "ForVideoClassification"):
+        if any(head in a for a in architectures):
+            auto = getattr(transformers, f"AutoModel{head}")
     kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a resized head starts fresh
     return from_pretrained_checked(auto, name, config, pretrained=pretrained, hub=hub, **kw)
 

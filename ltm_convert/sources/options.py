@@ -16,6 +16,7 @@ from ltm_convert.config import MAX_INPUT_SIDE, MIN_INPUT_SIDE, is_int, is_number
 from ltm_convert.errors import LtmError
 
 Check = Callable[[Any], bool]
+MAX_FRAMES = 512  # frames per clip of a video model (published ones take 8-64)
 
 
 def _int(lo: int, hi: int) -> Check:
@@ -101,6 +102,13 @@ HF_CONFIG_BOUNDS: dict[str, Check] = {
     "num_register_tokens": _int(0, 64),
     "embed_dim": _int(1, 16384),
     "mlp_ratio": _num(0.25, 64.0),
+    # video models (VideoMAE, TimeSformer, ViViT, V-JEPA 2): a clip's frames and tubelet shape, V-JEPA 2's
+    # crop; VideoMAE builds its position table for every frame at construction
+    "num_frames": _int(1, MAX_FRAMES),
+    "frames_per_clip": _int(1, MAX_FRAMES),
+    "tubelet_size": _ints(1, 64, longest=3),
+    "crop_size": _side,
+    "in_chans": _int(1, 16),
 }
 REFUSED_KEYS = ("trust_remote_code", "auto_map", "checkpoint_path", "pretrained_cfg_overlay", "cache_dir",
                 "revision", "code_revision", "token", "local_files_only", "quantization_config")

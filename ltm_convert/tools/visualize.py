@@ -185,6 +185,7 @@ def merge_trace(records: Sequence[dict], grid: tuple[int, int] | None = None,
 
 def _check(model: "nn.Module") -> None:
     from ltm_convert.api import is_converted
+    from ltm_convert.model_inputs import input_frames
 
     plan = getattr(model, "ltm_plan", None)
     if not is_converted(model) or plan is None:
@@ -192,6 +193,9 @@ def _check(model: "nn.Module") -> None:
     if plan.family != "sequence":
         raise LtmError(f"visualize draws plain-sequence ViTs; {plan.model_class} merges on 2-D patch grids "
                        "(MobileViT, Swin, EfficientViT), which it cannot draw yet")
+    if input_frames(model) is not None:
+        raise LtmError(f"visualize draws merges on one image; {plan.model_class} takes video clips, whose merges "
+                       "across frames it cannot draw yet")
 
 
 def trace_model(model: "nn.Module", images: "torch.Tensor", grid: tuple[int, int] | None = None) -> MergeTrace:
