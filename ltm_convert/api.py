@@ -367,6 +367,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
     if "grids" in info:
         out = {"grids": info["grids"], **out}
+    if "flops_for" in info:  # what the FLOPs target was computed for, where inputs vary (NaFlex batches)
+        out["flops_for"] = info["flops_for"]
     return out
 
 

@@ -209,6 +209,10 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     if not needs:
         return []
     cls = type(model).__name__
+    for adapter in HEAD_ADAPTERS:  # a family's own adapters know their models best
+        found = adapter(model, plan, needs)
+        if found:
+            return [found]
     if callable(getattr(type(model), "pool", None)) and hasattr(model, "global_pool") and hasattr(model, "attn_pool"):
         # timm VisionTransformer and relatives: one `pool` method handles avg and attention pooling
         model.pool = InstanceMethod(model, timm_pool)
@@ -226,10 +230,6 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     if cls.startswith("Dinov2") and cls.endswith("ForImageClassification") and needs == {"avg"} and backbone is not None:
         _dinov2_classifier(model, backbone, plan.prefix_tokens)
         return ["dinov2-classifier"]
-    for adapter in HEAD_ADAPTERS:
-        found = adapter(model, plan, needs)
-        if found:
-            return [found]
     raise UnsupportedModelError(
         f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "
         f"weight by token size; {_class_token_hint(model)}"
