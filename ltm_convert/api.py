@@ -390,6 +390,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
     frames = input_frames(model)
     if frames is not None:  # a video model: every input is a clip of this many frames at input_size
         out["frames"] = frames
+    if "flops_for" in info:  # what the FLOPs target was computed for, where inputs vary (NaFlex batches)
+        out["flops_for"] = info["flops_for"]
     return out
 
 

@@ -127,11 +127,15 @@ class LtmBlockMixin(DropsGenerated):
         return f"{base}, {ltm}" if base else ltm
 
     # -- forward ------------------------------------------------------------------------------------
-    def _bind(self, split: SplitBlock, args: tuple, kwargs: dict) -> dict[str, Any]:
+    def _bind(self, split: SplitBlock, args: tuple, kwargs: dict, accepts: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The call's arguments by name; a constant the block was cut with must keep its value, except
+        those the block's position rule takes over (``accepts``: NaFlex's attention mask)."""
         names = [p for p in split.signature.parameters if p != "self"]
         values = dict(zip(names, args))
         values.update(kwargs)
         for key, planned in split.constants.items():
+            if key in accepts:
+                continue
             value = values.get(key, planned)
             if isinstance(value, torch.Tensor) or (value is None) != (planned is None):
                 raise LtmError(
@@ -142,9 +146,12 @@ class LtmBlockMixin(DropsGenerated):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         split = self.ltm_split()
-        values = self._bind(split, args, kwargs)
+        rule = self.__dict__.get("_ltm_positions")
+        values = self._bind(split, args, kwargs, getattr(rule, "accepts", ()))
         x = values[split.a_inputs[0]]
         state = state_of(x)
+        if rule is not None and hasattr(rule, "arriving"):  # e.g. the validity of a padded batch's tokens
+            state = rule.arriving(self, values, state)
         if state is None and self.ltm_prop_attn and x.shape[1] == self.ltm_in_with_prefix:
             raise LtmError(
                 f"block {self.ltm_name} received merged tokens without their sizes: code between the blocks "
@@ -157,7 +164,6 @@ class LtmBlockMixin(DropsGenerated):
             sizes = state.sizes if self.ltm_prop_attn else state.sizes.detach().clamp_max(1.0)
             bias = sizes.clamp_min(1e-6).log()[:, None, None, :]
             bias = bias.to(x.dtype if x.is_floating_point() else torch.float32)
-        rule = self.__dict__.get("_ltm_positions")
         if rule is not None:  # what the model attaches to positions (rotary tables, relative bias) follows the tokens
             values, bias = rule.block_inputs(self, values, state, bias)
         z = split.part_a(self, *[values[n] for n in split.a_inputs], bias)
@@ -203,6 +209,10 @@ class PositionRule(Protocol):
     bias (log sizes, or None). Returns the inputs and the bias the attention half receives: e.g. a
     rotary table evaluated at the merged tokens' positions, or a relative-position bias whose
     column for a merged key is the log-sum-exp of its members' columns (which replaces log size).
+
+    Optional: ``accepts`` (names of block arguments the block was cut without, which the rule takes
+    over, e.g. NaFlex's ``attn_mask``) and ``arriving(block, values, state) -> state`` (called first,
+    to give the incoming state what the rule knows, e.g. which tokens of a padded batch are real).
     """
 
     def block_inputs(self, block: nn.Module, values: dict[str, Any], state: TokenState | None,

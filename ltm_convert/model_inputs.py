@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltm_convert.errors import LtmError
+from ltm_convert.errors import LtmError, UnsupportedModelError
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -131,9 +131,21 @@ def example_input(model: nn.Module, input_size: tuple[int, int] | None = None, b
     return torch.randn(shape, generator=gen).to(device)
 
 
+# HF forward arguments of models that take patchified, padded (NaFlex) batches instead of an image
+NAFLEX_HF_INPUTS = ("pixel_attention_mask", "spatial_shapes")
+
+
 def call_kwargs(model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
     """(args, kwargs) that feed ``images`` to the model's forward."""
     if is_hf_model(model):
+        params = inspect.signature(model.forward).parameters
+        naflex = [n for n in NAFLEX_HF_INPUTS if n in params]
+        if naflex:
+            raise UnsupportedModelError(
+                f"not supported yet: {type(model).__name__} takes patchified pixel_values (B, N, C*p*p) with "
+                f"{' and '.join(naflex)} (NaFlex batches), not images, and ltm_convert traces and counts FLOPs on "
+                "images only; it would convert once it can trace an example NaFlex batch (the padding-aware merge "
+                "exists: timm's naflexvit_* models convert)")
         return (), {_hf_input_name(model): images}
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -54,6 +54,13 @@ RELB_HF = ["BeitModel", "BeitModel-cls", "Data2VecVisionModel", "Data2VecVisionM
 # class-attention models (rewriters/class_attention.py; tests/test_cait.py): 64 patch tokens, 2 class-attention blocks
 CLASS_ATTENTION_TIMM = {"cait": ("cait_xxs24_224", dict(depth=2, img_size=64, patch_size=8))}
 
+# NaFlex models (rewriters/naflex.py; tests/test_naflex.py): patches of 8 px (converted at 64 px: 64 patches),
+# plain images and NaFlex batches
+NAFLEX_SMALL = dict(depth=2, embed_dim=64, num_heads=2, patch_size=8, num_classes=5)
+NAFLEX_TIMM = {"gap": ("naflexvit_base_patch16_gap", NAFLEX_SMALL),  # 4 registers, average pooling
+               "par-gap": ("naflexvit_base_patch16_par_gap", NAFLEX_SMALL),  # aspect-preserving position embedding
+               "siglip": ("naflexvit_base_patch16_siglip", NAFLEX_SMALL)}  # no prefix, attention-pool (MAP) head
+
 # models whose blocks run on unfolded 2-D patch grids (ltm_convert/grid.py)
 GRID_TIMM = {"mobilevit-xxs": ("mobilevit_xxs", {}), "mobilevit-s": ("mobilevit_s", {})}
 GRID_HF = ["MobileViTModel", "MobileViTForImageClassification"]

@@ -24,17 +24,34 @@ from ltm_convert.errors import UnsupportedModelError
 aten = torch.ops.aten
 _PATCH_CONVS = (aten.conv2d.default, aten.conv2d.padding, aten.conv3d.default, aten.conv3d.padding)
 
+_LAYOUT_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+               aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.transpose.int,
+               aten.constant_pad_nd.default, aten.pad.default, aten.unsqueeze.default, aten.squeeze.dim)
+
+
+def _patch_count(facts: GraphFacts) -> int | None:
+    """Patch tokens the embedding makes: a convolution's H x W (T x H x W for tubelets), or, for a linear patch embedding (timm
+    NaFlexViT, HF SigLIP2: the image cut into patches by reshapes, then one Linear), its token count."""
+    for n in facts.nodes:
+        if n.op != "call_function" or n not in facts.data:
+            continue
+        shape = shape_of(n)
+        if n.target in _PATCH_CONVS:  # a 2-D patch embedding, or a 3-D one cutting a clip into tubelets (video)
+            return math.prod(shape[2:]) if shape and len(shape) in (4, 5) else None
+        if n.target == aten.linear.default and shape and len(shape) == 3:
+            # a linear layer fed only by re-layouts of the input image is a patch embedding
+            ops = {a.target for a in facts.ancestors(n) if a.op == "call_function" and a in facts.data}
+            if ops <= set(_LAYOUT_OPS):
+                return shape[1]
+    return None
+
+
 def prefix_tokens(facts: GraphFacts, first_block_input: fx.Node, num_tokens: int) -> int:
     """Tokens that lead the sequence and do not come from image patches (class, distillation, registers)."""
-    patches = None
-    for n in facts.nodes:  # a 2-D patch embedding, or a 3-D one cutting a clip into tubelets (video)
-        if n.op == "call_function" and n.target in _PATCH_CONVS and n.args[0] in facts.data:
-            shape = shape_of(n)
-            if shape and len(shape) in (4, 5):
-                patches = math.prod(shape[2:])
-            break
+    patches = _patch_count(facts)
     if patches is None:
-        raise UnsupportedModelError("not supported yet: no convolutional patch embedding found before the blocks")
+        raise UnsupportedModelError("not supported yet: no patch embedding (a convolution, or a linear layer on "
+                                    "the image cut into patches) found before the blocks")
     prefix = num_tokens - patches
     if prefix < 0:
         raise UnsupportedModelError(

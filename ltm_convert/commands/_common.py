@@ -337,6 +337,8 @@ def render_summary(info: dict, *, title: Optional[str] = None) -> None:
         if info.get("grids") and abs(info.get("flops_ratio", 0) - info["ratio"]) > 0.02 * info["ratio"]:
             ratio_txt += "  closest reachable with grid-preserving merges"
     totals.add_row("FLOPs ratio", ratio_txt)
+    if info.get("flops_for"):
+        totals.add_row("FLOPs for", str(info["flops_for"]))
     if info.get("grids"):
         totals.add_row("patch grids", ", ".join("{}x{} -> {}x{}".format(*g["grid"], *g["grid_out"]) for g in info["grids"]))
     p0, added = info.get("params_original"), info.get("params_added")

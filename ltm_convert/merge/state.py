@@ -40,12 +40,15 @@ class TokenState(NamedTuple):
         assignment a MobileViT group unmerges with), or None.
     soft: the sequence comes from the relaxed merge of training (ltm_mask.forward_soft): later blocks
         add log(size) to their attention even where they would not merge themselves.
+    valid: (B, N) bool or None: which tokens are real in a padded (NaFlex) batch; merges keep real
+        tokens and padding apart (merge/padding.py) and later blocks mask attention by it.
     """
 
     sizes: torch.Tensor
     source: torch.Tensor | None = None
     grid: Any = None
     soft: bool = False  # from a relaxed (training) merge: every token is still there, some with ~0 size
+    valid: torch.Tensor | None = None
 
     def __reduce__(self) -> tuple:
         # ``torch.save(features)`` pickles the tensor's attributes: as plain containers, the sizes load
@@ -259,7 +262,13 @@ def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | N
     if record is not None:
         record.append({"block": name, "tokens_in": z.shape[1]})
     track = track or sources_tracked()
-    merged, sizes, dest = mask(z, state.sizes if state is not None else None, prefix, keep, track)
+    valid = state.valid if state is not None else None
+    if valid is not None:  # a padded batch: real tokens and padding never share a merged token
+        from ltm_convert.merge.padding import merge_padded
+
+        merged, sizes, dest, valid = merge_padded(mask, z, state.sizes, valid, prefix, keep)
+    else:
+        merged, sizes, dest = mask(z, state.sizes if state is not None else None, prefix, keep, track)
     source = None
     if track and dest is not None:
         B, N = dest.shape
@@ -268,7 +277,7 @@ def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | N
         source = dest.gather(1, old)
     # sizes are bookkeeping: they travel between blocks outside any checkpointed function's inputs,
     # so they carry no gradient (a reentrant checkpoint could not replay one)
-    return merged, TokenState(sizes.detach(), source)
+    return merged, TokenState(sizes.detach(), source, valid=valid)
 
 
 class SequenceMask:

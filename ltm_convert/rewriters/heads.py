@@ -219,6 +219,10 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     if not needs:
         return []
     cls = type(model).__name__
+    for adapter in HEAD_ADAPTERS:  # a family's own adapters know their models best
+        found = adapter(model, plan, needs)
+        if found:
+            return [found]
     if callable(getattr(type(model), "pool", None)) and hasattr(model, "global_pool") and hasattr(model, "attn_pool"):
         # timm VisionTransformer and relatives: one `pool` method handles avg and attention pooling
         model.pool = InstanceMethod(model, timm_pool)
@@ -239,10 +243,6 @@ def install_head_adapters(model: nn.Module, plan: ConversionPlan) -> list[str]:
     if cls == "VideoMAEForVideoClassification" and needs == {"avg"} and isinstance(getattr(model, "fc_norm", None), nn.Module):
         _mean_classifier(model, "videomae", plan.prefix_tokens, pooled="fc_norm", joined=False)
         return ["videomae-classifier"]
-    for adapter in HEAD_ADAPTERS:
-        found = adapter(model, plan, needs)
-        if found:
-            return [found]
     raise UnsupportedModelError(
         f"not supported yet: {cls} pools tokens by {' and '.join(sorted(needs))} in a way ltm_convert cannot "
         f"weight by token size; {_class_token_hint(model)}"

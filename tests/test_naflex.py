@@ -1,0 +1,160 @@
+"""Variable-size inputs (rewriters/naflex.py, merge/padding.py): timm ``naflexvit_*`` converts, on plain
+images and on padded NaFlex batches built by timm's own Patchify + NaFlexCollator. At ratio 1.0 both
+match the original, and a sample's output does not depend on the padding around it; below 1.0 real
+tokens never share a merged token with padding (checked on the source map and sizes the merge state
+tracks), every sample keeps the same token count, the attention mask follows the merged tokens (the
+padding's content cannot reach the output), and the FLOPs target is stated for its input size. HF
+``Siglip2VisionModel`` is refused with the reason."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from model_zoo import NAFLEX_SMALL, NAFLEX_TIMM
+from timm.data.naflex_dataset import NaFlexCollator
+from timm.data.naflex_transforms import Patchify
+
+import ltm_convert
+from ltm_convert.api import describe
+from ltm_convert.errors import LtmError, UnsupportedModelError
+from ltm_convert.flops import count_flops
+from ltm_convert.merge.state import capturing, tracking_sources
+
+SIZE = (64, 64)  # 64 patches of 8 px
+
+
+def _model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gap-keyonly":  # a key-only attention mask (B, 1, 1, N) instead of the symmetric one
+        return timm.create_model(NAFLEX_TIMM["gap"][0], use_key_only_attn_mask=True, **NAFLEX_SMALL).eval()
+    name, options = NAFLEX_TIMM[kind]
+    return ltm_convert.load_model(name, pretrained=False, **options).eval()
+
+
+def _batch(images: list[torch.Tensor], seq_len: int) -> dict[str, torch.Tensor]:
+    """A NaFlex batch as timm's data pipeline makes one: each image patchified, padded to ``seq_len``."""
+    patchify = Patchify(NAFLEX_SMALL["patch_size"])
+    batch, _ = NaFlexCollator(max_seq_len=seq_len)([(patchify(im), 0) for im in images])
+    return batch
+
+
+def _images(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 32, 48, generator=g), torch.randn(3, 64, 64, generator=g), torch.randn(3, 56, 40, generator=g)]
+
+
+def _run(model: torch.nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("kind", sorted(NAFLEX_TIMM))
+def test_plain_images_parity_flops_and_target_size(kind):
+    model = _model(kind)
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(2))
+    same = ltm_convert.convert(model, 1.0, input_size=SIZE)
+    assert same.ltm_plan.family == "naflex"
+    torch.testing.assert_close(_run(same, x), _run(model, x), rtol=0, atol=0)
+    merged = ltm_convert.convert(model, 0.6, input_size=SIZE)
+    info = describe(merged)
+    assert info["flops_converted"] == count_flops(merged, SIZE) and abs(info["flops_ratio"] - 0.6) <= 0.012
+    tokens = 64 + model.num_prefix_tokens
+    assert info["flops_for"].startswith(f"one 64x64 image: {tokens} tokens")  # the size the target holds for
+    assert info["blocks"][-1]["tokens_out"] < tokens
+    out = _run(merged, x)
+    torch.testing.assert_close(_run(merged, x[:1]), out[:1], rtol=1e-4, atol=1e-4)  # batch independence
+
+
+@pytest.mark.parametrize("kind", ["gap", "siglip"])
+def test_naflex_batch_parity_and_padding_independence_at_ratio_1(kind):
+    model = _model(kind)
+    same = ltm_convert.convert(model, 1.0, input_size=SIZE)
+    images = _images()
+    padded, alone = _batch(images, 96), _batch(images[:1], 24)  # image 0: 24 patches, padded with 72
+    ref = _run(model, padded)
+    out = _run(same, padded)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out[0] - _run(same, alone)[0]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gap", "siglip", "gap-keyonly"])
+def test_real_tokens_never_absorb_padding_and_counts_stay_static(kind):
+    model = _model(kind)
+    merged = ltm_convert.convert(model, 0.5, input_size=SIZE)
+    images = _images()
+    batch = _batch(images, 80)
+    valid = batch["patch_valid"]
+    real = valid.sum(1)  # 24, 64, 35 real patches of 80
+    with tracking_sources(), capturing() as states:
+        out = _run(merged, batch)
+    assert out.shape[0] == 3 and torch.isfinite(out).all()
+    prefix = model.num_prefix_tokens
+    checked = 0
+    for name, state in states.items():
+        if state is None:  # the last block hands the head the full grid
+            continue
+        assert state.valid is not None and state.sizes.shape[0] == 3  # one static count for every sample
+        for b in range(3):
+            holder = state.source[b]  # the token holding each original patch
+            assert state.valid[b, holder[valid[b]]].all(), f"{name}: a real patch sits in a padding token"
+            assert not state.valid[b, holder[~valid[b]]].any(), f"{name}: a padding patch sits in a real token"
+            # sizes agree: the real tokens hold exactly the real patches
+            held = state.sizes[b, prefix:][state.valid[b, prefix:]].sum()
+            assert abs(held - real[b]) < 1e-3, (name, b, held, real[b])
+            checked += 1
+    assert checked >= 3
+    # the mask follows the merged tokens: what the padding holds cannot reach any sample's output
+    noisy = dict(batch, patches=torch.where(valid[..., None], batch["patches"], torch.randn_like(batch["patches"]) * 5))
+    torch.testing.assert_close(_run(merged, noisy), out, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip_plain_and_naflex(tmp_path):
+    model = _model("gap")
+    merged = ltm_convert.convert(model, 0.6, input_size=SIZE)
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(3))
+    batch = _batch(_images(), 80)
+    path = tmp_path / "naflex.pt"
+    ltm_convert.save(merged, path)
+    loaded = ltm_convert.load(path)
+    assert loaded.ltm_plan.family == "naflex"
+    torch.testing.assert_close(_run(loaded, x), _run(merged, x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_run(loaded, batch), _run(merged, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_training_on_padded_batches_hard_merge_only():
+    from ltm_convert.api import ltm_parameters
+    from ltm_convert.finetune.optim import merge_hard
+
+    merged = ltm_convert.convert(_model("gap"), 0.6, input_size=SIZE)
+    merged.train()
+    batch = _batch(_images(), 80)
+    with pytest.raises(LtmError, match="relaxed merge of training .* cannot hold padding apart"):
+        merged(batch)
+    merged(torch.randn(2, 3, *SIZE))  # plain images train as before
+    merge_hard(merged)  # --training-merge hard: the inference merge, with gradients
+    merged(batch).square().mean().backward()
+    reached = [n for n, p in ltm_parameters(merged) if p.grad is not None and p.grad.abs().sum() > 0]
+    assert reached and merged.embeds.proj.weight.grad.abs().sum() > 0
+
+
+def test_hf_siglip2_is_refused_with_the_reason():
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                 patch_size=8, num_patches=64)
+    with pytest.raises(UnsupportedModelError, match="Siglip2VisionModel takes patchified pixel_values .* "
+                                                    "pixel_attention_mask and spatial_shapes .* images only"):
+        ltm_convert.convert(Siglip2VisionModel(config).eval(), 0.8)
+
+
+def test_cli_inspect_states_what_the_flops_target_is_for():
+    kwargs = [arg for key, value in NAFLEX_SMALL.items() for arg in ("--model-kwargs", f"{key}={json.dumps(value)}")]
+    done = subprocess.run([sys.executable, "-m", "ltm_convert.cli", "inspect", NAFLEX_TIMM["gap"][0], "--no-pretrained",
+                           "--ratio", "0.7", "--input-size", "64", *kwargs], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "FLOPs for" in text and "one 64x64 image: 68 tokens (4 prefix)" in text, done.stdout
