@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: CPU seconds of this process on one thread (for a shared, loaded machine)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (--clock cpu needs 1)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every trainer first, then time them round-robin (one step each per round) and "
+                        "report per-round paired speed-ups: for a machine whose load drifts")
     args = p.parse_args(argv)
 
     import torch
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.steps} steps after {args.warmup} warm-up (quartiles in brackets), {clock}.\n", flush=True)
     print("| model | merge | FLOPs ratio | step s | im/s | teacher s | student s | student speed-up | ideal "
           "| / ideal |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    if args.interleave:
+        results = interleaved(args, base, size, flops0, runs)
+        finish(results, args.json_out, T0, batch=args.batch, size=size)
+        return 0
     results, base_student = [], None
     for name, ratio, method, merge in runs:
         log(f"{name} ({merge}) ...")
@@ -92,6 +99,44 @@ def main(argv: list[str] | None = None) -> int:
         del trainer, student
     finish(results, args.json_out, T0, batch=args.batch, size=size)
     return 0
+
+
+def interleaved(args: argparse.Namespace, base, size, flops0: float, runs: list) -> list[dict]:
+    """Every trainer built first, then timed round-robin (tools/train_speed.time_steps_interleaved):
+    a row's student speed-up is the median over rounds of the original's student time over its own,
+    both from the same round, with the round's teacher forward taken off each."""
+    import statistics
+
+    from ltm_convert.api import convert
+    from ltm_convert.flops import count_flops
+    from ltm_convert.tools.train_speed import make_trainer, time_steps_interleaved
+
+    trainers, fr = {}, {}
+    for name, ratio, method, merge in runs:
+        log(f"building {name} ({merge}) ...")
+        student = convert(copy.deepcopy(base), ratio, method=method, input_size=size)
+        fr[(name, merge)] = count_flops(student, size) / flops0
+        trainers[(name, merge)] = make_trainer(student, batch=args.batch, size=size,
+                                               train="all" if merge == "hard" else "mask", training_merge=merge)
+    log(f"timing {len(trainers)} trainers round-robin, {args.steps} rounds ...")
+    samples, teacher = time_steps_interleaved(trainers, steps=args.steps, warmup=args.warmup, clock=args.clock)
+    key0 = next(iter(trainers))
+    base_student = [o - t for o, t in zip(samples[key0], teacher)]
+    results = []
+    for key, steps in samples.items():
+        student = [s - t for s, t in zip(steps, teacher)]
+        ratios = sorted(b / s for b, s in zip(base_student, student))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+        sp, f = statistics.median(ratios), fr[key]
+        step_s = statistics.median(steps)
+        print(f"| {key[0]} | {key[1]} | {f:.3f} | {step_s:.2f} | {args.batch / step_s:.2f} | "
+              f"{statistics.median(teacher):.2f} | {statistics.median(student):.2f} | {sp:.2f}x ({q[0]:.2f}-{q[2]:.2f}) | "
+              f"{1 / f:.2f}x | {sp * f:.2f} |", flush=True)
+        results.append({"model": key[0], "merge": key[1], "flops_ratio": f, "step_s": step_s, "samples_s": steps,
+                        "teacher_s": statistics.median(teacher), "teacher_samples_s": teacher,
+                        "student_s": statistics.median(student), "student_speedup": sp,
+                        "student_speedup_quartiles": (q[0], q[2]), "of_ideal": sp * f})
+    return results
 
 
 if __name__ == "__main__":

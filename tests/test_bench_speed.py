@@ -91,3 +91,23 @@ def test_cpu_clock_counts_work_not_waiting():
             _clock("cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_train_interleaved_pairs_every_round(tmp_path):
+    """bench_train.py --interleave: every trainer is timed once per round, and a row's speed-up is the
+    median over rounds of the original's student time over its own (each less that round's teacher)."""
+    import statistics
+
+    out = tmp_path / "train.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--batch", "4",
+                           "--ratios", "0.5", "--methods", "ltm", "--no-relaxed", "--steps", "3", "--interleave",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["original", "ltm@0.5"]
+    orig, ltm = rows
+    teacher = orig["teacher_samples_s"]
+    assert len(teacher) == len(orig["samples_s"]) == len(ltm["samples_s"]) == 3
+    expected = statistics.median((o - t) / (s - t) for o, s, t in zip(orig["samples_s"], ltm["samples_s"], teacher))
+    assert abs(ltm["student_speedup"] - expected) < 1e-9 and orig["student_speedup"] == 1.0
+    assert abs(ltm["of_ideal"] - expected * ltm["flops_ratio"]) < 1e-9

@@ -97,3 +97,38 @@ def time_steps(trainer: Any, *, steps: int = 5, warmup: int = 2, teacher: bool =
     q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) >= 2 else [med, med, med]
     return StepTiming(step_s=med, images_per_s=len(images) / med, quartiles_s=(q[0], q[2]), teacher_s=teacher_s,
                       peak_mem_mb=peak, samples_s=samples)
+
+
+def time_steps_interleaved(trainers: dict[str, Any], *, steps: int = 5, warmup: int = 1,
+                           clock: str = "wall") -> tuple[dict[str, list[float]], list[float]]:
+    """Round-robin timing on a machine whose load drifts: every round runs one step of each trainer
+    and one teacher forward (the trainers share one base model, hence one teacher cost), so round r's
+    samples saw the same conditions and per-round ratios cancel the drift. Returns (step seconds per
+    trainer, one sample per round; teacher seconds per round)."""
+    now = clock_fn(clock)
+    batches = {}
+    for name, trainer in trainers.items():
+        if clock == "cpu" and trainer.dist.device.type != "cpu":
+            raise ValueError("the cpu clock times CPU runs only")
+        images, labels = trainer.data.train.tensors
+        batches[name] = (images[: trainer.per_rank].to(trainer.dist.device), labels[: trainer.per_rank].to(trainer.dist.device))
+    first = next(iter(trainers.values()))
+    for _ in range(warmup):
+        for name, trainer in trainers.items():
+            trainer.train_step(*batches[name])
+    samples: dict[str, list[float]] = {name: [] for name in trainers}
+    teacher: list[float] = []
+    images = batches[next(iter(trainers))][0]
+    for r in range(steps):
+        order = list(trainers) if r % 2 == 0 else list(reversed(trainers))  # no model always runs first
+        for name in order:
+            start = now()
+            trainers[name].train_step(*batches[name])
+            _sync(trainers[name].dist.device)
+            samples[name].append(now() - start)
+        start = now()
+        with torch.no_grad(), first._autocast():
+            first.tap_t(first.teacher, images)
+        _sync(first.dist.device)
+        teacher.append(now() - start)
+    return samples, teacher
