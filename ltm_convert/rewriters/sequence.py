@@ -84,6 +84,8 @@ class SequenceFamily:
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan
 
+        if analysis.cut_refusal:
+            return analysis.cut_refusal
         if analysis.on_maps or len(analysis.token_counts) != 1:
             return (f"{analysis.model_class}'s blocks do not all work on one token sequence "
                     f"(token counts {analysis.token_counts})")
