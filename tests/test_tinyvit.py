@@ -20,6 +20,7 @@ from ltm_convert.analysis.block_split import bind_call, split_block
 from ltm_convert.api import convert, describe, find_blocks
 from ltm_convert.errors import UnsupportedModelError
 from ltm_convert.flops import count_flops
+from ltm_convert.merge.metric import key_projection
 from ltm_convert.rewriters.ffn_grid import ffn_sites_of
 from ltm_convert.rewriters.sequence import SequenceFamily
 from ltm_convert.sources import load_model
@@ -65,6 +66,16 @@ def test_blocks_are_found_through_the_local_convolution(tiny):
     assert analysis.between == {b: "a depth-wise convolution (local_conv.conv)" for b in BLOCKS}
     refusal = SequenceFamily().find(analysis)
     assert isinstance(refusal, str) and "depth-wise convolution (local_conv.conv) between its attention and MLP" in refusal
+
+
+def test_merge_metric_starts_from_each_head_s_key(tiny, merged):
+    attn = tiny.stages[2].blocks[0].attn  # qkv laid out head by head: [q_h | k_h | v_h], 3 heads of 16
+    weight, bias, heads = key_projection(attn, 48)
+    per_head = attn.qkv.weight.view(3, 48, 48)
+    assert heads == 3 and torch.equal(weight, per_head[:, 16:32].reshape(48, 48))
+    assert torch.equal(bias, attn.qkv.bias.view(3, 48)[:, 16:32].reshape(48))
+    phi = merged.stages[2].blocks[0].ltm_mask.phi
+    torch.testing.assert_close(phi.weight, per_head[:, 16:32].mean(0))
 
 
 def test_parity_at_ratio_one(tiny):
