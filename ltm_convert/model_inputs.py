@@ -43,6 +43,9 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
     size = _as_hw(getattr(patch_embed, "img_size", None))
     if size:
         return size
+    size = _as_hw(getattr(model, "img_size", None))  # MobileSAM-style TinyViT encoders (their own class)
+    if size:
+        return size
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = _as_hw(cfg.get("input_size"))
     if size:

@@ -1,7 +1,9 @@
 """Find a model's transformer blocks by what they compute, not by class names.
 
 On the export graph (analysis/graph.py) a block is "a residual add whose branch holds attention,
-followed on the residual stream by a residual add whose branch holds two or more linear layers".
+followed on the residual stream by a residual add whose branch holds two or more linear layers";
+the stream between the two may pass a depth-wise convolution (TinyViT's local convolution), which
+is recorded in ``Analysis.between`` so that families that shorten the sequence refuse the block.
 :func:`analyse` lists those blocks with the graph facts around them; each model family
 (rewriters/) then reads the analysis and says whether and how it can convert the model, in a
 :class:`ConversionPlan` that is printable and JSON-able. ``api.find_blocks`` is both steps.
@@ -25,6 +27,7 @@ from ltm_convert.analysis.graph import (
     passthrough_source,
     residuals,
     shape_of,
+    through_local_convs,
 )
 from ltm_convert.errors import UnsupportedModelError
 from ltm_convert.model_inputs import default_input_size
@@ -44,6 +47,8 @@ class Analysis:
     skipped: list[tuple[str, str]]
     attention_residuals: int
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the analysed model's modules, by path
+    # block -> what runs on the 2-D map between its attention and MLP residuals (TinyViT's local convolution)
+    between: dict[str, str] = field(default_factory=dict)
     _calls: dict[str, tuple[tuple, dict]] | None = None
 
     @property
@@ -58,6 +63,17 @@ class Analysis:
     def on_maps(self) -> bool:
         """Blocks that work on (B, C, H, W) / (B, H, W, C) maps rather than token sequences."""
         return any(len(shape_of(a.skip) or ()) == 4 for a, _ in self.pairs)
+
+    @property
+    def cut_refusal(self) -> str | None:
+        """Why the blocks cannot be cut at the attention residual and run on fewer tokens after it
+        (None when they can): a convolution between the two residuals needs every token of the grid.
+        Families that merge only inside the MLP (ffn_grid.py) ignore it."""
+        if not self.between:
+            return None
+        name, what = next(iter(self.between.items()))
+        return (f"not supported yet: {self.model_class}'s block {name} runs {what} between its attention and MLP "
+                "residuals, which a shortened token sequence cannot feed")
 
     @property
     def token_counts(self) -> list[int]:
@@ -142,11 +158,17 @@ def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
     block_adds: list[tuple[fx.Node, fx.Node]] = []
     pairs: list[tuple[Residual, Residual]] = []
     skipped: list[tuple[str, str]] = []
+    between: dict[str, str] = {}
     for r in found:
         if r.kind != "mlp":
             continue
-        # the MLP residual's skip is the attention residual's sum, up to re-layouts and dropout
+        # the MLP residual's skip is the attention residual's sum, up to re-layouts and dropout,
+        # or (TinyViT) that sum after a depth-wise convolution on the map
         attn_res = by_add.get(r.skip) or by_add.get(passthrough_source(r.skip))
+        convs: list[fx.Node] = []
+        if attn_res is None:
+            source, convs = through_local_convs(r.skip)
+            attn_res = by_add.get(source) if convs else None
         if attn_res is None or attn_res.kind != "attention":
             continue
         paths = [module_path(attn_res.attn_node)] + [module_path(n) for n in r.linears]
@@ -154,6 +176,10 @@ def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
         block = modules.get(name)
         if not name or block is None or isinstance(block, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
             skipped.append((name or "?", "attention and MLP are not inside one block module"))
+            continue
+        conv_paths = [module_path(c) or "" for c in convs]
+        if any(not p.startswith(name + ".") for p in conv_paths):
+            skipped.append((name, "a convolution between its attention and MLP residuals lies outside the block"))
             continue
         attn_path = module_path(attn_res.attn_node) or ""
         rel = attn_path[len(name) + 1:].split(".")[0] if attn_path.startswith(name + ".") else ""
@@ -169,11 +195,13 @@ def analyse(model: nn.Module, input_size: tuple[int, int] | None = None,
             continue
         tokens, dim = (shape[1], shape[2]) if len(shape) == 3 else (0, 0)  # 2-D maps: set from the FFN site
         blocks.append(BlockMatch(name=name, attn_child=rel, index=len(blocks), tokens_with_prefix=tokens, dim=dim))
+        if convs:
+            between[name] = f"a depth-wise convolution ({conv_paths[0][len(name) + 1:]})"
         block_adds.append((attn_res.skip, r.add))
         pairs.append((attn_res, r))
     return Analysis(model_class=type(model).__name__, input_size=input_size, facts=facts, blocks=blocks,
                     block_adds=block_adds, pairs=pairs, skipped=skipped,
-                    attention_residuals=sum(r.kind == "attention" for r in found), modules=modules)
+                    attention_residuals=sum(r.kind == "attention" for r in found), modules=modules, between=between)
 
 
 def no_blocks_error(analysis: Analysis) -> UnsupportedModelError:

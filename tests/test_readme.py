@@ -19,6 +19,7 @@ from model_zoo import (
     ROTARY_TIMM,
     TIMM_FAMILIES,
     VIDEO_HF,
+    TINY_VIT_TIMM,
 )
 
 from ltm_convert.rewriters import families
@@ -44,7 +45,8 @@ def test_every_timm_pattern_in_the_table_matches_a_tested_model_and_vice_versa()
     patterns = [p for row in _table_rows() for p in re.findall(r"`(\w*\*[\w*]*)`", row[1])]
     tested = {name for name, _ in [*TIMM_FAMILIES.values(), *GRID_TIMM.values(), *FFN_GRID_TIMM.values(),
                                         *ROTARY_TIMM.values(), *RELB_TIMM.values(),
-                                        *CLASS_ATTENTION_TIMM.values(), *NAFLEX_TIMM.values()]}
+                                        *CLASS_ATTENTION_TIMM.values(), *NAFLEX_TIMM.values(),
+                                        *TINY_VIT_TIMM.values()]}
     for pattern in patterns:
         assert any(fnmatch.fnmatch(name, pattern) for name in tested), f"README lists untested timm models {pattern}"
     for name in tested:

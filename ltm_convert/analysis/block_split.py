@@ -254,6 +254,12 @@ def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> Spl
             raise UnsupportedModelError(
                 f"not supported yet: the MLP half of {type(block).__name__} reads {a.name!r} from before the merge"
             )
+    spatial = _spatial_child(block, part_b_nodes)
+    if spatial is not None:
+        raise UnsupportedModelError(
+            f"not supported yet: the MLP half of {type(block).__name__} runs a 2-D convolution ({spatial}) on the "
+            "token grid, which a merged (shorter) token sequence cannot feed"
+        )
     mask_param = _mask_param(getattr(block, attn_child))
     first_arg = attn_node.args[0] if attn_node.args else None
     pre_norm = first_arg.target if isinstance(first_arg, fx.Node) and first_arg.op == "call_module" else None
@@ -304,6 +310,19 @@ def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> Spl
         part_a=fn_a, part_b=fn_b, a_inputs=a_inputs, b_inputs=b_inputs, constants=call.constants,
         signature=inspect.signature(unwrapped_forward(block, cls)), mask_param=mask_param, pre_norm=pre_norm, code_a=code_a, code_b=code_b,
     )
+
+
+def _spatial_child(block: nn.Module, nodes: list[fx.Node]) -> str | None:
+    """The first child called in ``nodes`` that holds a convolution with a kernel wider than one
+    (TinyViT's ``local_conv`` after the attention residual): it mixes grid neighbours, so the tokens
+    it reads must be the full grid, never merged ones."""
+    for n in nodes:
+        if n.op != "call_module":
+            continue
+        child = block.get_submodule(str(n.target))
+        if any(isinstance(m, nn.modules.conv._ConvNd) and any(k > 1 for k in m.kernel_size) for m in child.modules()):
+            return str(n.target)
+    return None
 
 
 def _set_mask_arg(node: fx.Node, attn: nn.Module, param: str, bias: fx.Node) -> None:

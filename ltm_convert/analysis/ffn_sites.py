@@ -51,13 +51,15 @@ def _is_passthrough(node: fx.Node) -> bool:
 
 
 def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_child: str,
-                  attn_branch: list[fx.Node], ffn_skip: fx.Node, ffn_out: fx.Node) -> FfnSite | str:
+                  attn_branch: list[fx.Node], ffn_skip: fx.Node, ffn_out: fx.Node,
+                  between: list[fx.Node] = ()) -> FfnSite | str:
     """The hook points and grid of one block's FFN, or the reason it cannot be merged safely.
 
     ``facts`` is the tracer's graph index, ``paths`` every call node's module path (computed
     once per model, shared by all blocks),
     ``attn_branch`` the attention residual's branch, ``ffn_skip`` / ``ffn_out`` the FFN residual's
-    skip input and branch output.
+    skip input and branch output, ``between`` what runs from the attention residual to the FFN's
+    (TinyViT's local convolution, on a (B, C, H, W) map).
     """
     branch = [n for n in facts.branch(ffn_skip, ffn_out) if n.op == "call_function"]
     in_branch = set(branch)
@@ -120,6 +122,12 @@ def find_ffn_site(facts, paths: dict[fx.Node, str | None], block: str, attn_chil
             s = shape_of(node)
             if s and len(s) == 4 and s[3] == c and s[1] * s[2] == n_tokens:
                 grid = (s[1], s[2])
+                break
+        for node in between if grid is None else ():
+            s = shape_of(node)
+            if node.target in (aten.conv2d.default, aten.conv2d.padding) and s and len(s) == 4 \
+                    and s[1] == c and s[2] * s[3] == n_tokens:
+                grid = (s[2], s[3])
                 break
         if grid is None:
             return f"its {n_tokens} tokens are never laid out as a 2-D grid"

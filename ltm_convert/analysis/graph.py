@@ -257,6 +257,50 @@ def passthrough_source(node: fx.Node, layout_too: bool = True) -> fx.Node:
     return node
 
 
+NORM_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+CONV_OPS = {aten.conv2d.default, aten.conv2d.padding}
+
+
+def is_local_conv(node: fx.Node) -> bool:
+    """A depth-wise 2-D convolution with stride 1 that keeps its map's shape (TinyViT's
+    ``local_conv``): every token of the output is computed from its own channel's neighbours."""
+    if node.op != "call_function" or node.target not in CONV_OPS or len(node.args) < 2:
+        return False
+    src, out = shape_of(node.args[0]), shape_of(node)
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+    strides = list(stride) if isinstance(stride, (list, tuple)) else [stride]
+    return (src is not None and src == out and len(src) == 4 and src[1] > 1 and groups == src[1]
+            and all(s == 1 for s in strides))
+
+
+def through_local_convs(node: fx.Node, limit: int = 16) -> tuple[fx.Node, list[fx.Node]]:
+    """Follow ``node`` back through re-layouts, eval-mode batch norms and local convolutions
+    (:func:`is_local_conv`): the tensor they were computed from, and the convolutions passed.
+
+    Why: TinyViT runs a depth-wise convolution between its attention residual and its MLP residual
+    (``x = local_conv(x + attn(x)); x = x + mlp(x)``). The block is still "attention residual, then
+    MLP residual" for a family that merges only inside the MLP; a family that shortens the token
+    sequence after the attention must refuse it (tracer.Analysis.between)."""
+    convs: list[fx.Node] = []
+    for _ in range(limit):
+        node = passthrough_source(node)
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+            break
+        inner = node.args[0]
+        if node.target is operator.getitem and node.args[1] == 0 and inner.op == "call_function" \
+                and inner.target in NORM_OPS:
+            node = inner
+        elif node.target in NORM_OPS:
+            node = inner
+        elif is_local_conv(node):
+            convs.append(node)
+            node = inner
+        else:
+            break
+    return node, convs
+
+
 def common_prefix(paths: list[str]) -> str:
     """The longest module path that every path lies in ("" if they share none)."""
     split = [p.split(".") for p in paths if p is not None]

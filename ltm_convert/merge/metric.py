@@ -37,11 +37,27 @@ def key_projection(attn: nn.Module, dim: int) -> tuple[torch.Tensor, torch.Tenso
         if name.split(".")[-1] in _KEY_NAMES:
             return lin.weight, lin.bias, heads
     for name, lin in linears:
+        per_head = _per_head_keys(attn, lin, heads) if "qkv" in name.split(".")[-1] else None
+        if per_head is not None:
+            return per_head
         if lin.out_features % 3 == 0 and "qkv" in name.split(".")[-1]:
             inner = lin.out_features // 3
             bias = lin.bias[inner:2 * inner] if lin.bias is not None else None
             return lin.weight[inner:2 * inner], bias, heads
     return None
+
+
+def _per_head_keys(attn: nn.Module, qkv: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """The key rows of a qkv projection laid out head by head, [q_h | k_h | v_h] for each head h
+    (TinyViT, LeViT and EfficientFormer split ``qkv(x).view(B, N, heads, -1)`` at ``key_dim``), or
+    None where the attention has no ``key_dim`` (the ViT layout [q | k | v]). Taking the middle third
+    of such a projection would mix keys, values and queries of different heads."""
+    kd = getattr(attn, "key_dim", None)
+    if not isinstance(kd, int) or kd < 1 or qkv.out_features % heads or qkv.out_features // heads <= 2 * kd:
+        return None
+    per = qkv.out_features // heads
+    rows = (torch.arange(heads)[:, None] * per + kd + torch.arange(kd)[None, :]).flatten().to(qkv.weight.device)
+    return qkv.weight[rows], (qkv.bias[rows] if qkv.bias is not None else None), heads
 
 
 def metric_dim(attn: nn.Module, dim: int) -> int:

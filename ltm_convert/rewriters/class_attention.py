@@ -159,6 +159,8 @@ class ClassAttentionFamily(SequenceFamily):
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         cls = analysis.model_class
+        if analysis.cut_refusal:
+            return analysis.cut_refusal
         if analysis.on_maps:
             return f"{cls}'s blocks work on 2-D maps, not on token sequences"
         facts = analysis.facts

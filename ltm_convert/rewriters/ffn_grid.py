@@ -155,7 +155,7 @@ class FfnGridFamily:
         for block, (attn_res, mlp_res) in zip(analysis.blocks, analysis.pairs):
             site = find_ffn_site(facts, paths, block.name, block.attn_child,
                                  [attn_res.skip, *facts.branch(attn_res.skip, attn_res.branch_out)],
-                                 mlp_res.skip, mlp_res.branch_out)
+                                 mlp_res.skip, mlp_res.branch_out, facts.branch(attn_res.add, mlp_res.skip))
             if isinstance(site, str):
                 skipped.append((block.name, site))
                 continue

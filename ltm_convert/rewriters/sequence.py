@@ -85,6 +85,8 @@ class SequenceFamily:
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan
 
+        if analysis.cut_refusal:
+            return analysis.cut_refusal
         if refused_positions(analysis.modules.values()):  # the rotary family gives the reason
             return f"{analysis.model_class}'s rotary positions cannot follow merged tokens (see rotary)"
         if analysis.on_maps or len(analysis.token_counts) != 1:

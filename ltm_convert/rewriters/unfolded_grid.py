@@ -142,6 +142,8 @@ class UnfoldedGridFamily:
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         from ltm_convert.tracer import ConversionPlan
 
+        if analysis.cut_refusal:
+            return analysis.cut_refusal
         if analysis.on_maps:
             return "its blocks work on 2-D maps, not on unfolded patches"
         groups = grid_groups(analysis.facts, analysis.blocks, analysis.block_adds)

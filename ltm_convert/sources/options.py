@@ -65,10 +65,12 @@ TIMM_OPTIONS: dict[str, Check] = {
     "qkv_bias": _bool,
     "patch_size": _int(1, 64),
     "embed_dim": _ints(8, 8192),
+    "embed_dims": _ints(8, 8192),  # TinyViT's per-stage widths
     "depth": _int(1, 96),
     "depths": _ints(1, 96),
     "num_heads": _ints(1, 128),
     "window_size": _ints(1, 64),
+    "window_sizes": _ints(1, 64),  # TinyViT's per-stage windows
     "fc_norm": lambda v: v is None or isinstance(v, bool),
     "mlp_ratio": _num(0.25, 16.0),
     "init_values": _opt_num(0.0, 10.0),
