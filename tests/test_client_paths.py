@@ -243,6 +243,10 @@ def test_hf_backbone_with_sequence_outputs_works_and_grid_outputs_are_full_grid_
     full = backbone(pixel_values=x).feature_maps[0].shape[1]
     # an intermediate stage keeps its merged tokens; the last block's output is spread back over the grid
     assert maps is not None and len(maps) == 2 and maps[0].shape[1] < full == maps[1].shape[1]
+    converted.config.reshape_hidden_states = True  # switched on after conversion: one line, not a shape error
+    with pytest.raises(LtmError, match="convert it with reshape_hidden_states=True"):
+        converted(pixel_values=x)
+    converted.config.reshape_hidden_states = False
     reshaping = Dinov2Backbone(config.__class__(**{**config.to_dict(), "out_features": ["stage2"],
                                                    "out_indices": None})).eval()
     dense = convert(reshaping, 0.5)  # its stage2 map is laid out on the grid: converted dense (tests/test_dense.py)

@@ -193,9 +193,21 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
     return to_maps(out)
 
 
+def _reshape_unchanged(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an HF backbone converted with ``reshape_hidden_states=False``: its intermediate
+    stages hand out merged tokens, which the switched-on reshape cannot lay out on the grid."""
+    if model.config.reshape_hidden_states and not model.ltm_plan.data.get("reshape_hidden_states", True):
+        raise LtmError(f"this {type(model).__name__} was converted with config.reshape_hidden_states=False (its "
+                       "intermediate feature maps are merged token sequences); convert it with "
+                       "reshape_hidden_states=True for full-grid feature maps")
+
+
 def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
     """Client paths beyond the head: timm's forward_intermediates gives full-grid NCHW maps, also
-    where the timm model sits inside a wrapper (``features_only``'s FeatureGetterNet)."""
+    where the timm model sits inside a wrapper (``features_only``'s FeatureGetterNet); an HF backbone
+    converted without reshaping refuses to reshape later in one line."""
+    if plan.data.get("reshape_hidden_states") is False:
+        model.register_forward_pre_hook(_reshape_unchanged)
     for module in model.modules():
         if callable(getattr(type(module), "forward_intermediates", None)) and hasattr(module, "patch_embed") \
                 and hasattr(module, "blocks") and hasattr(module, "num_prefix_tokens"):

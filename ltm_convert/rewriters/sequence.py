@@ -99,6 +99,9 @@ class SequenceFamily:
         grid_reads = [name for name, (_, out) in zip(names[:-1], analysis.block_adds[:-1])
                       if read_as_grid(analysis.facts, out, names)] + (names[-1:] if "grid" in heads else [])
         data: dict[str, Any] = {"carry": carry, **({"grid_reads": grid_reads} if grid_reads else {})}
+        reshape = getattr(getattr(analysis.modules.get(""), "config", None), "reshape_hidden_states", None)
+        if isinstance(reshape, bool):  # an HF backbone: what its feature maps were traced as (heads.py checks it)
+            data["reshape_hidden_states"] = reshape
         plan = ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               tokens_with_prefix=tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
                               skipped=list(analysis.skipped), data=data)
