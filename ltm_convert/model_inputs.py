@@ -38,8 +38,10 @@ def _as_hw(value: Any) -> tuple[int, int] | None:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int]:
-    """The (H, W) a model was built for: timm's patch embed / pretrained cfg, or HF config.image_size."""
-    patch_embed = getattr(model, "patch_embed", None)
+    """The (H, W) a model was built for: timm's patch embed (also inside a wrapper such as timm's
+    ``features_only`` FeatureGetterNet) / pretrained cfg, or HF config.image_size (also of the
+    backbone of a DPT or Depth Anything)."""
+    patch_embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "model", None), "patch_embed", None)
     size = _as_hw(getattr(patch_embed, "img_size", None))
     if size:
         return size
@@ -58,9 +60,11 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
 
 
 def _configs(model: nn.Module) -> list[Any]:
-    """The HF config objects that describe the model's input: its config and a vision sub-config."""
+    """The HF config objects that describe the model's input: its config, a vision sub-config, and the
+    backbone config of a dense head (DPT, Depth Anything)."""
     config = getattr(model, "config", None)
-    return [c for c in (config, getattr(config, "vision_config", None)) if c is not None]
+    return [c for c in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None))
+            if c is not None]
 
 
 def input_frames(model: nn.Module) -> int | None:

@@ -27,6 +27,8 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
+from ltm_convert.merge.rows import take_rows
+
 ATTR = "ltm_tokens"
 
 
@@ -42,6 +44,10 @@ class TokenState(NamedTuple):
         add log(size) to their attention even where they would not merge themselves.
     valid: (B, N) bool or None: which tokens are real in a padded (NaFlex) batch; merges keep real
         tokens and padding apart (merge/padding.py) and later blocks mask attention by it.
+    rows: (B, prefix + N') int64 or None: the tensor holds the merged tokens spread over the full grid
+        (:func:`spread_over_grid`, for a model that reads this block output on the grid); row t of
+        the merged sequence is its row ``rows[:, t]``, where the next block takes it back
+        (merge/rows.py ``take_rows``). ``sizes`` and ``source`` still describe the merged sequence.
     """
 
     sizes: torch.Tensor
@@ -49,6 +55,7 @@ class TokenState(NamedTuple):
     grid: Any = None
     soft: bool = False  # from a relaxed (training) merge: every token is still there, some with ~0 size
     valid: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def __reduce__(self) -> tuple:
         # ``torch.save(features)`` pickles the tensor's attributes: as plain containers, the sizes load
@@ -239,8 +246,7 @@ def unmerge_tokens(x: torch.Tensor, state: TokenState | None, prefix: int) -> to
 
         raise LtmError("the merged tokens carry no source map; run the forward inside "
                        "ltm_convert.merge.state.tracking_sources() to unmerge them")
-    B, _, C = x.shape
-    return x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
+    return take_rows(x, state.source)
 
 
 def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.Tensor:
@@ -250,6 +256,15 @@ def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.T
     attention pool over it is proportional attention by those counts: the original head computes
     that on its own, with no side state to lose (``f.clone()``, slicing, numpy, hooks all keep it)."""
     return torch.cat([x[:, :prefix], unmerge_tokens(x, state, prefix)], dim=1)
+
+
+def spread_rows(source: torch.Tensor, prefix: int, tokens: int) -> torch.Tensor:
+    """(B, tokens) row of each merged token in its sequence spread over the grid (prefix tokens stay
+    in front): the first original patch it holds (every merged token holds at least one)."""
+    B, P0 = source.shape
+    rows = torch.arange(tokens, device=source.device).expand(B, tokens).contiguous()
+    patches = (torch.arange(P0, device=source.device) + prefix).expand(B, P0)
+    return rows.scatter_reduce(1, source, patches, reduce="amin", include_self=False)
 
 
 def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,
