@@ -88,10 +88,10 @@ def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
     """The config to convert with: a new object, never the caller's. ``given`` holds the keyword
     arguments the caller set; with ``config=`` each must agree with it."""
     defaults = {"ratio": DEFAULT_RATIO, "input_size": None, "exclude": None, "topk": DEFAULT_TOPK, "method": "ltm",
-                "schedule": DEFAULT_SCHEDULE}
+                "schedule": DEFAULT_SCHEDULE, "dense": False}
     if config is None:
         return LtmConfig(ratio=given["ratio"], input_size=_hw(given["input_size"]), exclude=given["exclude"] or [],
-                         topk=given["topk"], method=given["method"], schedule=given["schedule"])
+                         topk=given["topk"], method=given["method"], schedule=given["schedule"], dense=given["dense"])
     if not isinstance(config, LtmConfig):
         raise LtmError(f"config must be an LtmConfig, got {type(config).__name__}")
     ours = dataclasses.replace(config, exclude=list(config.exclude), keep=dict(config.keep))
@@ -108,7 +108,7 @@ def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
 
 def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple[int, int] | int | None = None,
             exclude: Iterable[str] | str | None = None, inplace: bool = False, topk: int = DEFAULT_TOPK,
-            method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, config: LtmConfig | None = None,
+            method: str = "ltm", schedule: str = DEFAULT_SCHEDULE, dense: bool = False, config: LtmConfig | None = None,
             calibration_images: Any = None, plan: ConversionPlan | None = None) -> nn.Module:
     """Return the model (same class, same state-dict keys plus ``ltm_*``) with merging blocks.
 
@@ -126,9 +126,13 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     ``plan`` (a saved file's recorded :class:`ConversionPlan`, with the config's saved schedule)
     replays that conversion with the family the file names, without tracing the model again; a
     plan that does not fit the model is refused.
+
+    ``dense=True`` is for heads that read the patch grid (``forward_intermediates`` NCHW maps,
+    segmentation, depth): every block keeps patch tokens, even the last one of a class-token model
+    (which otherwise merges them all into one, since its classifier reads only the class token).
     """
     config = _resolve_config(config, ratio=ratio, input_size=input_size, exclude=exclude, topk=topk, method=method,
-                             schedule=schedule)
+                             schedule=schedule, dense=dense)
     _check_model(model)
     with _CONVERT_LOCK, _collection_paused():
         if not inplace:
@@ -354,6 +358,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "method": config.method,
         "topk": config.topk if config.method == "ltm" else None,
         "schedule": config.schedule,
+        "dense": bool(config.dense),
         "family": plan.family,
         "prefix_tokens": plan.prefix_tokens,
         "head": ", ".join(plan.heads),

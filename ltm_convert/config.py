@@ -85,6 +85,11 @@ class LtmConfig:
     positions: how a rotary model's position table follows merged tokens: "coords" (the model's own
         rope at the mean of the members' coordinates), "rows" (mean of the members' sin/cos rows) or
         "target" (the row of the token it was merged into); other families ignore it.
+    dense: keep patch tokens to the last block, for heads that read the patch grid (segmentation,
+        depth, feature maps): no block collapses them, even where the model's own head reads only the
+        class token, and the FLOPs target is met with every block merging normally. Models whose own
+        code lays block outputs out on the grid (DPT, Depth Anything, HF backbones) convert dense on
+        their own; files written before this setting load as False.
     """
 
     ratio: float = DEFAULT_RATIO
@@ -96,6 +101,7 @@ class LtmConfig:
     schedule: str = DEFAULT_SCHEDULE
     mask_version: int = MASK_VERSION
     positions: str = DEFAULT_POSITIONS
+    dense: bool = False
     version: str = field(default_factory=_version)
     format: int = CONFIG_FORMAT
 
@@ -120,6 +126,8 @@ class LtmConfig:
             raise LtmError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if not isinstance(self.positions, str) or self.positions not in POSITIONS:
             raise LtmError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
+        if not isinstance(self.dense, bool):
+            raise LtmError(f"dense must be True or False, got {self.dense!r}")
         if self.mask_version not in (1, 2) or isinstance(self.mask_version, bool):
             raise LtmError(f"mask_version must be 1 or 2, got {self.mask_version!r}; the file is corrupt")
         if not is_int(self.format) or not isinstance(self.version, str):

@@ -20,7 +20,7 @@ from ltm_convert.errors import LtmError
 from ltm_convert.sources import ModelSource, load_model, load_source, ltm_base
 
 # the keywords that go to convert(); every other keyword is a constructor option of the base model
-CONVERT_OPTIONS = ("method", "topk", "schedule", "exclude", "input_size", "calibration_images")
+CONVERT_OPTIONS = ("method", "topk", "schedule", "exclude", "input_size", "calibration_images", "dense")
 
 
 def create_model(name_or_path: Any, ratio: float = DEFAULT_RATIO, *, pretrained: bool = False,
@@ -33,7 +33,7 @@ def create_model(name_or_path: Any, ratio: float = DEFAULT_RATIO, *, pretrained:
     default, as in ``timm.create_model``: the base starts from random weights (training from scratch); True loads
     the source's own weights (the hub's, or a directory's), ``checkpoint`` a local state-dict file.
     ``compression_ratio`` is the paper's name for ``ratio``. ``method``, ``topk``, ``schedule``, ``exclude``,
-    ``input_size`` and ``calibration_images`` go to :func:`ltm_convert.convert`; the other keywords are the
+    ``input_size``, ``calibration_images`` and ``dense`` go to :func:`ltm_convert.convert`; the other keywords are the
     base model's options (timm: ``num_classes``, ``img_size``, ``drop_path_rate``, ...; HF: ``num_labels``, ...),
     recorded so that a saved model rebuilds the same architecture; a timm ``img_size`` is also the
     ``input_size`` the schedule is solved for, unless that is given.

@@ -255,6 +255,14 @@ TopkOpt = Annotated[
         "(default 2; 0 = every target, slower).",
     ),
 ]
+DenseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dense",
+        help="Keep patch tokens to the last block, for heads that read the patch grid (feature maps, "
+        "segmentation, depth): a class-token model otherwise merges its last block's patches into one.",
+    ),
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,6 +332,8 @@ def render_summary(info: dict, *, title: Optional[str] = None) -> None:
     size_txt = f"{size[0]}x{size[1]}" if isinstance(size, (list, tuple)) and len(size) == 2 else "?"
     totals.add_row("model", f"{info.get('model', '?')}  ({_source_text(info.get('source'))})")
     totals.add_row("input size", size_txt)
+    if info.get("dense"):
+        totals.add_row("dense", "patch tokens kept to the last block (full-grid maps)")
     if info.get("method"):
         method = info["method"] + (f" (top-{info['topk']} targets)" if info.get("topk") else "")
         totals.add_row("method", method)

@@ -8,6 +8,7 @@ from ltm_convert.commands._common import (
     CalibrationImagesOpt,
     DEFAULT_RATIO,
     CheckpointOpt,
+    DenseOpt,
     ExcludeOpt,
     InputSizeOpt,
     JsonOpt,
@@ -43,6 +44,8 @@ CONVERT_EPILOG = """\
   ltm-convert convert hf:./my-local-vit --ratio 0.7 --input-size 384 --dry-run
 
   ltm-convert convert vit_tiny_patch16_224 --no-pretrained --exclude blocks.0 --dry-run --json
+
+  ltm-convert convert vit_small_patch16_224 --no-pretrained --dense -o dense.pt   # full-grid feature maps
 """
 
 INSPECT_EPILOG = """\
@@ -85,6 +88,7 @@ def register(app: typer.Typer) -> None:
         topk: TopkOpt = None,
         schedule: ScheduleOpt = None,
         calibration_images: CalibrationImagesOpt = None,
+        dense: DenseOpt = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Convert in memory and print the plan; write nothing.")] = False,
         json_out: JsonOpt = False,
     ) -> None:
@@ -121,7 +125,8 @@ def register(app: typer.Typer) -> None:
             # inplace: the base model was built for this command alone; a copy of its weights would
             # cost a ViT-B's 350 MB and a third of a second for nothing
             converted = api_convert(base, ratio=ratio, input_size=input_size, exclude=list(exclude) if exclude else None,
-                                    method=method or "ltm", calibration_images=photos, inplace=True, **options)
+                                    method=method or "ltm", calibration_images=photos, dense=dense, inplace=True,
+                                    **options)
             info = describe(converted)
             if not dry_run:
                 from ltm_convert.io import save
@@ -148,6 +153,7 @@ def register(app: typer.Typer) -> None:
         num_classes: NumClassesOpt = None,
         model_kwargs: ModelKwargsOpt = None,
         input_size: InputSizeOpt = None,
+        dense: DenseOpt = False,
         json_out: JsonOpt = False,
     ) -> None:
         """Show an LTM model's token schedule, FLOPs and added parameters."""
@@ -157,10 +163,11 @@ def register(app: typer.Typer) -> None:
 
             model, saved = resolve_model(target, no_pretrained=no_pretrained, checkpoint=checkpoint,
                                          model_kwargs=model_options(target, num_classes, model_kwargs),
-                                         given={"--ratio": ratio is not None, "--input-size": input_size is not None})
+                                         given={"--ratio": ratio is not None, "--input-size": input_size is not None,
+                                                "--dense": dense})
             if not saved:
                 model = api_convert(model, ratio=DEFAULT_RATIO if ratio is None else ratio, input_size=input_size,
-                                    inplace=True)
+                                    dense=dense, inplace=True)
             info = describe(model)
         if json_out:
             emit_json(info)

@@ -118,6 +118,7 @@ class SequenceFamily:
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())
         factory = mask_factory(config.method)
+        plan.data["dense"] = bool(config.dense)  # read by sites(): no last-block collapse
         full_grid = pools_patches(plan)
         without_bias: dict[str, str] = {}  # block -> why its attention cannot take the size bias
         for i, match in enumerate(plan.blocks):
@@ -180,8 +181,10 @@ class SequenceFamily:
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         m = plan.tokens_with_prefix - plan.prefix_tokens
         # a head that reads only prefix tokens (a class token) makes the last block's patch tokens
-        # dead weight: that block merges them all into one
-        free_last = bool(plan.heads) and all(h.startswith("token:") for h in plan.heads) and plan.prefix_tokens > 0
+        # dead weight: that block merges them all into one, unless the model is converted for heads
+        # that read the patch grid (dense)
+        free_last = bool(plan.heads) and all(h.startswith("token:") for h in plan.heads) and plan.prefix_tokens > 0 \
+            and not plan.data.get("dense")
         names = plan.block_names
         return [Site(name=name, mergeable=m, chained=True, prefix=plan.prefix_tokens,
                      free=free_last and i == len(names) - 1) for i, name in enumerate(names)]
