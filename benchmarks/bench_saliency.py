@@ -151,12 +151,18 @@ def timed(models: dict[str, torch.nn.Module], original: torch.nn.Module, batch: 
                               warmup=1, warmup_input=x[: min(batch, 4)])
     out = {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads(), "loadavg_before": before,
            "loadavg_after": loadavg(), "samples_s": t.samples, "models": {}}
-    for name in ["original", *models]:
-        entry = {"latency_s": quartiles(t.samples[name])}
-        if name != "original":
-            entry["speedup"] = quartiles([o / c for o, c in zip(t.samples["original"], t.samples[name])])
-        out["models"][name] = entry
+    out["models"]["original"] = {"latency_s": quartiles(t.samples["original"])}
+    for name, ratios in paired_speedups(t.samples, list(models)).items():
+        out["models"][name] = {"latency_s": quartiles(t.samples[name]), "speedup": quartiles(ratios)}
     return out
+
+
+def paired_speedups(samples: dict[str, list[float]], names: list[str]) -> dict[str, list[float]]:
+    """t_original / t_model of each timed pair. tools.bench.time_against_original (group=1) runs the
+    original once next to each model in every repeat, so repeat r's original for model i is
+    ``samples["original"][r * len(names) + i]``."""
+    n = len(names)
+    return {name: [o / c for o, c in zip(samples["original"][i::n], samples[name])] for i, name in enumerate(names)}
 
 
 def quartiles(values: list[float]) -> list[float]:

@@ -64,6 +64,27 @@ def test_map_metrics():
     assert np.allclose(bench.top_iou(half, a), 10 / 30)
 
 
+def test_paired_speedups_pair_each_model_with_its_own_original_run(monkeypatch):
+    """time_against_original times the original once next to each model in every repeat; each
+    speed-up must divide by that run (the originals alternate 4 s / 8 s, each model's pair is 2x)."""
+    import ltm_convert.tools.bench as tools_bench
+
+    calls: list[str] = []
+    clock = {"original": [4.0, 8.0, 4.0, 8.0], "a": [2.0, 2.0], "b": [4.0, 4.0]}  # seconds per call, in order
+
+    def runner(name):
+        return lambda x: calls.append(name)
+
+    def fake_time(run, x):
+        run(x)
+        return clock[calls[-1]].pop(0)
+
+    monkeypatch.setattr(tools_bench, "_time", fake_time)
+    t = tools_bench.time_against_original(runner("original"), {"a": runner("a"), "b": runner("b")}, torch.zeros(1),
+                                          repeats=2, warmup=0)
+    assert _bench().paired_speedups(t.samples, ["a", "b"]) == {"a": [2.0, 2.0], "b": [2.0, 2.0]}
+
+
 def test_bench_saliency_end_to_end(tmp_path):
     photos = write_gradient_photos(tmp_path / "photos", 6)
     out = tmp_path / "result.json"
