@@ -358,7 +358,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "method": config.method,
         "topk": config.topk if config.method == "ltm" else None,
         "schedule": config.schedule,
-        "dense": bool(config.dense),
+        "dense": bool(config.dense or plan.data.get("dense")),
         "family": plan.family,
         "prefix_tokens": plan.prefix_tokens,
         "head": ", ".join(plan.heads),

@@ -24,6 +24,7 @@ from torch import nn
 from ltm_convert.analysis.block_split import BlockCall, SplitBlock, split_block
 from ltm_convert.errors import LtmError
 from ltm_convert.generated import DropsGenerated, generated_subclass, rebuild
+from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.state import (
     SequenceMask,
     TokenState,
@@ -31,6 +32,7 @@ from ltm_convert.merge.state import (
     recorder,
     sources_tracked,
     spread_over_grid,
+    spread_rows,
     state_of,
     with_state,
 )
@@ -70,6 +72,7 @@ class LtmBlockMixin(DropsGenerated):
     # the block (picklable, holds no tensors of its own)
     ltm_track_sources = False  # (class defaults: models pickled before these settings existed)
     ltm_full_grid_out = False
+    ltm_spread_out = False
 
     def ltm_setup(self, *, call: BlockCall, attn_child: str, name: str, prefix: int, in_with_prefix: int,
                   keep_mergeable: int, mask: nn.Module | None, prop_attn: bool = False,
@@ -81,6 +84,9 @@ class LtmBlockMixin(DropsGenerated):
         self.ltm_collapse = False  # keep one patch token, their size-weighted mean (nothing reads them)
         self.ltm_track_sources = False  # keep the source map: a later block spreads the tokens over the grid
         self.ltm_full_grid_out = False  # last block before a pooling head: hand it the original's shape
+        # a block whose output the model reads on the patch grid: hand it out spread over the grid, the
+        # next block takes the merged tokens back (TokenState.rows)
+        self.ltm_spread_out = False
         self.__dict__["_ltm_call"] = call
         self.__dict__["_ltm_attn_child"] = attn_child
         self.register_buffer("ltm_schedule", torch.zeros(2, dtype=torch.long))
@@ -145,6 +151,9 @@ class LtmBlockMixin(DropsGenerated):
         values = self._bind(split, args, kwargs)
         x = values[split.a_inputs[0]]
         state = state_of(x)
+        if state is not None and state.rows is not None:  # the previous block's output, spread over the grid
+            x = values[split.a_inputs[0]] = take_rows(x, state.rows)
+            state = state._replace(rows=None)
         if state is None and self.ltm_prop_attn and x.shape[1] == self.ltm_in_with_prefix:
             raise LtmError(
                 f"block {self.ltm_name} received merged tokens without their sizes: code between the blocks "
@@ -182,10 +191,13 @@ class LtmBlockMixin(DropsGenerated):
             out = state.grid.unmerge_sequence(out) if isinstance(out, torch.Tensor) else \
                 (state.grid.unmerge_sequence(out[0]), *out[1:])
             state = None
-        if self.ltm_full_grid_out and state is not None and not state.soft and state.source is not None:
+        if (self.ltm_full_grid_out or self.ltm_spread_out) and state is not None and not state.soft \
+                and state.source is not None:
             out = spread_over_grid(out, state, self.ltm_prefix) if isinstance(out, torch.Tensor) else \
                 (spread_over_grid(out[0], state, self.ltm_prefix), *out[1:])
-            state = None
+            # the last block's spread is the original sequence for the head; another's is taken back by the next
+            state = None if self.ltm_full_grid_out else \
+                state._replace(rows=spread_rows(state.source, self.ltm_prefix, state.sizes.shape[1]))
         head = out if isinstance(out, torch.Tensor) else out[0]
         with_state(head, state)
         capture = captured()

@@ -31,8 +31,10 @@ def _as_hw(value: Any) -> tuple[int, int] | None:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, int]:
-    """The (H, W) a model was built for: timm's patch embed / pretrained cfg, or HF config.image_size."""
-    patch_embed = getattr(model, "patch_embed", None)
+    """The (H, W) a model was built for: timm's patch embed (also inside a wrapper such as timm's
+    ``features_only`` FeatureGetterNet) / pretrained cfg, or HF config.image_size (also of the
+    backbone of a DPT or Depth Anything)."""
+    patch_embed = getattr(model, "patch_embed", None) or getattr(getattr(model, "model", None), "patch_embed", None)
     size = _as_hw(getattr(patch_embed, "img_size", None))
     if size:
         return size
@@ -41,7 +43,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
     if size:
         return size
     config = getattr(model, "config", None)
-    for holder in (config, getattr(config, "vision_config", None)):
+    for holder in (config, getattr(config, "vision_config", None), getattr(config, "backbone_config", None)):
         size = _as_hw(getattr(holder, "image_size", None))
         if size:
             return size

@@ -373,3 +373,51 @@ def check_save_load(converted: nn.Module, path, x: torch.Tensor, inspect_shows: 
                               capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
         assert done.returncode == 0, done.stderr
         assert "patch grids" in done.stdout and inspect_shows in done.stdout, done.stdout
+
+
+# models whose own code lays block outputs out on the 2-D patch grid (HF backbones' feature maps, DPT /
+# Depth Anything / ViTPose heads): they convert dense, their heads get full-grid maps (tests/test_dense.py).
+# kind -> the FLOPs ratio a test converts it to (their decoders hold part of the FLOPs, so some reach less)
+DENSE_HF = {"Dinov2Backbone": 0.5, "Dinov2WithRegistersBackbone": 0.5, "DPTForDepthEstimation": 0.6,
+            "DepthAnythingForDepthEstimation": 0.7, "DPTForSemanticSegmentation": 0.7, "BeitBackbone": 0.6,
+            "DINOv3ViTBackbone": 0.6, "Tipsv2VisionBackbone": 0.6, "VitPoseForPoseEstimation": 0.7}
+
+
+def dense_model(kind: str) -> nn.Module:
+    """A tiny random DENSE_HF model (64 patch tokens, 48 for ViTPose); its decoder's weights are drawn
+    at unit gain, so its output varies over the image (HF's init leaves DPT's depth map flat)."""
+    import transformers as T
+
+    vit = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=64,
+               patch_size=8)
+    decoder = dict(neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8)
+    torch.manual_seed(0)
+    if kind in ("Dinov2Backbone", "Dinov2WithRegistersBackbone"):
+        config_cls = T.Dinov2WithRegistersConfig if "Registers" in kind else T.Dinov2Config
+        extra = {"num_register_tokens": 4} if "Registers" in kind else {}
+        model = getattr(T, kind)(config_cls(**vit, out_features=["stage2", "stage4"], **extra))
+    elif kind.startswith("DPT"):
+        config = T.DPTConfig(**{**vit, "hidden_size": 96, "num_hidden_layers": 6}, backbone_out_indices=[2, 3, 4, 5],
+                             is_hybrid=False, num_labels=3, **decoder)
+        model = getattr(T, kind)(config)
+    elif kind == "DepthAnythingForDepthEstimation":
+        backbone = T.Dinov2Config(**{**vit, "image_size": 112, "patch_size": 14}, out_indices=[1, 2, 3, 4],
+                                  apply_layernorm=True, reshape_hidden_states=False)
+        model = T.DepthAnythingForDepthEstimation(T.DepthAnythingConfig(
+            backbone_config=backbone, reassemble_hidden_size=64, patch_size=14, head_hidden_size=8, **decoder))
+    elif kind == "BeitBackbone":
+        model = T.BeitBackbone(T.BeitConfig(**vit, out_indices=[2, 4], use_relative_position_bias=True))
+    elif kind == "DINOv3ViTBackbone":
+        model = T.DINOv3ViTBackbone(T.DINOv3ViTConfig(**{**vit, "patch_size": 16, "image_size": 128}, out_indices=[2, 4],
+                                                      num_register_tokens=2))
+    elif kind == "Tipsv2VisionBackbone":
+        model = T.Tipsv2VisionBackbone(T.Tipsv2VisionConfig(**vit, out_indices=[2, 4]))
+    else:  # ViTPose: a plain ViT whose last block's output the pose head reads as a 8 x 6 grid
+        backbone = T.VitPoseBackboneConfig(**{**vit, "image_size": [64, 48], "patch_size": [8, 8]}, out_indices=[4])
+        model = T.VitPoseForPoseEstimation(T.VitPoseConfig(backbone_config=backbone))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and not name.startswith(("dpt.", "backbone.", "embeddings.", "encoder.")):
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    return model.eval()

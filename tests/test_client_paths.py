@@ -230,7 +230,7 @@ def test_dinov2_concat_last_four_layers_recipe():
     assert feats.shape == (2, 5 * model.config.hidden_size) and torch.isfinite(feats).all()
 
 
-def test_hf_backbone_with_sequence_outputs_works_and_grid_outputs_are_refused():
+def test_hf_backbone_with_sequence_outputs_works_and_grid_outputs_are_full_grid_maps():
     from transformers import Dinov2Backbone
 
     config = hf_model("Dinov2Model").config
@@ -243,15 +243,21 @@ def test_hf_backbone_with_sequence_outputs_works_and_grid_outputs_are_refused():
     full = backbone(pixel_values=x).feature_maps[0].shape[1]
     # an intermediate stage keeps its merged tokens; the last block's output is spread back over the grid
     assert maps is not None and len(maps) == 2 and maps[0].shape[1] < full == maps[1].shape[1]
+    converted.config.reshape_hidden_states = True  # switched on after conversion: one line, not a shape error
+    with pytest.raises(LtmError, match="convert it with reshape_hidden_states=True"):
+        converted(pixel_values=x)
+    converted.config.reshape_hidden_states = False
     reshaping = Dinov2Backbone(config.__class__(**{**config.to_dict(), "out_features": ["stage2"],
                                                    "out_indices": None})).eval()
-    with pytest.raises(LtmError, match="reshape_hidden_states"):
-        convert(reshaping, 0.5)
+    dense = convert(reshaping, 0.5)  # its stage2 map is laid out on the grid: converted dense (tests/test_dense.py)
+    with torch.no_grad():
+        (grid,) = dense(pixel_values=x).feature_maps
+    assert dense.ltm_plan.data["grid_reads"] == ["encoder.layer.1"] and grid.shape[-2:] == (8, 8)
 
 
 @pytest.mark.parametrize("norm", [False, True])
 def test_timm_nchw_intermediates_are_full_grid_maps(norm):
-    model = convert(timm_model("dinov2"), 0.5)
+    model = convert(timm_model("dinov2"), 0.5, dense=True)  # the last block keeps patches (tests/test_dense.py)
     x = images_for(model, batch=2)
     with torch.no_grad():
         maps = model.forward_intermediates(x, indices=[0, 2], norm=norm, intermediates_only=True)
@@ -269,7 +275,7 @@ def test_timm_nchw_intermediates_are_full_grid_maps(norm):
 def test_timm_feature_getter_net():
     from timm.models._features import FeatureGetterNet
 
-    model = convert(timm_model("dinov2"), 0.5)
+    model = convert(timm_model("dinov2"), 0.5, dense=True)
     getter = FeatureGetterNet(model, out_indices=[1, 2])
     with torch.no_grad():
         feats = getter(images_for(model, batch=2))
@@ -437,7 +443,7 @@ def test_timm_nchw_intermediates_with_prefix_tokens():
     """forward_intermediates(return_prefix_tokens=True) gives (map, prefix tokens) pairs: the maps are
     full-grid like without prefix tokens, the prefix tokens as the blocks left them."""
     original = _vit()
-    model = convert(copy.deepcopy(original), 0.5)
+    model = convert(copy.deepcopy(original), 0.5, dense=True)  # the last block keeps patches (tests/test_dense.py)
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         got = model.forward_intermediates(x, indices=2, intermediates_only=True, return_prefix_tokens=True)

@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
-from model_zoo import timm_model
+from model_zoo import DENSE_HF, dense_model, images_for, timm_model
+from torch import nn
 
 from ltm_convert.api import convert, describe
 from ltm_convert.config import REACH_TOLERANCE, LtmConfig
@@ -69,3 +71,180 @@ def test_cli_convert_dense_then_inspect(tmp_path):
     assert info["dense"] is True and info["blocks"][-1]["tokens_out"] > info["prefix_tokens"] + 1
     text = cli("inspect", "d.pt")
     assert text.returncode == 0 and "dense" in text.stdout
+
+
+# -- a class-token model not converted dense: its collapsed last block refuses full-grid maps -------------
+
+def test_a_collapsed_last_block_refuses_full_grid_maps_in_one_line():
+    """Before, the last block's NCHW map of a class-token model was silently one vector repeated
+    (spatial std 0); now every client path that asks for it hears why, and the fix."""
+    from timm.models._features import FeatureGetterNet
+
+    from ltm_convert.errors import LtmError
+
+    model = convert(timm_model("dinov2"), 0.5)
+    x = torch.randn(2, 3, 98, 98)
+    asks = {"forward_intermediates": lambda: model.forward_intermediates(x, indices=[2], intermediates_only=True),
+            "get_intermediate_layers": lambda: model.get_intermediate_layers(x, n=1, reshape=True),
+            "FeatureGetterNet": lambda: FeatureGetterNet(model, out_indices=[2])(x)}
+    for name, ask in asks.items():
+        with pytest.raises(LtmError) as caught:
+            with torch.no_grad():
+                ask()
+        message = str(caught.value)
+        assert "\n" not in message and "dense=True" in message and "--dense" in message, name
+    with torch.no_grad():  # the blocks before it, and the merged tokens themselves, are still there
+        (earlier,) = model.forward_intermediates(x, indices=[1], intermediates_only=True)
+        (tokens,) = model.forward_intermediates(x, indices=[2], intermediates_only=True, output_fmt="NLC")
+    assert _spatial_std(earlier) > 0 and tokens.shape[1] == 1
+
+
+# -- timm client paths, dense --------------------------------------------------------------------------
+
+def _timm_paths(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every timm client path that hands out NCHW maps of the blocks, the last included."""
+    from timm.models._features import FeatureGetterNet
+
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=[1, 2])
+        pairs = model.forward_intermediates(x, indices=2, intermediates_only=True, return_prefix_tokens=True)
+        as_dict = model.forward_intermediates(x, indices=[2], output_dict=True, return_prefix_tokens=True)
+        layers = model.get_intermediate_layers(x, n=2, reshape=True, return_prefix_tokens=True)
+        getter = FeatureGetterNet(model, out_indices=[1, 2])(x)
+    out = {"class token": final[:, 0], **{f"maps{i}": m for i, m in enumerate(maps)}}  # (final: merged tokens)
+    out.update({f"pairs{i}": m for i, (m, _) in enumerate(pairs)})
+    out.update({f"prefix{i}": p for i, (_, p) in enumerate(pairs)})
+    out["dict"] = as_dict["image_intermediates"][0]
+    out.update({f"layers{i}": m for i, (m, _) in enumerate(layers)})
+    out.update({f"getter{i}": m for i, m in enumerate(getter)})
+    return out
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_timm_client_paths_give_full_grid_maps(ratio):
+    original = timm_model("dinov2")
+    model = convert(copy.deepcopy(original), ratio, dense=True)
+    x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(2))
+    got, ref = _timm_paths(model, x), _timm_paths(original, x)
+    assert got.keys() == ref.keys()
+    for name, value in got.items():
+        assert value.shape == ref[name].shape and torch.isfinite(value).all(), name
+        if ratio == 1.0:
+            torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4, msg=name)
+        elif value.dim() == 4:
+            assert _spatial_std(value) > 0.2 * _spatial_std(ref[name]), name
+
+
+def test_timm_features_only_converts_dense():
+    """timm.create_model(features_only=True) (a FeatureGetterNet around the ViT) was refused; it converts,
+    dense, and its maps are full-grid."""
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, img_size=96, features_only=True,
+                                 out_indices=(1, 2)).eval()
+
+    original = build()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = original(x)
+        same = convert(build(), 1.0)(x)
+        model = convert(build(), 0.6)
+        got = model(x)
+    for a, b in zip(same, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    info = describe(model)
+    assert info["dense"] and abs(info["flops_ratio"] - 0.6) <= REACH_TOLERANCE * 0.6
+    assert info["blocks"][-1]["tokens_out"] < info["blocks"][0]["tokens_in"]
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and torch.isfinite(a).all() and _spatial_std(a) > 0.2 * _spatial_std(b)
+
+
+# -- HF models that lay hidden states out on the grid --------------------------------------------------
+
+def _maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The dense outputs: feature maps, depth map, segmentation logits or pose heatmaps."""
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    maps = getattr(out, "feature_maps", None)
+    if maps is not None:
+        return list(maps)
+    return [next(getattr(out, k) for k in ("predicted_depth", "logits", "heatmaps") if getattr(out, k, None) is not None)]
+
+
+def _over_space(m: torch.Tensor) -> float:
+    return _spatial_std(m) if m.dim() == 4 else float(m.flatten(1).std(dim=-1).mean())  # a depth map is (B, H, W)
+
+
+@pytest.mark.parametrize("kind", sorted(DENSE_HF))
+def test_hf_models_that_reshape_hidden_states_convert_dense(kind):
+    """Refused before ("lays block outputs out on the 2-D patch grid"); now the blocks whose outputs the
+    model reads on the grid hand them out spread over it: equal at 1.0, full-grid and varied below."""
+    ratio = DENSE_HF[kind]
+    original = dense_model(kind)
+    x = images_for(original, batch=2)
+    ref = _maps(original, x)
+    same = _maps(convert(copy.deepcopy(original), 1.0), x)
+    model = convert(copy.deepcopy(original), ratio)
+    got = _maps(model, x)
+    for a, b in zip(same, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    info = describe(model)
+    assert info["dense"] and model.ltm_plan.data["grid_reads"]
+    assert abs(info["flops_ratio"] - ratio) <= REACH_TOLERANCE * ratio
+    assert info["blocks"][-1]["tokens_out"] < info["blocks"][0]["tokens_in"]
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and torch.isfinite(a).all() and _over_space(a) > 0.05 * _over_space(b)
+    if hasattr(original.config, "out_features"):  # a backbone's map: every patch holds the value of its token
+        kept = info["blocks"][-1]["tokens_out"] - info["prefix_tokens"]
+        last = got[-1][0].flatten(1).T
+        assert len(torch.unique(last, dim=0)) == kept
+
+
+@pytest.mark.parametrize("kind", ["DPTForDepthEstimation", "DepthAnythingForDepthEstimation"])
+def test_dense_hf_models_save_and_load(kind, tmp_path):
+    from ltm_convert.io import load, save
+
+    model = convert(dense_model(kind), DENSE_HF[kind])
+    x = images_for(model, batch=2)
+    save(model, tmp_path / "m.pt")
+    model.save_pretrained(tmp_path / "hf")
+    for saved in (tmp_path / "m.pt", tmp_path / "hf"):
+        back = load(saved)
+        assert back.ltm_plan.data["grid_reads"] == model.ltm_plan.data["grid_reads"]
+        torch.testing.assert_close(_maps(back, x)[0], _maps(model, x)[0], rtol=0, atol=0)
+
+
+def test_cli_converts_a_saved_hf_dpt_directory(tmp_path):
+    from ltm_convert.io import load
+
+    original = dense_model("DPTForDepthEstimation")
+    original.save_pretrained(tmp_path / "dpt")
+    done = subprocess.run([sys.executable, "-m", "ltm_convert.cli", "convert", f"hf:{tmp_path / 'dpt'}", "--ratio",
+                           "0.6", "-o", "dpt_ltm.pt", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["model"] == "DPTForDepthEstimation" and info["dense"] and "grid" in info["head"]
+    assert abs(info["flops_ratio"] - 0.6) <= REACH_TOLERANCE * 0.6
+    model = load(tmp_path / "dpt_ltm.pt")
+    x = images_for(model, batch=2)
+    (depth,), (ref,) = _maps(model, x), _maps(original, x)
+    assert depth.shape == ref.shape and torch.isfinite(depth).all() and _over_space(depth) > 0.05 * _over_space(ref)
+
+
+def test_bench_unmerge_runs_and_reports_the_share(tmp_path):
+    """benchmarks/bench_unmerge.py (the numbers in benchmarks/README.md), on a tiny ViT."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_unmerge.py"
+    out = tmp_path / "unmerge.json"
+    done = subprocess.run([sys.executable, str(script), "--model", "vit_tiny_patch16_224", "--batch", "1", "--repeats",
+                           "2", "--json", str(out)], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["maps"] for r in rows] == ["all blocks", "last 4 blocks"]
+    for row in rows:
+        assert row["gathers_s"] > 0 and len(row["unmerge_share"]) == 3 and abs(row["flops_ratio"] - 0.5) < 0.01

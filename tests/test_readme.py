@@ -7,6 +7,7 @@ from pathlib import Path
 
 from model_zoo import (
     CLASS_ATTENTION_TIMM,
+    DENSE_HF,
     FFN_GRID_HF,
     FFN_GRID_TIMM,
     GRID_HF,
@@ -34,7 +35,7 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES
+    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(DENSE_HF)
     assert listed == tested, (sorted(listed), sorted(tested))
 
 

@@ -52,10 +52,11 @@ def prefix_tokens(facts: GraphFacts, first_block_input: fx.Node, num_tokens: int
     return prefix
 
 
-def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int) -> tuple[list[str], list[str]]:
+def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int, grid: bool = False) -> tuple[list[str], list[str]]:
     """What consumes the final token sequence (token pool, average pool, attention pool, the
-    sequence itself; a reshape to a 2-D grid is refused), and the modules the sequence passes
-    through on its way there keeping its tokens (the final norm): those must pass the token
+    sequence itself; a reshape of the patch tokens to their 2-D grid is the head "grid" where the
+    family can hand the head the full grid (``grid``), else refused), and the modules the sequence
+    passes through on its way there keeping its tokens (the final norm): those must pass the token
     sizes on to the head (merge/state.py ``carry_state``)."""
     heads: set[str] = set()
     carry: list[str] = []
@@ -102,6 +103,9 @@ def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int) -> tuple[list[s
             if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and shape:
                 out = shape_of(user)
                 if out and len(out) == 4:
+                    if grid and _patch_grid(out, shape_of(seq), prefix):
+                        heads.add("grid")
+                        continue
                     raise UnsupportedModelError(
                         "not supported yet: the tokens are reshaped to a 2-D grid after the blocks"
                     )
@@ -115,10 +119,19 @@ def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int) -> tuple[list[s
 
 
 
+def _patch_grid(out: tuple, seq: tuple | None, prefix: int) -> bool:
+    """Whether a 4-D reshape lays the patch tokens of ``seq`` (B, prefix + P, C) out on their grid:
+    (B, h, w, C) or (B, C, h, w) with h * w = P."""
+    if not seq or len(seq) != 3:
+        return False
+    patches = seq[1] - prefix
+    return (out[1] * out[2] == patches and out[3] == seq[2]) or (out[2] * out[3] == patches and out[1] == seq[2])
+
+
 def read_as_grid(facts: GraphFacts, seq: fx.Node, inside: list[str]) -> bool:
     """Whether anything outside the blocks (module paths ``inside``) lays this intermediate block
-    output out as a 2-D grid (an HF Backbone reshaping its stage outputs), which merged tokens
-    cannot fill."""
+    output out as a 2-D grid (an HF Backbone reshaping its stage outputs, DPT's reassembly): the
+    block then hands out its tokens spread over the full grid (a dense model)."""
     frontier, seen = [seq], set()
     while frontier:
         node = frontier.pop()

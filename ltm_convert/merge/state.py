@@ -27,6 +27,8 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
+from ltm_convert.merge.rows import take_rows
+
 ATTR = "ltm_tokens"
 
 
@@ -40,12 +42,17 @@ class TokenState(NamedTuple):
         assignment a MobileViT group unmerges with), or None.
     soft: the sequence comes from the relaxed merge of training (ltm_mask.forward_soft): later blocks
         add log(size) to their attention even where they would not merge themselves.
+    rows: (B, prefix + N') int64 or None: the tensor holds the merged tokens spread over the full grid
+        (:func:`spread_over_grid`, for a model that reads this block output on the grid); row t of
+        the merged sequence is its row ``rows[:, t]``, where the next block takes it back
+        (merge/rows.py ``take_rows``). ``sizes`` and ``source`` still describe the merged sequence.
     """
 
     sizes: torch.Tensor
     source: torch.Tensor | None = None
     grid: Any = None
     soft: bool = False  # from a relaxed (training) merge: every token is still there, some with ~0 size
+    rows: torch.Tensor | None = None
 
     def __reduce__(self) -> tuple:
         # ``torch.save(features)`` pickles the tensor's attributes: as plain containers, the sizes load
@@ -236,8 +243,7 @@ def unmerge_tokens(x: torch.Tensor, state: TokenState | None, prefix: int) -> to
 
         raise LtmError("the merged tokens carry no source map; run the forward inside "
                        "ltm_convert.merge.state.tracking_sources() to unmerge them")
-    B, _, C = x.shape
-    return x.gather(1, state.source.unsqueeze(-1).expand(B, state.source.shape[1], C))
+    return take_rows(x, state.source)
 
 
 def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.Tensor:
@@ -247,6 +253,15 @@ def spread_over_grid(x: torch.Tensor, state: TokenState, prefix: int) -> torch.T
     attention pool over it is proportional attention by those counts: the original head computes
     that on its own, with no side state to lose (``f.clone()``, slicing, numpy, hooks all keep it)."""
     return torch.cat([x[:, :prefix], unmerge_tokens(x, state, prefix)], dim=1)
+
+
+def spread_rows(source: torch.Tensor, prefix: int, tokens: int) -> torch.Tensor:
+    """(B, tokens) row of each merged token in its sequence spread over the grid (prefix tokens stay
+    in front): the first original patch it holds (every merged token holds at least one)."""
+    B, P0 = source.shape
+    rows = torch.arange(tokens, device=source.device).expand(B, tokens).contiguous()
+    patches = (torch.arange(P0, device=source.device) + prefix).expand(B, P0)
+    return rows.scatter_reduce(1, source, patches, reduce="amin", include_self=False)
 
 
 def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ltm_convert.errors import UnsupportedModelError
+from ltm_convert.errors import LtmError, UnsupportedModelError
+from ltm_convert.merge.rows import take_rows
 from ltm_convert.merge.state import carry_state, state_of
 from ltm_convert.tracer import ConversionPlan
 
@@ -145,7 +146,9 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
                                output_fmt: str = "NCHW", **kwargs: Any) -> Any:
     """timm's forward_intermediates with NCHW maps on the full patch grid: every original patch
     takes the value of the token it was merged into, so dense heads (segmentation, depth) keep
-    working on a converted model. NLC intermediates are the merged tokens, as the blocks left them."""
+    working on a converted model. NLC intermediates are the merged tokens, as the blocks left them.
+    The map of a block that merged all its patches into one (the last block of a class-token model
+    not converted ``dense``) is refused: it would be one vector repeated over the grid."""
     if output_fmt != "NCHW":
         return type(model).forward_intermediates(model, x, indices, *args, output_fmt=output_fmt, **kwargs)
     from timm.models._features import feature_take_indices
@@ -162,18 +165,20 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
     # the tokens the blocks keep in front (CaiT's blocks see no class token: it joins after them)
     prefix = next((b.ltm_prefix for b in blocks if hasattr(b, "ltm_prefix")), model.num_prefix_tokens)
 
-    def state_after(i: int) -> Any:
-        for j in range(i, -1, -1):  # an unconverted block passes its input's state on
-            name = getattr(blocks[j], "ltm_name", None)
-            if name is not None and name in states:
-                return states[name]
-        return None
+    def block_after(i: int) -> Any:
+        """The converted block whose output block i's output is (an unconverted block passes its input's state on)."""
+        return next((b for b in reversed(blocks[:i + 1]) if getattr(b, "ltm_name", None) in states), None)
 
     def to_map(y: torch.Tensor, i: int) -> torch.Tensor:
-        state = state_after(i)
-        if state is not None and state.source is not None:
-            src = (state.source - prefix).unsqueeze(-1).expand(B, state.source.shape[1], y.shape[-1])
-            y = y.gather(1, src)
+        block = block_after(i)
+        state = states[block.ltm_name] if block is not None else None
+        cells = grid[0] * grid[1]
+        if state is not None and state.source is not None and y.shape[1] != cells:  # (a spread output is full)
+            if block.ltm_collapse and y.shape[1] == 1:
+                raise LtmError(f"{block.ltm_name} merges all its patch tokens into one (the model was converted for "
+                               "a head that reads only the class token), so its full-grid map would be one vector "
+                               "repeated; convert with dense=True (CLI: --dense) for full-grid maps of that block")
+            y = take_rows(y, state.source - prefix)
         return y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
 
     def to_maps(items: list) -> list:  # return_prefix_tokens=True: (spatial tokens, prefix tokens) pairs
@@ -188,11 +193,25 @@ def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any =
     return to_maps(out)
 
 
+def _reshape_unchanged(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an HF backbone converted with ``reshape_hidden_states=False``: its intermediate
+    stages hand out merged tokens, which the switched-on reshape cannot lay out on the grid."""
+    if model.config.reshape_hidden_states and not model.ltm_plan.data.get("reshape_hidden_states", True):
+        raise LtmError(f"this {type(model).__name__} was converted with config.reshape_hidden_states=False (its "
+                       "intermediate feature maps are merged token sequences); convert it with "
+                       "reshape_hidden_states=True for full-grid feature maps")
+
+
 def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
-    """Client paths beyond the head: timm's forward_intermediates gives full-grid NCHW maps."""
-    if callable(getattr(type(model), "forward_intermediates", None)) and hasattr(model, "patch_embed") \
-            and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
-        model.forward_intermediates = InstanceMethod(model, timm_forward_intermediates)
+    """Client paths beyond the head: timm's forward_intermediates gives full-grid NCHW maps, also
+    where the timm model sits inside a wrapper (``features_only``'s FeatureGetterNet); an HF backbone
+    converted without reshaping refuses to reshape later in one line."""
+    if plan.data.get("reshape_hidden_states") is False:
+        model.register_forward_pre_hook(_reshape_unchanged)
+    for module in model.modules():
+        if callable(getattr(type(module), "forward_intermediates", None)) and hasattr(module, "patch_embed") \
+                and hasattr(module, "blocks") and hasattr(module, "num_prefix_tokens"):
+            module.forward_intermediates = InstanceMethod(module, timm_forward_intermediates)
 
 
 # head adapters a family file adds for its models: (model, plan, needs) -> adapter name, or None

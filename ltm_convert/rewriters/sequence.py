@@ -90,21 +90,21 @@ class SequenceFamily:
         tokens = analysis.blocks[0].tokens_with_prefix
         prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], tokens)
         names = [b.name for b in analysis.blocks]
-        # the reshape_hidden_states hint only for models that have that setting (HF backbones)
-        hf_grid = hasattr(getattr(analysis.modules.get(""), "config", None), "reshape_hidden_states")
-        hint = ("; set config.reshape_hidden_states=False (the feature maps are then token sequences, fewer tokens "
-                "in later stages), or take full-grid maps from a timm model's forward_intermediates()"
-                if hf_grid else "")
-        if any(read_as_grid(analysis.facts, out, names) for _, out in analysis.block_adds[:-1]):
-            return (f"not supported yet: {analysis.model_class} lays intermediate block outputs out on the 2-D patch "
-                    f"grid, which merged tokens cannot fill{hint}")
         try:
-            heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix)
+            heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix, grid=True)
         except UnsupportedModelError as exc:
-            return f"{exc}{hint if 'grid' in str(exc) else ''}"
+            return str(exc)
+        # block outputs the model's own code lays out on the 2-D patch grid (HF backbones' feature maps,
+        # DPT's reassembly): those blocks hand out their tokens spread over the full grid (build)
+        grid_reads = [name for name, (_, out) in zip(names[:-1], analysis.block_adds[:-1])
+                      if read_as_grid(analysis.facts, out, names)] + (names[-1:] if "grid" in heads else [])
+        data: dict[str, Any] = {"carry": carry, **({"grid_reads": grid_reads} if grid_reads else {})}
+        reshape = getattr(getattr(analysis.modules.get(""), "config", None), "reshape_hidden_states", None)
+        if isinstance(reshape, bool):  # an HF backbone: what its feature maps were traced as (heads.py checks it)
+            data["reshape_hidden_states"] = reshape
         plan = ConversionPlan(model_class=analysis.model_class, input_size=analysis.input_size,
                               tokens_with_prefix=tokens, prefix_tokens=prefix, heads=heads, blocks=list(analysis.blocks),
-                              skipped=list(analysis.skipped), data={"carry": carry})
+                              skipped=list(analysis.skipped), data=data)
         try:  # what each block receives besides its tokens, checked before anything is built
             for match in plan.blocks:
                 block = analysis.modules[match.name]
@@ -118,8 +118,11 @@ class SequenceFamily:
     def build(self, model: nn.Module, plan: "ConversionPlan", analysis: "Analysis", config: "LtmConfig") -> None:
         modules = dict(model.named_modules())
         factory = mask_factory(config.method)
-        plan.data["dense"] = bool(config.dense)  # read by sites(): no last-block collapse
-        full_grid = pools_patches(plan)
+        # blocks whose outputs the model lays out on the patch grid hand them out spread over it (the
+        # next block takes its merged tokens back): such a model is dense whatever the config says
+        grid_reads = set(plan.data.get("grid_reads", []))
+        plan.data["dense"] = bool(config.dense or grid_reads)  # read by sites(): no last-block collapse
+        full_grid = pools_patches(plan) or "grid" in plan.heads
         without_bias: dict[str, str] = {}  # block -> why its attention cannot take the size bias
         for i, match in enumerate(plan.blocks):
             block = modules[match.name]
@@ -148,8 +151,10 @@ class SequenceFamily:
                 block.__dict__["_ltm_positions"] = rule
             # a head that pools the patch tokens gets them back on the full grid (merge/state.py
             # spread_over_grid): the original head then weighs each merged token by the patches it holds
-            block.ltm_track_sources = full_grid
-            block.ltm_full_grid_out = full_grid and i == len(plan.blocks) - 1
+            last = i == len(plan.blocks) - 1
+            block.ltm_track_sources = full_grid or bool(grid_reads)
+            block.ltm_full_grid_out = full_grid and last
+            block.ltm_spread_out = match.name in grid_reads and not last
         if without_bias:
             names = list(without_bias)
             warnings.warn(f"ltm_convert: the attention of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "

@@ -266,16 +266,26 @@ def _hf_config(name: str, kwargs: dict, hub: bool, pretrained: bool = False) -> 
     return config
 
 
+# heads of dense prediction: a config whose architectures name one of these builds that class (DPT's
+# depth head, Depth Anything, a Backbone's feature maps), not the bare encoder AutoModel gives
+DENSE_HEADS = ("ForDepthEstimation", "ForSemanticSegmentation", "ForPoseEstimation", "Backbone")
+
+
 def _build_hf(name: str, pretrained: bool, kwargs: dict, hub: bool | None = None) -> nn.Module:
     """AutoConfig, then AutoModelForImageClassification when the config's architectures name a
-    classification head (else AutoModel); ``kwargs`` override config fields (e.g. num_labels).
-    The hub is reached only when ``hub`` (default: ``pretrained``); a directory never reaches it."""
+    classification head, the class they name for a dense head (DENSE_HEADS), else AutoModel;
+    ``kwargs`` override config fields (e.g. num_labels). The hub is reached only when ``hub``
+    (default: ``pretrained``); a directory never reaches it."""
     import transformers
 
     hub = pretrained if hub is None else hub
     config = _hf_config(name, kwargs, hub, pretrained)
-    heads = any("ForImageClassification" in a for a in getattr(config, "architectures", None) or [])
+    archs = getattr(config, "architectures", None) or []
+    heads = any("ForImageClassification" in a for a in archs)
     auto = transformers.AutoModelForImageClassification if heads else transformers.AutoModel
+    dense = [getattr(transformers, a, None) for a in archs if isinstance(a, str) and a.endswith(DENSE_HEADS)]
+    if len(dense) == 1 and isinstance(dense[0], type) and isinstance(config, getattr(dense[0], "config_class", ())):
+        auto = dense[0]
     kw = {"ignore_mismatched_sizes": True} if kwargs else {}  # a resized head starts fresh
     return from_pretrained_checked(auto, name, config, pretrained=pretrained, hub=hub, **kw)
 
