@@ -75,7 +75,7 @@ def test_paired_speedups_pair_each_model_with_its_own_original_run(monkeypatch):
     def runner(name):
         return lambda x: calls.append(name)
 
-    def fake_time(run, x):
+    def fake_time(run, x, now=None):
         run(x)
         return clock[calls[-1]].pop(0)
 
