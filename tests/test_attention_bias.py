@@ -73,3 +73,24 @@ def test_an_attention_that_cannot_take_a_bias_is_named_in_a_warning():
     assert not any(isinstance(b.attn, BiasedAttention) for b in merged.blocks)
     with torch.no_grad():
         assert torch.isfinite(merged(images_for(model))).all()
+
+
+def test_grid_blocks_whose_attention_takes_no_mask_are_named_in_a_warning():
+    """HF MobileViT's attention computes its softmax in a grandchild and takes no mask, so the blocks
+    after a group's merge cannot weigh merged tokens by size: the conversion says so (it was silent,
+    and the bias was dropped). timm's MobileViT attention takes a mask: no warning."""
+    import warnings
+
+    from model_zoo import grid_model
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(grid_model("MobileViTModel"), 0.8)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("ltm_convert: the attention of")]
+    assert len(messages) == 1 and "transformer.layer.1" in messages[0] and "no proportional attention" in messages[0]
+    import timm
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(timm.create_model("mobilevit_xxs", pretrained=False, img_size=64), 0.8, input_size=64)
+    assert not [w for w in caught if "ltm_convert: the attention of" in str(w.message)]

@@ -153,3 +153,34 @@ def accept_bias(attn: nn.Module, args: tuple, kwargs: dict) -> None:
         attn.__class__ = original
         del attn.__dict__["_ltm_call"]
         raise
+
+
+def give_attention_a_mask(block: nn.Module, name: str, attn_child: str, analysis: Any) -> str | None:
+    """Give the block's attention a mask argument where it has none (:func:`accept_bias`), so the
+    proportional-attention bias (log sizes) reaches its logits. Returns why not where its code cannot
+    take one (the block then converts without proportional attention, as ToMe without it)."""
+    attn = block.get_submodule(attn_child)
+    if takes_mask(attn):
+        return None
+    call = analysis.calls.get(f"{name}.{attn_child}")
+    if call is None:
+        return f"{type(attn).__name__} was not called as a module"
+    try:
+        accept_bias(attn, *call)
+    except UnsupportedModelError as exc:
+        return str(exc).removeprefix("not supported yet: ")
+    return None
+
+
+def warn_without_bias(without_bias: dict[str, str]) -> None:
+    """One warning naming the blocks whose attention cannot take the size bias (block -> why): their
+    merged tokens count once in attention, a loss of accuracy the user should know of."""
+    if not without_bias:
+        return
+    import warnings
+
+    names = list(without_bias)
+    warnings.warn(f"ltm_convert: the attention of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
+                  f"takes no mask and cannot be given one ({next(iter(without_bias.values()))}): its merged "
+                  "tokens count once in attention (no proportional attention), which costs accuracy",
+                  UserWarning, stacklevel=5)

@@ -8,7 +8,6 @@ later block runs on the shorter sequence. What follows the blocks is adapted by 
 """
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +19,7 @@ from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.ltm_block import PositionRule, ltm_class
 from ltm_convert.merge.methods import MaskSpec, mask_factory
 from ltm_convert.merge.positions import refused_positions
-from ltm_convert.rewriters.attention_bias import accept_bias, takes_mask
+from ltm_convert.rewriters.attention_bias import give_attention_a_mask, warn_without_bias
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 from ltm_convert.rewriters.heads import install_head_adapters
 
@@ -46,23 +45,6 @@ def pools_patches(plan: "ConversionPlan") -> bool:
     pooling), or as the model's output sequence (an HF base model's last_hidden_state), which then
     has the original's shape and every patch the value of the token holding it."""
     return bool(set(plan.heads) & {"avg", "max", "attention-pool", "sequence"})
-
-
-def _give_attention_a_mask(block: nn.Module, match: Any, analysis: "Analysis") -> str | None:
-    """Give the block's attention a mask argument where it has none (attention_bias.py), so the
-    proportional-attention bias (log sizes) reaches its logits. Returns why not where its code cannot
-    take one (the block then converts without proportional attention, as ToMe without it)."""
-    attn = block.get_submodule(match.attn_child)
-    if takes_mask(attn):
-        return None
-    call = analysis.calls.get(f"{match.name}.{match.attn_child}")
-    if call is None:
-        return f"{type(attn).__name__} was not called as a module"
-    try:
-        accept_bias(attn, *call)
-    except UnsupportedModelError as exc:
-        return str(exc).removeprefix("not supported yet: ")
-    return None
 
 
 def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
@@ -132,7 +114,7 @@ class SequenceFamily:
         for i, match in enumerate(plan.blocks):
             block = modules[match.name]
             args, kwargs = analysis.calls[match.name]
-            why = _give_attention_a_mask(block, match, analysis)
+            why = give_attention_a_mask(block, match.name, match.attn_child, analysis)
             if why is not None:
                 without_bias[match.name] = why
             call = bind_call(block, args, kwargs)
@@ -160,12 +142,7 @@ class SequenceFamily:
             block.ltm_track_sources = full_grid or bool(grid_reads)
             block.ltm_full_grid_out = full_grid and last
             block.ltm_spread_out = match.name in grid_reads and not last
-        if without_bias:
-            names = list(without_bias)
-            warnings.warn(f"ltm_convert: the attention of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
-                          f"takes no mask and cannot be given one ({next(iter(without_bias.values()))}): its merged "
-                          "tokens count once in attention (no proportional attention), which costs accuracy",
-                          UserWarning, stacklevel=4)
+        warn_without_bias(without_bias)
         install_head_adapters(model, plan)
 
     # -- what a family built on this one overrides ------------------------------------------------

@@ -30,6 +30,7 @@ from ltm_convert.merge.grid import GridMerge, grid_options, unmerge_grid
 from ltm_convert.merge.metric import metric_dim
 from ltm_convert.merge.state import TokenState
 from ltm_convert.plan import GridGroup, records
+from ltm_convert.rewriters.attention_bias import give_attention_a_mask, warn_without_bias
 from ltm_convert.rewriters.base import Site, builtin_family, chain_keep
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,9 +161,14 @@ class UnfoldedGridFamily:
                            "blocks on a 2-D patch grid, which only the grid-preserving 'ltm' method keeps")
         modules = dict(model.named_modules())
         matches = {b.name: b for b in plan.blocks}
+        without_bias: dict[str, str] = {}  # block -> why its attention cannot take the size bias
         for group in grid_groups_of(plan):
             for i, name in enumerate(group.blocks):
                 block, match = modules[name], matches[name]
+                if i > 0:  # the blocks after a group's merge run on merged tokens: proportional attention
+                    why = give_attention_a_mask(block, name, match.attn_child, analysis)
+                    if why is not None:
+                        without_bias[name] = why
                 args, kwargs = analysis.calls[name]
                 call = bind_call(block, args, kwargs)
                 split = split_block(block, match.attn_child, call)
@@ -178,6 +184,7 @@ class UnfoldedGridFamily:
                                 in_with_prefix=group.mergeable,
                                 keep_mergeable=group.mergeable, mask=mask, unmerge=(i == len(group.blocks) - 1))
                 block.__dict__["_ltm_split"] = split
+        warn_without_bias(without_bias)
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         return [Site(name=g.blocks[0], mergeable=g.mergeable, options=sorted(a * b for a, b in grid_options(*g.grid)),
