@@ -180,7 +180,7 @@ def main_output(output: Any) -> torch.Tensor:
     """The tensor a comparison should look at: logits, pooled output, or the last hidden state."""
     if isinstance(output, torch.Tensor):
         return output
-    for key in ("logits", "pooler_output", "last_hidden_state", "image_embeds"):
+    for key in ("logits", "pooler_output", "last_hidden_state", "image_embeds", "predicted_depth", "heatmaps"):
         value = getattr(output, key, None)
         if isinstance(value, torch.Tensor):
             return value

@@ -75,22 +75,88 @@ def test_an_attention_that_cannot_take_a_bias_is_named_in_a_warning():
         assert torch.isfinite(merged(images_for(model))).all()
 
 
-def test_grid_blocks_whose_attention_takes_no_mask_are_named_in_a_warning():
-    """HF MobileViT's attention computes its softmax in a grandchild and takes no mask, so the blocks
-    after a group's merge cannot weigh merged tokens by size: the conversion says so (it was silent,
-    and the bias was dropped). timm's MobileViT attention takes a mask: no warning."""
+def _attention_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The first attention given the bias (HF: the layer's ``attention`` child)."""
+    return next(m for m in model.modules() if isinstance(m, BiasedAttention))
+
+
+def _hf(kind: str) -> tuple[torch.nn.Module, torch.Tensor, float]:
+    from model_zoo import clips_for, dense_model, grid_model, video_model
+
+    if kind == "MobileViTModel":
+        model = grid_model(kind)
+        return model, images_for(model), 0.8
+    if kind == "VideoMAEModel":
+        model = video_model(kind)
+        return model, clips_for(model), 0.6
+    model = dense_model(kind)
+    return model, images_for(model), 0.6
+
+
+HF_SOFTMAX_BELOW = ["DPTForDepthEstimation", "VitPoseForPoseEstimation", "VideoMAEModel", "MobileViTModel"]
+
+
+@pytest.mark.parametrize("kind", HF_SOFTMAX_BELOW)
+def test_hf_attention_with_its_softmax_one_module_down_gets_the_size_bias(kind):
+    """HF DPT, ViTPose, VideoMAE and MobileViT compute the softmax in a grandchild with the mask
+    hard-coded None, and fx cannot trace it (they warned "no proportional attention" before). The
+    bias now reaches those logits: attention over merged tokens with log sizes equals attention
+    over the sequence where every token is repeated as often as its size (what proportional
+    attention means), no warning, parity at 1.0, and switching the bias off changes the output."""
     import warnings
 
-    from model_zoo import grid_model
+    from ltm_convert.model_inputs import main_output, run_model
 
+    original, x, ratio = _hf(kind)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        convert(grid_model("MobileViTModel"), 0.8)
-    messages = [str(w.message) for w in caught if str(w.message).startswith("ltm_convert: the attention of")]
-    assert len(messages) == 1 and "transformer.layer.1" in messages[0] and "no proportional attention" in messages[0]
-    import timm
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        convert(timm.create_model("mobilevit_xxs", pretrained=False, img_size=64), 0.8, input_size=64)
+        model = convert(copy.deepcopy(original), ratio)
     assert not [w for w in caught if "ltm_convert: the attention of" in str(w.message)]
+    attn = _attention_of(model).eval()
+    width = next(p for p in attn.parameters() if p.dim() == 2).shape[1]
+    torch.manual_seed(3)
+    tokens = torch.randn(2, 7, width)
+    sizes = torch.tensor([[1, 3, 1, 2, 1, 1, 4], [2, 1, 1, 1, 3, 1, 1]])
+    bias = sizes.float().log()[:, None, None, :]
+    repeated = [torch.repeat_interleave(tokens[b], sizes[b], dim=0) for b in range(2)]
+    first = [torch.cumsum(sizes[b], 0) - sizes[b] for b in range(2)]
+
+    def out(t: torch.Tensor, **kw) -> torch.Tensor:
+        y = attn(t, **kw)
+        return y[0] if isinstance(y, tuple) else y
+
+    with torch.no_grad():
+        got = out(tokens, attn_mask=bias)
+        for b in range(2):
+            want = out(repeated[b][None])[0, first[b]]
+            torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5)
+        assert (out(tokens) - got).abs().max() > 1e-4  # the sizes matter
+        same = convert(copy.deepcopy(original), 1.0)
+        torch.testing.assert_close(main_output(run_model(same, x)), main_output(run_model(original, x)), rtol=0, atol=1e-6)
+        with_bias = main_output(run_model(model, x))
+        blocks = [b for _, b in ltm_blocks(model)]
+        assert any(b.merges() for b in blocks[:-1])
+        for b in blocks:
+            b.ltm_prop_attn = False
+        scale = with_bias.abs().max()  # a random tiny MobileViT's output is ~1e-41: compare relatively
+        assert scale > 0 and (main_output(run_model(model, x)) - with_bias).abs().max() > 1e-3 * scale
+
+
+def test_hf_attention_given_the_bias_by_mode_compiles_exports_and_copies(tmp_path):
+    """The bias rides on a torch-function mode around the attention's own forward: it must survive
+    torch.compile(fullgraph), deep copies, and ONNX export with the same result."""
+    from model_zoo import dense_model
+
+    from ltm_convert.tools.export import export_onnx, verify_onnx
+
+    model = convert(dense_model("Dinov2Backbone"), 0.5)  # takes a mask: the plain path, for contrast
+    assert not any(isinstance(m, BiasedAttention) for m in model.modules())
+    model = convert(_hf("DPTForDepthEstimation")[0], 0.6).eval()
+    x = images_for(model)
+    with torch.no_grad():
+        expected = model(pixel_values=x).predicted_depth
+        assert torch.equal(copy.deepcopy(model)(pixel_values=x).predicted_depth, expected)  # HF's own hooks do not pickle
+        compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+        torch.testing.assert_close(compiled(pixel_values=x).predicted_depth, expected, rtol=0, atol=1e-5)
+    path = export_onnx(model, tmp_path / "dpt.onnx")
+    verify_onnx(model, path)

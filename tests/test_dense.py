@@ -161,6 +161,39 @@ def test_timm_features_only_converts_dense():
         assert a.shape == b.shape and torch.isfinite(a).all() and _spatial_std(a) > 0.2 * _spatial_std(b)
 
 
+
+def test_timm_features_only_saves_loads_and_converts_from_the_cli(tmp_path):
+    """A converted features_only ViT could not be saved ("cannot tell how to rebuild this
+    FeatureGetterNet"): its recipe now records features_only and out_indices, also where timm pruned
+    the blocks after the last output; the file loads to the same maps. The CLI builds one from
+    --model-kwargs."""
+    import timm
+
+    from ltm_convert.io import load, save
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for indices in ((1, 2), (0,)):  # (0,): timm keeps one block of three
+        torch.manual_seed(0)
+        model = convert(timm.create_model("vit_small_patch16_224", pretrained=False, depth=3, img_size=64,
+                                          features_only=True, out_indices=indices), 0.7).eval()
+        save(model, tmp_path / "f.pt")
+        loaded = load(tmp_path / "f.pt").eval()
+        assert type(loaded).__name__ == "FeatureGetterNet" and len(loaded.model.blocks) == len(model.model.blocks)
+        assert loaded.ltm_source.kwargs["out_indices"] == list(indices)
+        with torch.no_grad():
+            for a, b in zip(loaded(x), model(x)):
+                assert torch.equal(a, b)
+    done = subprocess.run([sys.executable, "-m", "ltm_convert.cli", "convert", "vit_tiny_patch16_224", "--no-pretrained",
+                           "--model-kwargs", "img_size=64", "--model-kwargs", "depth=3", "--model-kwargs", "features_only=true",
+                           "--model-kwargs", "out_indices=[1,2]", "--ratio", "0.7", "-o", "c.pt"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    cli_model = load(tmp_path / "c.pt").eval()
+    assert describe(cli_model)["dense"]
+    with torch.no_grad():
+        maps = cli_model(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 192, 4, 4)] * 2
+
 # -- HF models that lay hidden states out on the grid --------------------------------------------------
 
 def _maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -262,9 +262,13 @@ def spread_rows(source: torch.Tensor, prefix: int, tokens: int) -> torch.Tensor:
     """(B, tokens) row of each merged token in its sequence spread over the grid (prefix tokens stay
     in front): the first original patch it holds (every merged token holds at least one)."""
     B, P0 = source.shape
-    rows = torch.arange(tokens, device=source.device).expand(B, tokens).contiguous()
+    last = prefix + P0 - 1
+    # prefix tokens keep their row; the others start past the grid and take their patches' minimum
+    # (include_self=True: the ONNX exporter refuses include_self=False)
+    start = torch.arange(tokens, device=source.device).masked_fill(torch.arange(tokens, device=source.device) >= prefix, last + 1)
     patches = (torch.arange(P0, device=source.device) + prefix).expand(B, P0)
-    return rows.scatter_reduce(1, source, patches, reduce="amin", include_self=False)
+    rows = start.expand(B, tokens).contiguous().scatter_reduce(1, source, patches, reduce="amin", include_self=True)
+    return rows.clamp_max(last)
 
 
 def merge_sequence(mask: torch.nn.Module, z: torch.Tensor, state: TokenState | None, prefix: int, keep: int,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from ltm_convert.analysis.block_split import BlockCall, _compile, _mask_param, bind_call, structure_key, trace_block
 from ltm_convert.errors import LtmError, UnsupportedModelError
@@ -84,12 +85,45 @@ def add_placeholder(graph: fx.Graph, name: str) -> fx.Node:
         return graph.placeholder(name)
 
 
+class SizeBiasMode(TorchFunctionMode):
+    """Adds the bias to the logits of the softmax over keys run inside it (or hands it to
+    ``scaled_dot_product_attention`` as ``attn_mask``); with ``bias=None`` it only records what
+    it saw. For attention whose softmax fx cannot reach: HF DPT, ViTPose and VideoMAE compute it
+    one module deeper through ``attention_interface(..., None, ...)`` (the mask hard-coded None),
+    HF MobileViT's grandchild reshapes with ``x.size()[:-1] + (...)``. A torch-function mode sees
+    the call wherever it happens and survives torch.compile, torch.export and the ONNX exporter."""
+
+    def __init__(self, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.bias = bias
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _SOFTMAX:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            last = dim is not None and dim in (-1, args[0].dim() - 1)
+            self.seen.append("softmax" if last else f"a softmax over dim {dim}")
+            if self.bias is not None:
+                args = (args[0] + self.bias.to(args[0].dtype), *args[1:])
+        elif func is F.scaled_dot_product_attention:
+            masked = (len(args) > 3 and args[3] is not None) or kwargs.get("attn_mask") is not None \
+                or bool(kwargs.get("is_causal")) or (len(args) > 5 and bool(args[5]))
+            self.seen.append("an attention that masks itself" if masked else "softmax")
+            if self.bias is not None:
+                kwargs["attn_mask"] = self.bias.to(args[0].dtype)
+        return func(*args, **kwargs)
+
+
 class BiasedAttention(GeneratedCode):
     """An attention module given an ``attn_mask``: added to its logits right before its softmax."""
 
     def forward(self, *args: Any, attn_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         if attn_mask is None:
             return type(self).ltm_original_class.forward(self, *args, **kwargs)
+        if self.__dict__.get("_ltm_by_mode"):
+            with SizeBiasMode(attn_mask):
+                return type(self).ltm_original_class.forward(self, *args, **kwargs)
         fn, names, call = self._ltm_code()
         values = self._ltm_bind(names, call, args, kwargs)
         return fn(self, *[values[n] for n in call.tensor_names], attn_mask)
@@ -149,10 +183,42 @@ def accept_bias(attn: nn.Module, args: tuple, kwargs: dict) -> None:
     attn.__dict__["_ltm_call"] = call
     try:
         attn._ltm_code()  # generated now: a model it cannot handle is refused at conversion, not at run time
-    except UnsupportedModelError:
-        attn.__class__ = original
-        del attn.__dict__["_ltm_call"]
-        raise
+    except UnsupportedModelError as traced:
+        if "computes 0 softmaxes" not in str(traced) and "cannot trace" not in str(traced):
+            _undo(attn, original)
+            raise
+        seen = _softmaxes_seen(attn, original, args, kwargs)  # fx cannot see it: watch one call instead
+        if seen != ["softmax"]:
+            _undo(attn, original)
+            raise UnsupportedModelError(f"not supported yet: {original.__name__} computes "
+                                        f"{', '.join(seen) if seen else '0 softmaxes'}; ltm_convert adds the "
+                                        "token-size bias to exactly one softmax over the keys") from traced
+        attn.__dict__["_ltm_by_mode"] = True
+
+
+def _undo(attn: nn.Module, original: type) -> None:
+    attn.__class__ = original
+    attn.__dict__.pop("_ltm_call", None)
+
+
+def _softmaxes_seen(attn: nn.Module, original: type, args: tuple, kwargs: dict) -> list[str]:
+    """The softmaxes one call of the module's own forward computes, on a weightless copy."""
+    from ltm_convert.flops import meta_copy
+
+    def meta(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        return type(v)(meta(x) for x in v) if isinstance(v, (tuple, list)) else v
+
+    copy_ = meta_copy(attn)
+    mode = SizeBiasMode(None)
+    try:
+        with torch.no_grad(), mode:
+            original.forward(copy_, *[meta(a) for a in args], **{k: meta(v) for k, v in kwargs.items()})
+    except Exception as exc:  # noqa: BLE001 - code that computes on values cannot run weightless
+        raise UnsupportedModelError(f"not supported yet: {original.__name__} cannot run on the meta device "
+                                    f"({str(exc).splitlines()[0][:120]})") from exc
+    return mode.seen
 
 
 def give_attention_a_mask(block: nn.Module, name: str, attn_child: str, analysis: Any) -> str | None:

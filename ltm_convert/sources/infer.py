@@ -41,10 +41,11 @@ def source_of(model: nn.Module) -> ModelSource:
     arch = cfg.get("architecture") if isinstance(cfg, dict) else None
     if not isinstance(arch, str) or not _is_timm(arch):
         raise _cannot(model)
+    inner, features = _features_wrapper(model)
     unmatched = None
-    for kw in _timm_candidates(arch, model):
+    for kw in _timm_candidates(arch, inner, features):
         probe = _probe(arch, kw)
-        if _same_layout(probe, model) and _structure(probe) == _structure(model):
+        if _same_layout(probe, model) and _structure(_features_wrapper(probe)[0]) == _structure(inner):
             ours, theirs = _modules(model), _modules(probe)
             if ours == theirs:
                 return ModelSource("timm", arch, False, None, kw)
@@ -57,17 +58,34 @@ def source_of(model: nn.Module) -> ModelSource:
     raise _cannot(model)
 
 
-def _timm_candidates(arch: str, model: nn.Module) -> list[dict]:
+def _features_wrapper(model: nn.Module | None) -> tuple[nn.Module | None, dict]:
+    """A timm ``features_only`` ViT (FeatureGetterNet around the pruned model): the model inside
+    and the options that rebuild the wrapper; any other model: itself and no options."""
+    if model is None or type(model).__name__ != "FeatureGetterNet" or not type(model).__module__.startswith("timm."):
+        return model, {}
+    fmt = getattr(model.output_fmt, "value", model.output_fmt)
+    if model.out_map is not None or model.return_dict or model.norm or fmt != "NCHW":
+        raise LtmError("cannot record how to rebuild this FeatureGetterNet: out_map, return_dict, norm or "
+                       "output_fmt differ from what timm.create_model(..., features_only=True) builds; create it "
+                       "with ltm_convert.load_model(...) or pass source=...")
+    return model.model, {"features_only": True, "out_indices": [int(i) for i in model.out_indices]}
+
+
+def _timm_candidates(arch: str, model: nn.Module, features: dict | None = None) -> list[dict]:
     """Recipes to try, most specific first: the options the model shows, plus every structural
-    option (depth, width, heads, ...) where it differs from the architecture built with the rest."""
+    option (depth, width, heads, ...) where it differs from the architecture built with the rest.
+    ``features``: the features_only options of the wrapper ``model`` sat in (its blocks pruned
+    after the last output, so it is compared with a default built the same way)."""
+    features = features or {}
     base = _timm_kwargs(model)
-    default = _probe(arch, base)
+    default = _features_wrapper(_probe(arch, {**base, **features}))[0]
     shown = _structure(model)
     theirs = _structure(default) if default is not None else {}
     extra = {k: _as_option(k, v, model) for k, v in shown.items() if v is not None and theirs.get(k) != v}
     classes = {k: v for k, v in base.items() if k == "num_classes"}
     candidates: list[dict] = []
     for kw in ({**base, **extra}, base, classes):
+        kw = {**kw, **features}
         if kw not in candidates:
             candidates.append(kw)
     return candidates

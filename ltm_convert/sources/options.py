@@ -67,6 +67,8 @@ TIMM_OPTIONS: dict[str, Check] = {
     "embed_dim": _ints(8, 8192),
     "embed_dims": _ints(8, 8192),  # TinyViT's per-stage widths
     "depth": _int(1, 96),
+    "features_only": _bool,  # a ViT's FeatureGetterNet (dense heads read its grid maps)
+    "out_indices": lambda v: _int(-96, 96)(v) or _ints(-96, 96, 96)(v),
     "depths": _ints(1, 96),
     "num_heads": _ints(1, 128),
     "window_size": _ints(1, 64),
