@@ -13,6 +13,7 @@ rebuilt model carries the same config.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -56,6 +57,10 @@ def default_input_size(model: nn.Module) -> tuple[int, int]:
         size = _as_hw(getattr(holder, "image_size", None) or getattr(holder, "crop_size", None))
         if size:
             return size
+    for holder in _configs(model):  # HF SigLIP2 NaFlex: a square image of its position table's patches
+        patches, patch = getattr(holder, "num_patches", None), getattr(holder, "patch_size", None)
+        if isinstance(patches, int) and isinstance(patch, int) and math.isqrt(patches) ** 2 == patches:
+            return (math.isqrt(patches) * patch,) * 2
     return (224, 224)
 
 
@@ -145,26 +150,44 @@ NAFLEX_HF_INPUTS = ("pixel_attention_mask", "spatial_shapes")
 def call_kwargs(model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
     """(args, kwargs) that feed ``images`` to the model's forward."""
     if is_hf_model(model):
-        params = inspect.signature(model.forward).parameters
-        naflex = [n for n in NAFLEX_HF_INPUTS if n in params]
-        if naflex:
-            raise UnsupportedModelError(
-                f"not supported yet: {type(model).__name__} takes patchified pixel_values (B, N, C*p*p) with "
-                f"{' and '.join(naflex)} (NaFlex batches), not images, and ltm_convert traces and counts FLOPs on "
-                "images only; it would convert once it can trace an example NaFlex batch (the padding-aware merge "
-                "exists: timm's naflexvit_* models convert)")
+        params = inspect.signature(type(model).forward).parameters
+        if all(n in params for n in NAFLEX_HF_INPUTS):
+            return (), naflex_batch(model, images)
         return (), {_hf_input_name(model): images}
-    params = [p for p in inspect.signature(model.forward).parameters.values()
+    params = [p for p in inspect.signature(type(model).forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not params:
         raise LtmError(f"cannot tell how to feed images to {type(model).__name__}.forward; it takes no positional input")
     return (images,), {}
 
 
+def naflex_batch(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Images (B, C, H, W) as the NaFlex batch an HF SigLIP2-style model takes: patches (B, h*w, p*p*C)
+    in its processor's order (row by row, each patch's pixels row by row, channels last), every patch
+    valid, and each image's (h, w) patch grid."""
+    config = next((c for c in _configs(model) if getattr(c, "patch_size", None)), None)
+    if config is None:
+        raise LtmError(f"cannot tell the patch size of {type(model).__name__}: its config has no patch_size")
+    p = int(config.patch_size)
+    B, C, H, W = images.shape
+    if H % p or W % p:
+        raise LtmError(f"{type(model).__name__} cuts images into {p}x{p} patches; {H}x{W} is not a multiple of {p}: "
+                       f"pass an --input-size that is")
+    h, w = H // p, W // p
+    patches = images.reshape(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, p * p * C)
+    # the model reads these values (its position table's size; whether any patch is padding): real ones,
+    # on the CPU, even for a weightless (meta) count, where "no mask" stands for "every patch valid"
+    meta = images.device.type == "meta"
+    where = "cpu" if meta else images.device
+    return {"pixel_values": patches,
+            "pixel_attention_mask": None if meta else torch.ones(B, h * w, dtype=torch.long, device=where),
+            "spatial_shapes": torch.tensor([[h, w]] * B, dtype=torch.long, device=where)}
+
+
 def _hf_input_name(model: nn.Module) -> str:
     """``pixel_values``, or ``pixel_values_videos`` for a model whose forward takes only that (V-JEPA 2)."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
         return "pixel_values"
     return "pixel_values_videos" if "pixel_values_videos" in params and "pixel_values" not in params \

@@ -60,6 +60,19 @@ NAFLEX_SMALL = dict(depth=2, embed_dim=64, num_heads=2, patch_size=8, num_classe
 NAFLEX_TIMM = {"gap": ("naflexvit_base_patch16_gap", NAFLEX_SMALL),  # 4 registers, average pooling
                "par-gap": ("naflexvit_base_patch16_par_gap", NAFLEX_SMALL),  # aspect-preserving position embedding
                "siglip": ("naflexvit_base_patch16_siglip", NAFLEX_SMALL)}  # no prefix, attention-pool (MAP) head
+NAFLEX_HF = ["Siglip2VisionModel", "Siglip2ForImageClassification"]  # tests/test_siglip2.py
+
+
+def naflex_hf_model(kind: str) -> nn.Module:
+    """A tiny random-weight HF SigLIP2 NaFlex model (NAFLEX_HF): 8 px patches, a 64-patch position table."""
+    import transformers as T
+
+    config = T.Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+                                   num_patches=64, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "Siglip2ForImageClassification":
+        return T.Siglip2ForImageClassification(T.Siglip2Config(vision_config=config.to_dict(), num_labels=5)).eval()
+    return T.Siglip2VisionModel(config).eval()
 
 # models whose blocks run on unfolded 2-D patch grids (ltm_convert/grid.py)
 GRID_TIMM = {"mobilevit-xxs": ("mobilevit_xxs", {}), "mobilevit-s": ("mobilevit_s", {})}

@@ -4,7 +4,7 @@ match the original, and a sample's output does not depend on the padding around 
 tokens never share a merged token with padding (checked on the source map and sizes the merge state
 tracks), every sample keeps the same token count, the attention mask follows the merged tokens (the
 padding's content cannot reach the output), and the FLOPs target is stated for its input size. HF
-``Siglip2VisionModel`` is refused with the reason."""
+``Siglip2VisionModel`` converts too: tests/test_siglip2.py."""
 from __future__ import annotations
 
 import json
@@ -139,16 +139,6 @@ def test_training_on_padded_batches_hard_merge_only():
     merged(batch).square().mean().backward()
     reached = [n for n, p in ltm_parameters(merged) if p.grad is not None and p.grad.abs().sum() > 0]
     assert reached and merged.embeds.proj.weight.grad.abs().sum() > 0
-
-
-def test_hf_siglip2_is_refused_with_the_reason():
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
-
-    config = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                 patch_size=8, num_patches=64)
-    with pytest.raises(UnsupportedModelError, match="Siglip2VisionModel takes patchified pixel_values .* "
-                                                    "pixel_attention_mask and spatial_shapes .* images only"):
-        ltm_convert.convert(Siglip2VisionModel(config).eval(), 0.8)
 
 
 def test_cli_inspect_states_what_the_flops_target_is_for():

@@ -13,6 +13,7 @@ from model_zoo import (
     GRID_HF,
     GRID_TIMM,
     HF_FAMILIES,
+    NAFLEX_HF,
     NAFLEX_TIMM,
     RELB_HF,
     RELB_TIMM,
@@ -38,7 +39,7 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(VIDEO_HF) | set(DENSE_HF)
+    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(VIDEO_HF) | set(DENSE_HF) | set(NAFLEX_HF)
     assert listed == tested, (sorted(listed), sorted(tested))
 
 

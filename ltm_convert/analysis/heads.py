@@ -26,7 +26,8 @@ _PATCH_CONVS = (aten.conv2d.default, aten.conv2d.padding, aten.conv3d.default, a
 
 _LAYOUT_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
                aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.transpose.int,
-               aten.constant_pad_nd.default, aten.pad.default, aten.unsqueeze.default, aten.squeeze.dim)
+               aten.constant_pad_nd.default, aten.pad.default, aten.unsqueeze.default, aten.squeeze.dim,
+               aten.to.dtype, aten._to_copy.default)  # HF SigLIP2 casts its patches to the weights' dtype
 
 
 def _patch_count(facts: GraphFacts) -> int | None:

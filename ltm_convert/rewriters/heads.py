@@ -84,8 +84,14 @@ def _mha_pool_bias(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None
         return None
     query = args[0] if args else kwargs["query"]
     bias = state.sizes.log().to(key.dtype)[:, None, None, :].expand(-1, module.num_heads, query.shape[1], -1)
+    bias = bias.reshape(-1, query.shape[1], key.shape[1])
     kwargs = dict(kwargs)
-    kwargs["attn_mask"] = bias.reshape(-1, query.shape[1], key.shape[1])
+    given = kwargs.get("attn_mask")  # the model's own mask (SigLIP2's padding): kept, the sizes added
+    if given is not None and given.dtype == torch.bool:  # nn.MultiheadAttention: True = may not attend
+        bias = bias.masked_fill(given.expand_as(bias), float("-inf"))
+    elif given is not None:
+        bias = bias + given.to(bias.dtype)
+    kwargs["attn_mask"] = bias
     return args, kwargs
 
 
@@ -133,7 +139,8 @@ def _size_weighted_classifier_input(module: nn.Module, args: tuple) -> tuple | N
         return None
     (pooled_input,) = args
     prefix = stack[-1]["prefix"]
-    mean = size_weighted_mean(seq[:, prefix:], state.sizes[:, prefix:])
+    sizes = state.sizes if state.valid is None else state.sizes * state.valid.to(state.sizes.dtype)  # padding: 0
+    mean = size_weighted_mean(seq[:, prefix:], sizes[:, prefix:])
     if not stack[-1]["joined"]:  # the module receives the mean itself (VideoMAE's fc_norm)
         return (mean,)
     return (torch.cat([pooled_input[:, : seq.shape[-1]], mean], dim=1),)  # Dinov2: [class token, mean]

@@ -1,9 +1,12 @@
-"""The NaFlex family: timm ``naflexvit_*`` (SigLIP2 NaFlex), on plain images and on padded NaFlex batches.
+"""The NaFlex family: timm ``naflexvit_*`` and HF ``Siglip2VisionModel`` (SigLIP2 NaFlex), on plain images
+and on padded NaFlex batches.
 
 A NaFlexViT embeds patches with a linear layer and takes either an image or a NaFlex batch: patches
 (B, N, P*P*C) with their coordinates and a validity mask (``patch_valid``) that marks padding. The
-model turns the validity into an attention mask passed to every block (``attn_mask``, (B, 1, N, N)
-or key-only (B, 1, 1, N)) and pools the valid patches only. Everything else is the sequence
+model turns the validity into an attention mask passed to every block (timm ``attn_mask``, HF
+``attention_mask``; (B, 1, N, N) or key-only (B, 1, 1, N)) and pools the valid patches only. HF's
+SigLIP2 takes ``pixel_values`` already cut into patches with ``pixel_attention_mask`` and
+``spatial_shapes``; the tool feeds it images through model_inputs.naflex_batch. Everything else is the sequence
 family's: blocks cut at the attention residual, the schedule, the last block spreading its tokens
 back over the full patch grid for the pooling head.
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ltm_convert.tracer import Analysis, ConversionPlan
 
 MASK_PARAM = "attn_mask"  # how timm's blocks and attention name the additive mask
+HF_MASK_PARAM = "attention_mask"  # ... and HF's
 
 
 def _takes(fn: Any, name: str) -> bool:
@@ -46,8 +50,19 @@ def _takes(fn: Any, name: str) -> bool:
 
 
 def is_naflex(model: nn.Module) -> bool:
-    """A model that takes NaFlex batches (timm NaFlexVit: ``forward(x, patch_coord, patch_valid)``)."""
-    return _takes(type(model).forward, "patch_valid") and _takes(type(model).forward, "patch_coord")
+    """A model that takes NaFlex batches (timm NaFlexVit: ``forward(x, patch_coord, patch_valid)``; HF
+    SigLIP2: ``forward(pixel_values, pixel_attention_mask, spatial_shapes)``)."""
+    return mask_param(model) is not None
+
+
+def mask_param(model: nn.Module) -> str | None:
+    """The name under which a NaFlex model hands its blocks the padding mask (None: not NaFlex)."""
+    forward = type(model).forward
+    if _takes(forward, "patch_valid") and _takes(forward, "patch_coord"):
+        return MASK_PARAM
+    if _takes(forward, "pixel_attention_mask") and _takes(forward, "spatial_shapes"):
+        return HF_MASK_PARAM
+    return None
 
 
 def valid_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -77,8 +92,12 @@ class PaddingMask:
 
     accepts: tuple[str, ...] = (MASK_PARAM,)
 
+    @property
+    def param(self) -> str:
+        return self.accepts[0]
+
     def arriving(self, block: nn.Module, values: dict[str, Any], state: TokenState | None) -> TokenState | None:
-        mask = values.get(MASK_PARAM)
+        mask = values.get(self.param)
         if mask is None or (state is not None and state.valid is not None):
             return state
         x = values[block.ltm_split().a_inputs[0]]
@@ -92,11 +111,11 @@ class PaddingMask:
 
     def block_inputs(self, block: nn.Module, values: dict[str, Any], state: TokenState | None,
                      bias: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor | None]:
-        mask = values.get(MASK_PARAM)
+        mask = values.get(self.param)
         if mask is None:
             return values, bias
         values = dict(values)
-        values[MASK_PARAM] = None  # the block was cut with no mask: it reaches the attention as the bias
+        values[self.param] = None  # the block was cut with no mask: it reaches the attention as the bias
         if state is not None and state.valid is not None and state.valid.shape[1] != mask.shape[-1]:
             mask = mask_for(state.valid, mask)
         if bias is None:
@@ -106,20 +125,20 @@ class PaddingMask:
         return values, mask + bias.to(mask.dtype)
 
 
-def _mask_reaches_attention_only(block: nn.Module, call: BlockCall, attn_child: str) -> str | None:
-    """Why the block's ``attn_mask`` cannot be taken over as its attention's bias (None: it can): it
-    must feed the attention child's mask argument and nothing else."""
-    if not _takes(type(block).forward, MASK_PARAM):
-        return f"{type(block).__name__}.forward takes no {MASK_PARAM!r}"
-    names = [*call.tensor_names, MASK_PARAM] if MASK_PARAM not in call.tensor_names else call.tensor_names
-    masked = BlockCall(tensor_names=names, constants={k: v for k, v in call.constants.items() if k != MASK_PARAM},
+def _mask_reaches_attention_only(block: nn.Module, call: BlockCall, attn_child: str, param: str) -> str | None:
+    """Why the block's mask ``param`` cannot be taken over as its attention's bias (None: it can): it
+    must feed the attention child's argument of that name and nothing else."""
+    if not _takes(type(block).forward, param):
+        return f"{type(block).__name__}.forward takes no {param!r}"
+    names = [*call.tensor_names, param] if param not in call.tensor_names else call.tensor_names
+    masked = BlockCall(tensor_names=names, constants={k: v for k, v in call.constants.items() if k != param},
                        x_name=call.x_name)
     graph = trace_block(block, masked)
-    node = next((n for n in graph.nodes if n.op == "placeholder" and n.target == MASK_PARAM), None)
+    node = next((n for n in graph.nodes if n.op == "placeholder" and n.target == param), None)
     users = list(node.users) if node is not None else []
     if len(users) != 1 or users[0].op != "call_module" or users[0].target != attn_child \
-            or users[0].kwargs.get(MASK_PARAM) is not node:
-        return f"{type(block).__name__} uses its {MASK_PARAM!r} beyond passing it to {attn_child}({MASK_PARAM}=...)"
+            or users[0].kwargs.get(param) is not node:
+        return f"{type(block).__name__} uses its {param!r} beyond passing it to {attn_child}({param}=...)"
     return None
 
 
@@ -134,22 +153,24 @@ class NaFlexFamily(SequenceFamily):
 
     def find(self, analysis: "Analysis") -> "ConversionPlan | str":
         model = analysis.modules[""]
-        if not is_naflex(model):
-            return f"{analysis.model_class} takes no NaFlex batches (its forward has no patch_coord / patch_valid)"
+        param = mask_param(model)
+        if param is None:
+            return (f"{analysis.model_class} takes no NaFlex batches (its forward has no patch_coord / patch_valid, "
+                    "nor pixel_attention_mask / spatial_shapes)")
         plan = super().find(analysis)
         if isinstance(plan, str):
             return plan
         for match in plan.blocks:
             block = analysis.modules[match.name]
             args, kwargs = analysis.calls[match.name]
-            why = _mask_reaches_attention_only(block, bind_call(block, args, kwargs), match.attn_child)
+            why = _mask_reaches_attention_only(block, bind_call(block, args, kwargs), match.attn_child, param)
             if why is not None:
                 return f"not supported yet: {why}, so merged tokens of a padded NaFlex batch could not be masked"
         return plan
 
     def position_rule(self, model: nn.Module, block: nn.Module, match: Any, plan: "ConversionPlan",
                       analysis: "Analysis") -> PaddingMask:
-        return PaddingMask()
+        return PaddingMask(accepts=(mask_param(model) or MASK_PARAM,))
 
     def sites(self, model: nn.Module, plan: "ConversionPlan") -> list[Site]:
         # no last-block collapse: it would pour a padded batch's padding into its real patches
@@ -197,4 +218,31 @@ def naflex_head(model: nn.Module, plan: "ConversionPlan", needs: set[str]) -> st
     return "naflex-pool"
 
 
+def siglip2_heads(model: nn.Module, plan: "ConversionPlan", needs: set[str]) -> str | None:
+    """Head adapter for HF SigLIP2: its MAP head (nn.MultiheadAttention, given the padding mask) gets
+    the sizes added to that mask, and Siglip2ForImageClassification's masked mean of the vision
+    model's tokens becomes size-weighted. Both matter only where merged tokens reach the head with
+    sizes (the relaxed merge of training, on plain images); in inference the last block hands the
+    head the full sequence and the model's own masked pooling runs."""
+    from ltm_convert.model_inputs import is_hf_model
+    from ltm_convert.rewriters.heads import _mean_classifier, _mha_pool_bias
+
+    if mask_param(model) != HF_MASK_PARAM or not is_hf_model(model):
+        return None
+    vision = getattr(model, "vision_model", None) or model
+    head = getattr(vision, "head", None)
+    mha = getattr(head, "attention", None)
+    if "attention-pool" in needs and not isinstance(mha, nn.MultiheadAttention):
+        return None
+    averaged = type(model).__name__ == "Siglip2ForImageClassification" and vision is not model
+    if "avg" in needs and not averaged:
+        return None
+    if isinstance(mha, nn.MultiheadAttention):
+        mha.register_forward_pre_hook(_mha_pool_bias, with_kwargs=True)
+    if averaged:
+        _mean_classifier(model, "vision_model", 0, pooled="classifier", joined=False)
+    return "siglip2-pool"
+
+
 HEAD_ADAPTERS.insert(0, naflex_head)
+HEAD_ADAPTERS.insert(1, siglip2_heads)
