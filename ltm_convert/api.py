@@ -28,7 +28,7 @@ from ltm_convert.config import (
     check_input_size,
     is_ltm_name,
 )
-from ltm_convert.errors import LtmError
+from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.flops import count_flops, meta_copy
 from ltm_convert.ltm_block import LtmBlockMixin, is_converted, ltm_blocks
 from ltm_convert.merge.grid import GridMerge
@@ -189,6 +189,22 @@ def _collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _check_attention_backend(model: nn.Module) -> None:
+    """HF models run flex / flash attention kernels that take no additive bias (and that the block
+    finder does not recognise as attention): refuse in one line naming the fix, before tracing."""
+    from ltm_convert.model_inputs import _configs, is_hf_model
+
+    if not is_hf_model(model):
+        return
+    for holder in _configs(model):
+        impl = getattr(holder, "_attn_implementation", None)
+        if isinstance(impl, str) and impl not in ("eager", "sdpa"):
+            raise UnsupportedModelError(
+                f"not supported yet: {type(model).__name__} runs attn_implementation {impl!r}; merged tokens need "
+                "attention that takes the token-size bias: call model.set_attn_implementation('sdpa') (or load it "
+                "with attn_implementation='sdpa') before converting")
+
+
 def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None,
              recorded: ConversionPlan | None = None) -> None:
     clock = _Clock()
@@ -196,6 +212,7 @@ def _convert(model: nn.Module, config: LtmConfig, calibration_images: Any = None
     config.input_size = check_input_size(tuple(size), "the model's input size")
     _fit_resolution(model, config.input_size)
     _check_clip_size(model, config.input_size)
+    _check_attention_backend(model)
     if recorded is None:
         analysis = analyse(model, config.input_size, config.exclude)
         clock.lap("trace")

@@ -143,6 +143,11 @@ class LtmBlockMixin(DropsGenerated):
             if key in accepts:
                 continue
             value = values.get(key, planned)
+            if type(value).__name__ == "BlockMask":  # HF switched to flex_attention after conversion
+                raise LtmError(
+                    f"{type(self).ltm_original_class.__name__} {self.ltm_name} received a flex_attention BlockMask; "
+                    "merged tokens need attention that takes the token-size bias: run the model with "
+                    "attn_implementation 'sdpa' or 'eager' (model.set_attn_implementation('sdpa'))")
             if isinstance(value, torch.Tensor) or (value is None) != (planned is None):
                 raise LtmError(
                     f"{type(self).ltm_original_class.__name__} {self.ltm_name} was converted for calls with "
@@ -188,8 +193,15 @@ class LtmBlockMixin(DropsGenerated):
             if self.ltm_collapse and keep == 1:
                 z, state = collapse_tokens(z, state, self.ltm_prefix, self.ltm_name)
             else:
-                z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name,
-                                                      track=self.ltm_track_sources)
+                if state is not None and state.valid is not None:  # a padded batch: each image keeps its own share
+                    from ltm_convert.merge.padding import image_share
+
+                    with image_share(lambda v: self.keep_for(self.ltm_prefix + v)):
+                        z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name,
+                                                              track=self.ltm_track_sources)
+                else:
+                    z, state = self.ltm_mask.merge_tokens(z, state, self.ltm_prefix, keep, self.ltm_name,
+                                                          track=self.ltm_track_sources)
                 if soft:
                     state = state._replace(soft=True)
         out = split.part_b(self, z, *[values[n] for n in split.b_inputs])

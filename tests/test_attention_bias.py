@@ -160,3 +160,32 @@ def test_hf_attention_given_the_bias_by_mode_compiles_exports_and_copies(tmp_pat
         torch.testing.assert_close(compiled(pixel_values=x).predicted_depth, expected, rtol=0, atol=1e-5)
     path = export_onnx(model, tmp_path / "dpt.onnx")
     verify_onnx(model, path)
+
+
+@pytest.mark.parametrize("kind", ["DPTForDepthEstimation", "ViTModel"])
+def test_flex_attention_is_refused_in_one_line_not_silently_unbiased(kind):
+    """flex_attention takes no additive bias and runs no softmax the mode can reach: switched on after
+    conversion it silently dropped proportional attention (DPT, VideoMAE) or failed with a misleading
+    calling-convention message (ViT, Dinov2); converting a model set to it was refused as "no
+    attention". Each is now one line naming the fix."""
+    from model_zoo import dense_model, hf_model
+
+    from ltm_convert.errors import LtmError, UnsupportedModelError
+    from ltm_convert.model_inputs import main_output
+
+    build = (lambda: dense_model(kind)) if kind.startswith("DPT") else (lambda: hf_model(kind))
+    model = convert(build(), 0.6)
+    x = images_for(model)
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(LtmError) as err, torch.no_grad():
+        model(pixel_values=x)
+    message = str(err.value)
+    assert "\n" not in message and "set_attn_implementation('sdpa')" in message
+    assert "BlockMask" in message or "softmax" in message
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        assert torch.isfinite(main_output(model(pixel_values=x))).all()
+    flex = build()
+    flex.set_attn_implementation("flex_attention")
+    with pytest.raises(UnsupportedModelError, match=r"runs attn_implementation 'flex_attention'.*set_attn_implementation\('sdpa'\)"):
+        convert(flex, 0.6)

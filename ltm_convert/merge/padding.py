@@ -5,9 +5,12 @@ padding with a validity mask. A merge must keep every image's sequence at the sa
 (``prefix + keep`` tokens), and a real token must never absorb a padding token (nor the reverse):
 the merged token would be masked out of attention, or leak padding into the image's features.
 
-Per image with ``v`` real and ``p`` padding mergeable tokens, ``r = min(v, keep - 1)`` slots go
-to the real tokens (the block's own merge method merges them into r; none merge when v fits) and the
-remaining ``keep - r`` slots to the padding (the first padding tokens keep a slot each, the rest
+Per image with ``v`` real and ``p`` padding mergeable tokens, ``r`` slots go to the real tokens:
+as many as the block keeps for that image alone (``share(v)``, the block's ``keep_for``), so an
+image's tokens, and its output, do not depend on how much padding the batch adds (otherwise a short
+image in a long batch would fit its tokens into the spare slots and merge less than alone); at most
+``keep - 1`` when there is padding. The block's own merge method merges the real tokens into r; the
+remaining ``keep - r`` slots go to the padding (the first padding tokens keep a slot each, the rest
 share the last one). Images with equal ``v`` are merged together, one mask call per distinct count,
 so a batch without padding costs one call, as without a mask. The merged sequence is laid out
 [prefix, real tokens, padding] with its validity, from which later blocks rebuild their attention
@@ -15,12 +18,29 @@ mask (rewriters/naflex.py).
 """
 from __future__ import annotations
 
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ltm_convert.errors import LtmError
 from ltm_convert.merge.rows import take_rows
+
+
+_SHARE = threading.local()
+
+
+@contextmanager
+def image_share(share: Callable[[int], int]) -> Iterator[None]:
+    """Within: an image of ``v`` real mergeable tokens keeps ``share(v)`` of them (the merging block
+    sets it: what it keeps for an unpadded input of that length)."""
+    previous = getattr(_SHARE, "fn", None)
+    _SHARE.fn = share
+    try:
+        yield
+    finally:
+        _SHARE.fn = previous
 
 
 def merge_padded(mask: Any, z: torch.Tensor, sizes: torch.Tensor | None, valid: torch.Tensor, prefix: int,
@@ -50,10 +70,11 @@ def merge_padded(mask: Any, z: torch.Tensor, sizes: torch.Tensor | None, valid: 
     new_valid = torch.zeros(B, prefix + keep, dtype=torch.bool, device=z.device)
     new_valid[:, :prefix] = True
     front = torch.arange(prefix, device=z.device)
+    share = getattr(_SHARE, "fn", None)
     for v in counts.unique().tolist():
         rows = (counts == v).nonzero().squeeze(1)
         b, p = rows.numel(), M - v
-        r = min(v, keep - (1 if p else 0))
+        r = min(v, keep - (1 if p else 0), share(v) if share is not None else v)
         # real tokens first, each part in its original order
         order = torch.argsort((~real[rows]).to(torch.int8), dim=1, stable=True)
         real_idx, pad_idx = order[:, :v], order[:, v:]

@@ -122,8 +122,15 @@ class BiasedAttention(GeneratedCode):
         if attn_mask is None:
             return type(self).ltm_original_class.forward(self, *args, **kwargs)
         if self.__dict__.get("_ltm_by_mode"):
-            with SizeBiasMode(attn_mask):
-                return type(self).ltm_original_class.forward(self, *args, **kwargs)
+            mode = SizeBiasMode(attn_mask)
+            with mode:
+                out = type(self).ltm_original_class.forward(self, *args, **kwargs)
+            if mode.seen != ["softmax"]:  # e.g. switched to flex_attention after conversion: never silently drop it
+                raise LtmError(f"{type(self).ltm_original_class.__name__} computed its attention without the one "
+                               f"softmax ltm_convert adds the token-size bias to ({', '.join(mode.seen) or 'none'}"
+                               f"{_backend(self)}); run it with attn_implementation 'sdpa' or 'eager': "
+                               "model.set_attn_implementation('sdpa')")
+            return out
         fn, names, call = self._ltm_code()
         values = self._ltm_bind(names, call, args, kwargs)
         return fn(self, *[values[n] for n in call.tensor_names], attn_mask)
@@ -151,6 +158,11 @@ class BiasedAttention(GeneratedCode):
                 biased = graph.call_function(operator.add, (node.args[0], bias))
             node.args = (biased, *node.args[1:])
         return _compile(graph, self)[1]
+
+
+def _backend(module: nn.Module) -> str:
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return f"; attn_implementation is {impl!r}" if isinstance(impl, str) else ""
 
 
 def biased_class(original: type) -> type:
