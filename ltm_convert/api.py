@@ -32,7 +32,7 @@ from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.flops import count_flops, meta_copy
 from ltm_convert.ltm_block import LtmBlockMixin, is_converted, ltm_blocks
 from ltm_convert.merge.grid import GridMerge
-from ltm_convert.model_inputs import default_input_size, example_input, input_frames, run_model
+from ltm_convert.model_inputs import _configs, default_input_size, example_input, input_frames, is_hf_model, run_model
 from ltm_convert.rewriters import family_named, plan_for
 from ltm_convert.schedule import Schedule, full_keep, solve
 from ltm_convert.tracer import ConversionPlan, RecordedAnalysis, analyse, check_recorded_plan
@@ -85,12 +85,13 @@ def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
 
 
 def _check_clip_size(model: nn.Module, size: tuple[int, int]) -> None:
-    """A video model runs on clips of its config's frames at its config's (H, W): most of them size
-    their position tables for exactly that clip and raise deep inside the trace at another size.
-    Say so in one line; a model that resamples its tables (TimeSformer) converts at the size asked."""
+    """An HF model runs at its config's (H, W) (a video model on clips of its config's frames): many
+    size their position tables for exactly that and raise deep inside the trace at another size
+    (ViTPose, VideoMAE). Say so in one line; a model that resamples its tables (TimeSformer, ViT
+    with interpolation) converts at the size asked."""
     frames = input_frames(model)
     own = default_input_size(model)
-    if frames is None or tuple(size) == tuple(own):
+    if (frames is None and not is_hf_model(model)) or tuple(size) == tuple(own):
         return
     counted = meta_copy(model)
     try:
@@ -98,9 +99,12 @@ def _check_clip_size(model: nn.Module, size: tuple[int, int]) -> None:
             run_model(counted, example_input(counted, size, device="meta"))
     except Exception as exc:  # noqa: BLE001 - the model's own refusal, quoted
         why = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise LtmError(f"{type(model).__name__} takes clips of {frames} frames of {own[0]}x{own[1]} pixels (its config's "
-                       f"image size) and cannot run at {size[0]}x{size[1]} ({why}); leave out --input-size, or build "
-                       f"the model with image_size={size[0] if size[0] == size[1] else list(size)}") from None
+        if "meta" in why:  # a model that computes on values cannot run weightless: the trace will tell
+            return
+        what = f"clips of {frames} frames of" if frames is not None else "images of"
+        raise LtmError(f"{type(model).__name__} takes {what} {own[0]}x{own[1]} pixels (its config's image size) and "
+                       f"cannot run at {size[0]}x{size[1]} ({why}); leave out --input-size, or build the model with "
+                       f"image_size={size[0] if size[0] == size[1] else list(size)}") from None
 
 
 def _resolve_config(config: LtmConfig | None, **given: Any) -> LtmConfig:
@@ -192,8 +196,6 @@ def _collection_paused() -> Iterator[None]:
 def _check_attention_backend(model: nn.Module) -> None:
     """HF models run flex / flash attention kernels that take no additive bias (and that the block
     finder does not recognise as attention): refuse in one line naming the fix, before tracing."""
-    from ltm_convert.model_inputs import _configs, is_hf_model
-
     if not is_hf_model(model):
         return
     for holder in _configs(model):

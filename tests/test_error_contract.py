@@ -270,3 +270,15 @@ def test_convert_of_a_converted_models_save_pretrained_directory_is_refused(tmp_
     assert "already a converted model" in line
     shown = run_cli("inspect", f"hf:{tmp_path / 'm'}", "--json", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr[-2000:]
+
+
+def test_an_hf_image_size_the_model_cannot_run_at_is_one_clear_line():
+    """ViTPose sizes its position table for its config's 64x48: --input-size 64 failed as "torch.export
+    could not trace ..." (video models already said what to do); now every HF model says it."""
+    from model_zoo import dense_model
+
+    with pytest.raises(LtmError) as err:
+        convert(dense_model("VitPoseForPoseEstimation"), 0.7, input_size=64)
+    message = str(err.value)
+    assert "\n" not in message and "takes images of 64x48 pixels" in message and "cannot run at 64x64" in message
+    assert "leave out --input-size" in message
