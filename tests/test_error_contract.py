@@ -282,3 +282,14 @@ def test_an_hf_image_size_the_model_cannot_run_at_is_one_clear_line():
     message = str(err.value)
     assert "\n" not in message and "takes images of 64x48 pixels" in message and "cannot run at 64x64" in message
     assert "leave out --input-size" in message
+
+
+def test_convert_onto_an_existing_file_of_another_kind_is_refused_before_converting(tmp_path):
+    """`-o notes.py` (an existing file, not .pt, so it would be saved as a directory) was refused only
+    after the whole conversion; now before the model is loaded, and the file is untouched."""
+    target = tmp_path / "notes.py"
+    target.write_text("keep me\n")
+    proc = run_cli("convert", TINY, "--no-pretrained", "-s", "64", "-o", str(target), cwd=tmp_path)
+    line = assert_one_line_error(proc)
+    assert "exists and is not a directory" in line and "converting" not in proc.stdout + proc.stderr
+    assert target.read_text() == "keep me\n"

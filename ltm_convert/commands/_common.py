@@ -441,17 +441,22 @@ def resolve_model(target: str, *, no_pretrained: bool = False, checkpoint: Optio
                       **(model_kwargs or {})), False
 
 
-def check_output(path: Optional[Path], replace: bool = True) -> None:
+def check_output(path: Optional[Path], replace: bool = True, model: bool = False) -> None:
     """Refuse an output that cannot be written before any work starts: the permission checks of
     ``io.check_writable`` (``replace``: the output replaces what is there, so that must be ours),
     then a real file created (and removed) where the output will go, since some folders refuse new
-    files whatever their permissions say (/proc, /sys, for root too)."""
+    files whatever their permissions say (/proc, /sys, for root too). ``model``: the output is a
+    saved model (a .pt file, or else a directory), so an existing file of another name is refused
+    now, not after the conversion."""
     if path is None:
         return
     import os
     import tempfile
 
-    from ltm_convert.io import check_writable
+    from ltm_convert.io import MODEL_SUFFIXES, check_writable
+
+    if model and Path(path).suffix not in MODEL_SUFFIXES and Path(path).exists() and not Path(path).is_dir():
+        raise LtmError(f"{path} exists and is not a directory; give a .pt file name or a directory")
 
     path = check_writable(path, replace)
     probe = path if path.is_dir() else path.parent

@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         if output is None and not dry_run:
             raise _UsageError("missing option '--output' / '-o' (required unless --dry-run)")
         if not dry_run:
-            check_output(output)
+            check_output(output, model=True)
         photos = None
         if calibration_images is not None:
             if schedule != "calibrated":

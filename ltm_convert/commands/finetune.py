@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
             raise LtmError("give --output/-o (the fine-tuned model) or --workdir (checkpoints only)")
         from ltm_convert.commands._common import check_output
 
-        check_output(output)  # refused before any model or data is loaded
+        check_output(output, model=True)  # refused before any model or data is loaded
         check_output(workdir if workdir is not None else Path(f"{output}.run"), replace=False)  # resumed from
         cfg = FinetuneConfig(
             epochs=epochs, batch_size=batch_size, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
