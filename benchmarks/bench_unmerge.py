@@ -4,7 +4,8 @@ A dense client (segmentation, depth) asks a converted timm ViT for NCHW maps of 
 (``forward_intermediates``); every patch then takes the value of the token it was merged into
 (rewriters/heads.py): the blocks track which token holds each patch (a small index gather per
 block) and each map is one gather of its tokens. The unmerge's cost is those two: the tracking,
-timed as the same NLC call (merged tokens, no maps) with and without it, alternating on one model,
+timed as the same NLC call of timm's own method (merged tokens, no maps: the adapter, which
+spreads NLC tokens over the grid too, left out) with and without it, alternating on one model,
 and the gathers, timed alone on the forward's real tokens and sources. Its share is their sum over
 the time of the NCHW call, at batch B on one thread. Beside it: the NCHW call against the NLC call,
 which also holds timm's own NCHW layout copy (what the original model pays for its maps too).
@@ -46,10 +47,15 @@ def paired(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[f
     return times
 
 
+def merged_tokens(model: torch.nn.Module, x: torch.Tensor, indices: Any) -> list[torch.Tensor]:
+    """The blocks' merged NLC tokens: timm's own forward_intermediates, without the adapter that spreads them."""
+    return type(model).forward_intermediates(model, x, indices=indices, output_fmt="NLC", intermediates_only=True)
+
+
 def gather_seconds(model: torch.nn.Module, x: torch.Tensor, indices: Any, repeats: int) -> float:
     """Median seconds of the unmerge's gathers alone (one per map), on the forward's real tokens and sources."""
     with torch.inference_mode(), tracking_sources(), capturing() as states:
-        tokens = model.forward_intermediates(x, indices=indices, output_fmt="NLC", intermediates_only=True)
+        tokens = merged_tokens(model, x, indices)
     names = [b.ltm_name for b in model.blocks]
     take = sorted(range(len(names)))[-indices:] if isinstance(indices, int) else list(indices)
     prefix = model.num_prefix_tokens
@@ -84,14 +90,17 @@ def main() -> None:
     x = torch.randn(args.batch, 3, *info["input_size"], generator=torch.Generator().manual_seed(0))
     rows = []
     for label, indices in (("all blocks", None), ("last 4 blocks", 4)):
-        def run(m: torch.nn.Module, fmt: str) -> Callable[[], Any]:
-            return lambda: m.forward_intermediates(x, indices=indices, output_fmt=fmt, intermediates_only=True)
+        def nchw() -> Any:
+            return model.forward_intermediates(x, indices=indices, output_fmt="NCHW", intermediates_only=True)
+
+        def nlc() -> Any:
+            return merged_tokens(model, x, indices)
 
         def tracked() -> Any:
             with tracking_sources():
-                return run(model, "NLC")()
+                return nlc()
 
-        times = paired({"nchw": run(model, "NCHW"), "nlc": run(model, "NLC"), "nlc_tracked": tracked}, args.repeats)
+        times = paired({"nchw": nchw, "nlc": nlc, "nlc_tracked": tracked}, args.repeats)
         gathers = gather_seconds(model, x, indices if indices is not None else list(range(len(model.blocks))),
                                  args.repeats)
         share = [(t - n + gathers) / c for c, n, t in zip(times["nchw"], times["nlc"], times["nlc_tracked"])]

@@ -150,7 +150,7 @@ def convert(model: nn.Module, ratio: float = DEFAULT_RATIO, *, input_size: tuple
     replays that conversion with the family the file names, without tracing the model again; a
     plan that does not fit the model is refused.
 
-    ``dense=True`` is for heads that read the patch grid (``forward_intermediates`` NCHW maps,
+    ``dense=True`` is for heads that read the patch grid (``forward_intermediates`` maps or tokens,
     segmentation, depth): every block keeps patch tokens, even the last one of a class-token model
     (which otherwise merges them all into one, since its classifier reads only the class token).
     """

@@ -410,6 +410,31 @@ def check_grid_schedule(run, model: nn.Module, converted: nn.Module, x: torch.Te
     return grids
 
 
+def check_intermediates_hold_their_tokens(model: nn.Module, call) -> int:
+    """``call()`` runs ``model.forward_intermediates`` for every block with NLC output, ``norm=False`` and
+    ``intermediates_only=True`` (model: the timm ViT or NaFlexVit); each intermediate must hold its block's
+    output spread over all the original patch slots: the distinct rows of every sample are exactly the
+    block's patch tokens (every slot holds one of them, none is lost). Returns how many intermediates
+    had merged tokens (a test below 1.0 wants some)."""
+    outputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in model.blocks]
+    try:
+        with torch.no_grad():
+            spread = call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(spread) == len(outputs) == len(model.blocks)
+    merged = 0
+    for y, tokens in zip(spread, outputs):
+        patches = tokens[:, model.num_prefix_tokens:]
+        assert y.shape[1] >= patches.shape[1]
+        merged += patches.shape[1] < y.shape[1]
+        for b in range(y.shape[0]):
+            assert torch.equal(torch.unique(y[b], dim=0), torch.unique(patches[b], dim=0))
+    return merged
+
+
 def check_save_load(converted: nn.Module, path, x: torch.Tensor, inspect_shows: str | None = None) -> None:
     """save() then load() gives bit-identical outputs and the same grid schedule; with
     inspect_shows, the real CLI's ``inspect`` of the file prints the patch grids including it."""

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from model_zoo import DENSE_HF, dense_model, images_for, timm_model
+from model_zoo import DENSE_HF, check_intermediates_hold_their_tokens, dense_model, images_for, timm_model
 from torch import nn
 
 from ltm_convert.api import convert, describe
@@ -86,23 +86,27 @@ def test_a_collapsed_last_block_refuses_full_grid_maps_in_one_line():
     x = torch.randn(2, 3, 98, 98)
     asks = {"forward_intermediates": lambda: model.forward_intermediates(x, indices=[2], intermediates_only=True),
             "get_intermediate_layers": lambda: model.get_intermediate_layers(x, n=1, reshape=True),
-            "FeatureGetterNet": lambda: FeatureGetterNet(model, out_indices=[2])(x)}
+            "FeatureGetterNet": lambda: FeatureGetterNet(model, out_indices=[2])(x),
+            # the token forms too (they handed out the one merged token, where the original has 49)
+            "forward_intermediates NLC": lambda: model.forward_intermediates(x, indices=[2], output_fmt="NLC"),
+            "get_intermediate_layers tokens": lambda: model.get_intermediate_layers(x, n=1, return_prefix_tokens=True)}
     for name, ask in asks.items():
         with pytest.raises(LtmError) as caught:
             with torch.no_grad():
                 ask()
         message = str(caught.value)
         assert "\n" not in message and "dense=True" in message and "--dense" in message, name
-    with torch.no_grad():  # the blocks before it, and the merged tokens themselves, are still there
+    with torch.no_grad():  # the blocks before it are still there, as maps and as tokens
         (earlier,) = model.forward_intermediates(x, indices=[1], intermediates_only=True)
-        (tokens,) = model.forward_intermediates(x, indices=[2], intermediates_only=True, output_fmt="NLC")
-    assert _spatial_std(earlier) > 0 and tokens.shape[1] == 1
+        (tokens,) = model.get_intermediate_layers(x, n=[1])
+    assert _spatial_std(earlier) > 0 and tokens.shape == (2, 49, earlier.shape[1])
 
 
 # -- timm client paths, dense --------------------------------------------------------------------------
 
 def _timm_paths(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every timm client path that hands out NCHW maps of the blocks, the last included."""
+    """Every timm client path that hands out the blocks' outputs on the patch grid, as NCHW maps or as
+    NLC tokens, the last block included."""
     from timm.models._features import FeatureGetterNet
 
     with torch.no_grad():
@@ -111,13 +115,25 @@ def _timm_paths(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         as_dict = model.forward_intermediates(x, indices=[2], output_dict=True, return_prefix_tokens=True)
         layers = model.get_intermediate_layers(x, n=2, reshape=True, return_prefix_tokens=True)
         getter = FeatureGetterNet(model, out_indices=[1, 2])(x)
+        nlc = model.forward_intermediates(x, indices=[2, 0], output_fmt="NLC", norm=True, intermediates_only=True)
+        tokens = model.get_intermediate_layers(x, n=3, return_prefix_tokens=True)  # reshape=False: NLC
+        nlc_dict = model.forward_intermediates(x, indices=[1], output_fmt="NLC", output_dict=True)
     out = {"class token": final[:, 0], **{f"maps{i}": m for i, m in enumerate(maps)}}  # (final: merged tokens)
     out.update({f"pairs{i}": m for i, (m, _) in enumerate(pairs)})
     out.update({f"prefix{i}": p for i, (_, p) in enumerate(pairs)})
     out["dict"] = as_dict["image_intermediates"][0]
     out.update({f"layers{i}": m for i, (m, _) in enumerate(layers)})
     out.update({f"getter{i}": m for i, m in enumerate(getter)})
+    out.update({f"nlc{i}": t for i, t in enumerate(nlc)})
+    out.update({f"tokens{i}": t for i, (t, _) in enumerate(tokens)})
+    out.update({f"token prefix{i}": p for i, (_, p) in enumerate(tokens)})
+    out["nlc dict"] = nlc_dict["image_intermediates"][0]
     return out
+
+
+def _over_patches(value: torch.Tensor) -> float:
+    """Spread over space of a (B, C, H, W) map or of (B, P, C) patch tokens."""
+    return _spatial_std(value) if value.dim() == 4 else float(value.std(dim=1).mean())
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
@@ -131,8 +147,27 @@ def test_timm_client_paths_give_full_grid_maps(ratio):
         assert value.shape == ref[name].shape and torch.isfinite(value).all(), name
         if ratio == 1.0:
             torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4, msg=name)
-        elif value.dim() == 4:
-            assert _spatial_std(value) > 0.2 * _spatial_std(ref[name]), name
+        elif value.dim() == 4 or name.startswith(("nlc", "tokens")):
+            assert _over_patches(value) > 0.2 * _over_patches(ref[name]), name
+
+
+def test_timm_dense_token_outputs_hold_every_patch_at_its_token():
+    """forward_intermediates(output_fmt="NLC") and get_intermediate_layers(reshape=False) of a dense model
+    handed out the merged tokens (10, 6, 4 of 16 patches); now every patch slot holds the value of the token
+    it was merged into, in NLC layout, and the NCHW maps are the same values laid out on the grid."""
+    original = timm_model("dinov2")
+    model = convert(copy.deepcopy(original), 0.5, dense=True)
+    x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(4))
+    merged = check_intermediates_hold_their_tokens(
+        model, lambda: model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True))
+    assert merged == 3  # every block merged
+    with torch.no_grad():
+        tokens = model.get_intermediate_layers(x, n=3)
+        maps = model.get_intermediate_layers(x, n=3, reshape=True)
+        ref = original.get_intermediate_layers(x, n=3)
+    for t, m, r in zip(tokens, maps, ref):
+        assert t.shape == r.shape == (2, 49, 384)
+        assert torch.equal(m.flatten(2).transpose(1, 2), t)
 
 
 def test_timm_features_only_converts_dense():

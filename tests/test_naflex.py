@@ -14,7 +14,7 @@ import sys
 import pytest
 import timm
 import torch
-from model_zoo import NAFLEX_SMALL, NAFLEX_TIMM
+from model_zoo import NAFLEX_SMALL, NAFLEX_TIMM, check_intermediates_hold_their_tokens
 from timm.data.naflex_dataset import NaFlexCollator
 from timm.data.naflex_transforms import Patchify
 
@@ -161,3 +161,74 @@ def test_cli_inspect_states_what_the_flops_target_is_for():
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     assert "FLOPs for" in text and "one 64x64 image: 68 tokens (4 prefix)" in text, done.stdout
+
+
+# -- forward_intermediates: the blocks' outputs on the full patch grid -----------------------------------
+
+def _intermediates(model: torch.nn.Module, x) -> dict[str, torch.Tensor]:
+    """NaFlexVit.forward_intermediates in its forms: NCHW maps (images only) and NLC tokens, with prefix
+    tokens and as a dict."""
+    out = {}
+    with torch.no_grad():
+        if isinstance(x, torch.Tensor):
+            out.update({f"map{i}": m for i, m in enumerate(model.forward_intermediates(x, intermediates_only=True))})
+        nlc = model.forward_intermediates(x, indices=[1, 0], output_fmt="NLC", norm=True, return_prefix_tokens=True,
+                                          intermediates_only=True)
+        got = model.forward_intermediates(x, indices=1, output_fmt="NLC", output_dict=True)
+    for i, item in enumerate(nlc):
+        tokens, *front = item if isinstance(item, tuple) else (item,)
+        out[f"nlc{i}"] = tokens
+        out.update({f"prefix{i}": p for p in front})
+    out["dict"] = got["image_intermediates"][0]
+    if "patch_valid" in got:
+        out["dict valid"] = got["patch_valid"]
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(NAFLEX_TIMM))
+def test_forward_intermediates_of_plain_images_are_full_grid(kind):
+    """They were the merged tokens: 29 of 64 reshaped into an (8, 8) map of nonsense, or 29 NLC tokens. Now
+    every output has the original's shape, equals it at 1.0, and below every patch holds its token's value."""
+    model = _model(kind)
+    x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(4))
+    ref = _intermediates(model, x)
+    assert ref["map0"].shape == (2, 64, 8, 8)
+    same = _intermediates(ltm_convert.convert(model, 1.0, input_size=SIZE), x)
+    assert same.keys() == ref.keys()
+    for name, value in same.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    for dense in (False, True):
+        merged = ltm_convert.convert(model, 0.6, input_size=SIZE, dense=dense)
+        got = _intermediates(merged, x)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+        assert check_intermediates_hold_their_tokens(
+            merged, lambda: merged.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)) >= 1
+        assert torch.equal(got["map0"].flatten(2).transpose(1, 2),  # the map: the same values, on the grid
+                           merged.forward_intermediates(x, indices=[0], output_fmt="NLC", intermediates_only=True)[0])
+
+
+@pytest.mark.parametrize("kind", ["gap", "siglip"])
+def test_forward_intermediates_of_a_padded_batch_cover_every_slot(kind):
+    """A padded NaFlex batch (NLC only, as in timm): full-length outputs, every slot (padding included)
+    holding its token's value, equal to the original at 1.0; the patch_valid the dict returns lines up
+    with them. Asking it for NCHW maps is refused in one line."""
+    model = _model(kind)
+    batch = _batch(_images(), 80)
+    ref = _intermediates(model, batch)
+    same = _intermediates(ltm_convert.convert(model, 1.0, input_size=SIZE), batch)
+    for name, value in same.items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    merged = ltm_convert.convert(model, 0.6, input_size=SIZE)
+    got = _intermediates(merged, batch)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+    assert torch.equal(got["dict valid"], batch["patch_valid"])
+    assert check_intermediates_hold_their_tokens(
+        merged, lambda: merged.forward_intermediates(batch, output_fmt="NLC", intermediates_only=True)) >= 1
+    as_tensors = {k: batch[k] for k in ("patch_coord", "patch_valid")}  # patches passed as a tensor: the same
+    with torch.no_grad():
+        tokens = merged.forward_intermediates(batch["patches"], output_fmt="NLC", intermediates_only=True, **as_tensors)
+        from_dict = merged.forward_intermediates(batch, output_fmt="NLC", intermediates_only=True)
+    assert len(tokens) == 2 and all(torch.equal(a, b) for a, b in zip(tokens, from_dict))
+    with pytest.raises(LtmError) as caught:
+        merged.forward_intermediates(batch, intermediates_only=True)
+    assert "\n" not in str(caught.value) and "output_fmt='NLC'" in str(caught.value)

@@ -13,6 +13,7 @@ and deep-copy with the model.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Any, Callable
 
@@ -159,55 +160,98 @@ def _mean_classifier(model: nn.Module, backbone: str, prefix: int, pooled: str =
     model.forward = InstanceMethod(model, classifier_forward)
 
 
-def timm_forward_intermediates(model: nn.Module, x: torch.Tensor, indices: Any = None, *args: Any,
-                               output_fmt: str = "NCHW", **kwargs: Any) -> Any:
-    """timm's forward_intermediates with NCHW maps on the full patch grid: every original patch
-    takes the value of the token it was merged into, so dense heads (segmentation, depth) keep
-    working on a converted model. NLC intermediates are the merged tokens, as the blocks left them.
-    The map of a block that merged all its patches into one (the last block of a class-token model
-    not converted ``dense``) is refused: it would be one vector repeated over the grid."""
-    if output_fmt != "NCHW":
-        return type(model).forward_intermediates(model, x, indices, *args, output_fmt=output_fmt, **kwargs)
+def _patch_grid(model: nn.Module, image: torch.Tensor) -> tuple[int, int]:
+    """The patch grid timm lays an image's tokens out on (VisionTransformer: ``patch_embed``; NaFlexVit: ``embeds``)."""
+    embed = model.patch_embed if hasattr(model, "patch_embed") else model.embeds
+    if hasattr(embed, "dynamic_feat_size"):
+        h, w = embed.dynamic_feat_size(tuple(image.shape[-2:]))
+        return int(h), int(w)
+    return tuple(embed.grid_size)
+
+
+def _patch_slots(model: nn.Module, x: Any, image: bool) -> int | None:
+    """How many patch tokens the input has before any merge (None: this model does not say)."""
+    if not image:  # a NaFlex batch: patches (B, N, P*P*C), padding included
+        return int((x["patches"] if isinstance(x, dict) else x).shape[1])
+    try:
+        h, w = _patch_grid(model, x)
+    except (AttributeError, TypeError):
+        return None
+    return h * w
+
+
+def _spread_intermediate(y: torch.Tensor, block: Any, state: Any, prefix: int, slots: int | None) -> torch.Tensor:
+    """(B, N', C) patch tokens a block output holds (prefix tokens already split off) -> (B, P0, C) over
+    all P0 original patch slots: each takes the value of the token it was merged into. A sequence
+    that was never merged, or that its block handed out spread already, is returned as it is."""
+    if state is None or state.soft or state.rows is not None or y.shape[1] == slots \
+            or y.shape[1] != state.sizes.shape[1] - prefix:
+        return y
+    if block.ltm_collapse and y.shape[1] == 1:
+        raise LtmError(f"{block.ltm_name} merges all its patch tokens into one (the model was converted for "
+                       "a head that reads only the class token), so its full-grid map or tokens would be one "
+                       "vector repeated; convert with dense=True (CLI: --dense) for full-grid outputs of that block")
+    if state.source is None:
+        raise LtmError(f"{block.ltm_name} left merged tokens without their source map, so its output cannot be "
+                       "spread over the patch grid; call forward_intermediates on the converted model itself")
+    return take_rows(y, state.source - prefix)
+
+
+def timm_forward_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """timm's forward_intermediates (VisionTransformer and relatives, NaFlexVit; hence also
+    ``get_intermediate_layers`` and ``FeatureGetterNet``) with every intermediate on the full patch
+    grid, as the original hands it out: every original patch takes the value of the token it was
+    merged into, so dense heads (segmentation, depth) keep working on a converted model. NCHW maps
+    and NLC tokens alike (prefix tokens split off as timm does, ``norm`` applied per token first);
+    for a padded NaFlex batch (NLC only, as in timm) every slot, padding included, of the original
+    sequence. The output of a block that merged all its patches into one (the last block of a
+    class-token model not converted ``dense``) is refused: it would be one vector repeated over the grid.
+    The final features (``intermediates_only=False``) stay the merged tokens ``forward_features`` gives."""
     from timm.models._features import feature_take_indices
 
     from ltm_convert.merge.state import capturing, tracking_sources
 
-    B, _, H, W = x.shape
+    method = type(model).forward_intermediates
+    signature = inspect.signature(method.__get__(model))
+    bound = signature.bind(*args, **kwargs)
+    if "output_fmt" not in signature.parameters:
+        return method(model, *args, **kwargs)
+    fmt = bound.arguments.get("output_fmt", signature.parameters["output_fmt"].default)
+    x = next(iter(bound.arguments.values()))
+    image = isinstance(x, torch.Tensor) and x.dim() == 4 and bound.arguments.get("patch_coord") is None
+    if fmt == "NCHW" and not image:
+        raise LtmError("forward_intermediates(output_fmt='NCHW') needs images: a NaFlex batch (patches with "
+                       "patch_coord / patch_valid) has a grid per sample; ask for output_fmt='NLC'")
+    bound.arguments["output_fmt"] = "NLC"
     with tracking_sources(), capturing() as states:
-        out = type(model).forward_intermediates(model, x, indices, *args, output_fmt="NLC", **kwargs)
-    take, _ = feature_take_indices(len(model.blocks), indices)
-    grid = model.patch_embed.dynamic_feat_size((H, W)) if hasattr(model.patch_embed, "dynamic_feat_size") \
-        else model.patch_embed.grid_size
+        out = method(model, *bound.args, **bound.kwargs)
+    take, _ = feature_take_indices(len(model.blocks), bound.arguments.get("indices"))
+    take = sorted(set(take))  # timm appends them in block order
     blocks = list(model.blocks)
     # the tokens the blocks keep in front (CaiT's blocks see no class token: it joins after them)
     prefix = next((b.ltm_prefix for b in blocks if hasattr(b, "ltm_prefix")), model.num_prefix_tokens)
+    grid = _patch_grid(model, x) if fmt == "NCHW" else None
+    slots = _patch_slots(model, x, image)
 
-    def block_after(i: int) -> Any:
-        """The converted block whose output block i's output is (an unconverted block passes its input's state on)."""
-        return next((b for b in reversed(blocks[:i + 1]) if getattr(b, "ltm_name", None) in states), None)
+    def full(y: torch.Tensor, i: int) -> torch.Tensor:
+        # the converted block whose output block i's output is (an unconverted block passes its input's state on)
+        block = next((b for b in reversed(blocks[:i + 1]) if getattr(b, "ltm_name", None) in states), None)
+        if block is not None:
+            y = _spread_intermediate(y, block, states[block.ltm_name], prefix, slots)
+        if grid is None:
+            return y
+        return y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
 
-    def to_map(y: torch.Tensor, i: int) -> torch.Tensor:
-        block = block_after(i)
-        state = states[block.ltm_name] if block is not None else None
-        cells = grid[0] * grid[1]
-        if state is not None and state.source is not None and y.shape[1] != cells:  # (a spread output is full)
-            if block.ltm_collapse and y.shape[1] == 1:
-                raise LtmError(f"{block.ltm_name} merges all its patch tokens into one (the model was converted for "
-                               "a head that reads only the class token), so its full-grid map would be one vector "
-                               "repeated; convert with dense=True (CLI: --dense) for full-grid maps of that block")
-            y = take_rows(y, state.source - prefix)
-        return y.reshape(B, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
-
-    def to_maps(items: list) -> list:  # return_prefix_tokens=True: (spatial tokens, prefix tokens) pairs
-        return [(to_map(y[0], i), *y[1:]) if isinstance(y, tuple) else to_map(y, i) for y, i in zip(items, take)]
+    def all_full(items: list) -> list:  # return_prefix_tokens=True: (spatial tokens, prefix tokens) pairs
+        return [(full(y[0], i), *y[1:]) if isinstance(y, tuple) else full(y, i) for y, i in zip(items, take)]
 
     if isinstance(out, dict):
-        out["image_intermediates"] = to_maps(out["image_intermediates"])
+        out["image_intermediates"] = all_full(out["image_intermediates"])
         return out
     if isinstance(out, tuple):
         final, inter = out
-        return final, to_maps(inter)
-    return to_maps(out)
+        return final, all_full(inter)
+    return all_full(out)
 
 
 def _reshape_unchanged(model: nn.Module, args: tuple) -> None:
@@ -220,13 +264,15 @@ def _reshape_unchanged(model: nn.Module, args: tuple) -> None:
 
 
 def install_client_adapters(model: nn.Module, plan: ConversionPlan) -> None:
-    """Client paths beyond the head: timm's forward_intermediates gives full-grid NCHW maps, also
-    where the timm model sits inside a wrapper (``features_only``'s FeatureGetterNet); an HF backbone
-    converted without reshaping refuses to reshape later in one line."""
+    """Client paths beyond the head: timm's forward_intermediates (VisionTransformer and relatives,
+    NaFlexVit) gives full-grid outputs, also where the timm model sits inside a wrapper
+    (``features_only``'s FeatureGetterNet); an HF backbone converted without reshaping refuses to
+    reshape later in one line."""
     if plan.data.get("reshape_hidden_states") is False:
         model.register_forward_pre_hook(_reshape_unchanged)
     for module in model.modules():
-        if callable(getattr(type(module), "forward_intermediates", None)) and hasattr(module, "patch_embed") \
+        embedded = hasattr(module, "patch_embed") or hasattr(module, "embeds")  # NaFlexVit: embeds
+        if callable(getattr(type(module), "forward_intermediates", None)) and embedded \
                 and hasattr(module, "blocks") and hasattr(module, "num_prefix_tokens"):
             module.forward_intermediates = InstanceMethod(module, timm_forward_intermediates)
 
