@@ -6,7 +6,8 @@ close is the converted model's output to the original's on the same image? They 
 so a number means the same thing wherever it is printed.
 
 What is compared: the model's main output (:func:`ltm_convert.model_inputs.main_output`: logits,
-the pooled feature, or the token sequence), as one vector per image. A token sequence (B, N, D)
+the pooled feature, the token sequence, a dense head's map, or the last of several feature maps, the
+one every merge reaches), as one vector per image (a map flattened). A token sequence (B, N, D)
 is reduced to its token mean: that is defined for every model (token 0 is a patch in models
 without a class token), it is the feature fine-tuning distils (``finetune.losses.kd_features``),
 and it does not let a few high-norm tokens dominate, as flattening the sequence would. It scores

@@ -199,17 +199,58 @@ def run_model(model: nn.Module, images: torch.Tensor) -> Any:
     return model(*args, **kwargs)
 
 
-def main_output(output: Any) -> torch.Tensor:
-    """The tensor a comparison should look at: logits, pooled output, or the last hidden state."""
+MAIN_OUTPUT_KEYS = ("logits", "pooler_output", "last_hidden_state", "image_embeds", "predicted_depth", "heatmaps")
+
+
+def feature_maps(output: Any) -> list[torch.Tensor] | None:
+    """The feature maps of a model that hands out several (timm ``features_only``: a list of NCHW
+    maps; an HF ``*Backbone``: ``feature_maps``), in the model's order; None for any other output.
+    A sequence counts as maps only when every item is a 4-D tensor, so a tuple such as (logits,
+    distillation logits) stays one output."""
+    maps = output if isinstance(output, (tuple, list)) else getattr(output, "feature_maps", None)
+    if isinstance(maps, (tuple, list)) and maps and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in maps):
+        return list(maps)
+    return None
+
+
+def _main(output: Any) -> tuple[str, torch.Tensor]:
     if isinstance(output, torch.Tensor):
-        return output
-    for key in ("logits", "pooler_output", "last_hidden_state", "image_embeds", "predicted_depth", "heatmaps"):
+        return "output", output
+    for key in MAIN_OUTPUT_KEYS:
         value = getattr(output, key, None)
         if isinstance(value, torch.Tensor):
-            return value
+            return key, value
+    maps = feature_maps(output)
+    if maps is not None:
+        field = "output" if isinstance(output, (tuple, list)) else "feature_maps"
+        return f"{field}[{len(maps) - 1}] (the last of {len(maps)} feature maps)", maps[-1]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
+        return "output[0]", output[0]
     raise LtmError(f"cannot find a tensor in the model output of type {type(output).__name__}")
+
+
+def main_output(output: Any) -> torch.Tensor:
+    """The tensor a comparison should look at: logits, pooled output, the last hidden state, a dense
+    head's map, or of several feature maps the last one (timm and HF list them shallow to deep, so
+    the one every merge reaches; timm keeps ``out_indices`` in the order given)."""
+    return _main(output)[1]
+
+
+def main_output_name(output: Any) -> str:
+    """Which tensor :func:`main_output` picks, in words for a report (``logits``, ``feature_maps[1]
+    (the last of 2 feature maps)`` ...)."""
+    return _main(output)[0]
+
+
+def output_tensors(output: Any) -> dict[str, torch.Tensor]:
+    """What a model hands its user, by the names an exported graph gives them: ``output`` for one
+    tensor (a tensor, or the main field of an HF output); ``output_0``, ``output_1`` ... for a
+    model that returns feature maps (a list, even of one map: its user indexes it)."""
+    _, value = _main(output)
+    maps = feature_maps(output)
+    if maps is not None and value is maps[-1]:
+        return {f"output_{i}": m for i, m in enumerate(maps)}
+    return {"output": value}
 
 
 def all_outputs(output: Any) -> dict[str, torch.Tensor]:

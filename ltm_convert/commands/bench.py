@@ -114,6 +114,9 @@ def render(result: dict) -> None:
             cells += [f"{t['latency_ms']:.1f}", f"{t['throughput']:.1f}", f"{t['speedup']:.2f}x"]
         table.add_row(*cells)
     console.print(table)
+    compared = sorted({row["compared"] for row in result["models"] if "compared" in row})
+    if compared:
+        console.print(f"cosine: agreement with the original on real photos, of {', '.join(compared)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
             raise LtmError(f"--opset {opset} is not supported: the merge needs opset >= {MIN_OPSET} and this torch "
                            f"exports up to {MAX_OPSET}; choose {MIN_OPSET}..{MAX_OPSET}")
         with quiet_stdout(json_out):
-            from ltm_convert.tools.export import export_onnx, verify_onnx
+            from ltm_convert.tools.export import declared_outputs, export_onnx, verify_onnx
 
             say(f"loading {target} ...", json_out)
             model = load_converted(target, ratio=ratio, method=method, no_pretrained=no_pretrained,
@@ -87,18 +87,24 @@ def register(app: typer.Typer) -> None:
             path = export_onnx(model, output, opset=opset, dynamic_batch=not static_batch)
             info: dict[str, Any] = {"output": str(path), "opset": opset, "dynamic_batch": not static_batch,
                                     "method": model.ltm_config.method, "ratio": model.ltm_config.ratio,
-                                    "input_size": list(model.ltm_config.input_size)}
+                                    "input_size": list(model.ltm_config.input_size),
+                                    "outputs": declared_outputs(path)}
             if verify:
                 check = verify_onnx(model, path, batch=2 if static_batch else None)
                 info["verify"] = check
                 if not check["ok"]:
-                    raise LtmError(f"the exported model differs from PyTorch (max abs diff {check['max_abs_diff']:.3g}, "
-                                   f"cosine {check['cosine_min']:.6f}); {path} was written anyway")
+                    bad = ", ".join(name for name, c in check["outputs"].items() if not c["ok"])
+                    raise LtmError(f"the exported model differs from PyTorch in {bad} (max abs diff "
+                                   f"{check['max_abs_diff']:.3g}, cosine {check['cosine_min']:.6f}); {path} was "
+                                   f"written anyway")
         if json_out:
             emit_json(info)
             return
         msg = f"wrote {path}"
+        outputs = info["outputs"]
+        if len(outputs) > 1:
+            msg += f" ({len(outputs)} outputs: {', '.join(outputs)})"
         if verify:
-            msg += (f"; onnxruntime matches PyTorch (max abs diff {info['verify']['max_abs_diff']:.2e}, "
-                    f"batch {info['verify']['batch']})")
+            msg += (f"; onnxruntime matches PyTorch{' on every output' if len(outputs) > 1 else ''} (max abs diff "
+                    f"{info['verify']['max_abs_diff']:.2e}, batch {info['verify']['batch']})")
         say(msg, json_out)

@@ -9,7 +9,8 @@ Everything a benchmark table needs, as functions (the CLI lives in ``commands/be
   drift a shared machine adds; latencies are medians;
 * fp32 on CPU, autocast (bf16 by default, or fp16) on GPU, optionally ``torch.compile``;
 * agreement (``ltm_convert.metrics``): cosine of the main output (logits / pooled feature; a token
-  sequence averaged) with the original's on a batch of images, in fp32 eager mode.
+  sequence averaged; of several feature maps the last) with the original's on a batch of images, in
+  fp32 eager mode; each row names the output it compared (``compared``).
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch
 from torch import nn
 
 from ltm_convert.metrics import agreement as output_agreement
-from ltm_convert.metrics import compared_output
 from ltm_convert.model_inputs import (
     example_input,
+    main_output,
+    main_output_name,
     planned_input_size,
+    run_model,
 )
 from ltm_convert.device import pick_device
 
@@ -42,12 +45,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def agreement(original: nn.Module, converted: nn.Module, images: torch.Tensor) -> dict[str, float]:
+def agreement(original: nn.Module, converted: nn.Module, images: torch.Tensor) -> dict[str, Any]:
     """:func:`ltm_convert.metrics.agreement` of the converted model with the original, per image
-    (mean, min)."""
+    (mean, min), and which output it compared (:func:`main_output_name`: for a model with several
+    feature maps, the last one)."""
     with torch.inference_mode():
-        cos = output_agreement(compared_output(converted, images), compared_output(original, images))
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+        out = run_model(converted, images)
+        cos = output_agreement(main_output(out).float(), main_output(run_model(original, images)).float())
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "compared": main_output_name(out)}
 
 
 def _sync(device: torch.device) -> None:
