@@ -254,10 +254,18 @@ def output_tensors(output: Any) -> dict[str, torch.Tensor]:
 
 
 def all_outputs(output: Any) -> dict[str, torch.Tensor]:
-    """Every tensor field of a model output, for parity checks."""
+    """Every tensor of a model output, for parity checks; tuples of tensors inside it (an HF
+    backbone's ``feature_maps``, ``hidden_states``) by ``name.index``."""
     if isinstance(output, torch.Tensor):
         return {"output": output}
     if isinstance(output, (tuple, list)):
-        return {str(i): t for i, t in enumerate(output) if isinstance(t, torch.Tensor)}
-    items = output.items() if hasattr(output, "items") else vars(output).items()
-    return {k: v for k, v in items if isinstance(v, torch.Tensor)}
+        items = [(str(i), t) for i, t in enumerate(output)]
+    else:
+        items = list(output.items() if hasattr(output, "items") else vars(output).items())
+    found: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            found[k] = v
+        elif isinstance(v, (tuple, list)):
+            found.update({f"{k}.{i}": t for i, t in enumerate(v) if isinstance(t, torch.Tensor)})
+    return found
