@@ -153,7 +153,10 @@ def call_kwargs(model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
         params = inspect.signature(type(model).forward).parameters
         if all(n in params for n in NAFLEX_HF_INPUTS):
             return (), naflex_batch(model, images)
-        return (), {_hf_input_name(model): images}
+        kwargs = {_hf_input_name(model): images}
+        if "skip_predictor" in params:  # V-JEPA 2: the encoder; its predictor is a pretraining head
+            kwargs["skip_predictor"] = True
+        return (), kwargs
     params = [p for p in inspect.signature(type(model).forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not params:

@@ -187,10 +187,11 @@ def hf_model(cls_name: str) -> nn.Module:
 
 # video models (tests/test_video.py): clips (B, T, C, H, W) of 4 frames at 32 px, tubelets of 2 frames x 8 x 8 px
 VIDEO_HF = ["VideoMAEModel", "VideoMAEForVideoClassification", "VivitModel", "VivitForVideoClassification"]
+VJEPA2_HF = ["VJEPA2Model", "VJEPA2ForVideoClassification"]  # tests/test_vjepa2.py (rotary positions from indices)
 
 
 def video_model(cls_name: str, **options) -> nn.Module:
-    """A tiny random-weight HF video model (VIDEO_HF, or a refused one: Timesformer*, VJEPA2*)."""
+    """A tiny random-weight HF video model (VIDEO_HF, VJEPA2_HF, or a refused one: Timesformer*)."""
     import transformers as T
 
     small = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)

@@ -12,7 +12,7 @@ import torch
 import ltm_convert
 from ltm_convert.api import describe
 from ltm_convert.flops import count_flops
-from ltm_convert.model_inputs import main_output, run_model
+from ltm_convert.model_inputs import input_shape, main_output, run_model
 from ltm_convert.rewriters import families
 from ltm_convert.api import schedule_of
 from ltm_convert.sources import ModelSource, build_model
@@ -49,7 +49,7 @@ def _convert(model, ratio):
 def test_family_contract(family, example, tmp_path):
     model = _build(example)
     size = tuple(_convert(model, 1.0).ltm_config.input_size)
-    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, *input_shape(model, size), generator=torch.Generator().manual_seed(1))  # images or clips
     ref = _out(model, x)
 
     same = _convert(model, 1.0)

@@ -21,6 +21,7 @@ from model_zoo import (
     ROTARY_TIMM,
     TIMM_FAMILIES,
     VIDEO_HF,
+    VJEPA2_HF,
     TINY_VIT_TIMM,
 )
 
@@ -39,7 +40,7 @@ def _table_rows() -> list[list[str]]:
 
 def test_every_hf_class_in_the_table_is_tested_and_vice_versa():
     listed = {name for row in _table_rows() for name in re.findall(r"`([A-Z]\w+)`", row[2])}
-    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(VIDEO_HF) | set(DENSE_HF) | set(NAFLEX_HF)
+    tested = set(HF_FAMILIES) | set(GRID_HF) | set(FFN_GRID_HF) | set(ROTARY_HF) | RELB_HF_CLASSES | set(VIDEO_HF) | set(DENSE_HF) | set(NAFLEX_HF) | set(VJEPA2_HF)
     assert listed == tested, (sorted(listed), sorted(tested))
 
 

@@ -2,8 +2,8 @@
 from the model's config; their tubelets (all frames) form one token sequence, which the sequence family
 merges across space and time. Parity at ratio 1.0, FLOPs counted on a clip within 2% of the target, batch
 independence, save / load and save_pretrained round trips, the CLI on a save_pretrained directory; an
-input size the model cannot run at, TimeSformer's divided space-time attention and V-JEPA 2's rotary
-positions are refused with one clear line. Tiny random-weight models: 4 frames at 32 px, 32 tubelets."""
+input size the model cannot run at and TimeSformer's divided space-time attention are refused with one
+clear line (V-JEPA 2 converts: tests/test_vjepa2.py). Tiny random-weight models: 4 frames at 32 px, 32 tubelets."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ def test_the_clip_shape_comes_from_the_config():
     assert tuple(example_input(jepa).shape) == (1, 4, 1, 32, 32)
     from ltm_convert.model_inputs import call_kwargs
 
-    assert list(call_kwargs(jepa, example_input(jepa))[1]) == ["pixel_values_videos"]
+    assert list(call_kwargs(jepa, example_input(jepa))[1]) == ["pixel_values_videos", "skip_predictor"]  # the encoder
     image = hf_model("ViTModel")
     assert input_frames(image) is None and example_input(image).dim() == 4
 
@@ -157,15 +157,6 @@ def test_timesformer_divided_attention_is_refused_with_the_reshape(name):
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"not supported yet: {name}: TimeSformer's divided space-time")
     assert "(batch x patches, frames, dim)" in message and "merging only inside each layer's MLP" in message
-
-
-def test_vjepa2_rotary_positions_are_refused_with_the_reason():
-    with pytest.raises(UnsupportedModelError) as err:
-        convert(video_model("VJEPA2Model"), 0.7, exclude=["predictor"])
-    message = str(err.value)
-    assert "\n" not in message and "rotary: VJEPA2Model: V-JEPA 2's attention derives each token's rotary position" \
-        in message
-    assert "sequence: VJEPA2Model's rotary positions cannot follow merged tokens" in message  # never silently wrong
 
 
 def test_videomae_mean_pooling_weights_merged_tokens_in_training():

@@ -302,7 +302,7 @@ def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> Spl
     info = getattr(graph._codegen, "pytree_info", None)  # a tuple argument frozen (HF's resolution=(h, w)):
     if info is not None and info.out_spec is not None:   # fx flattened the output; the halves return it as is
         result = pytree.tree_unflatten(list(result), info.out_spec)
-    gb.output(fx.map_arg(result, lambda v: envb[v]))
+    gb.output(fx.map_arg(result, lambda v: envb[v] if v in envb else _extra_attention_output(v, attn_node, block)))
 
     code_a, fn_a = _compile(ga, block)
     code_b, fn_b = _compile(gb, block)
@@ -310,6 +310,17 @@ def _split(block: nn.Module, attn_child: str, call: BlockCall, cls: type) -> Spl
         part_a=fn_a, part_b=fn_b, a_inputs=a_inputs, b_inputs=b_inputs, constants=call.constants,
         signature=inspect.signature(unwrapped_forward(block, cls)), mask_param=mask_param, pre_norm=pre_norm, code_a=code_a, code_b=code_b,
     )
+
+
+def _extra_attention_output(v: fx.Node, attn_node: fx.Node, block: nn.Module) -> None:
+    """A block that returns its attention's second output as is (HF V-JEPA 2's ``(hidden_states,
+    attn_weights)``): weights over the tokens before the merge, which no merged block can give; the
+    converted block returns None there, as the model does under SDPA. Anything else from before the
+    merge is refused."""
+    if v.op == "call_function" and v.target is operator.getitem and v.args[0] is attn_node \
+            and isinstance(v.args[1], int) and v.args[1] >= 1:
+        return None
+    raise UnsupportedModelError(f"not supported yet: {type(block).__name__} returns {v.name!r} from before the merge")
 
 
 def _spatial_child(block: nn.Module, nodes: list[fx.Node]) -> str | None:

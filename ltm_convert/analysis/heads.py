@@ -73,7 +73,8 @@ def prefix_tokens(facts: GraphFacts, first_block_input: fx.Node, num_tokens: int
     return prefix
 
 
-def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int, grid: bool = False) -> tuple[list[str], list[str]]:
+def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int, grid: bool = False,
+                   full: bool = False) -> tuple[list[str], list[str]]:
     """What consumes the final token sequence (token pool, average pool, attention pool, the
     sequence itself; a reshape of the patch tokens to their 2-D grid is the head "grid" where the
     family can hand the head the full grid (``grid``), else refused), and the modules the sequence
@@ -124,7 +125,8 @@ def classify_heads(facts: GraphFacts, seq: fx.Node, prefix: int, grid: bool = Fa
             if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default) and shape:
                 out = shape_of(user)
                 if out and len(out) == 4:
-                    if grid and _patch_grid(out, shape_of(seq), prefix):
+                    if grid and (full or _patch_grid(out, shape_of(seq), prefix)):  # full: the family hands
+                        # the head the whole original sequence, whatever it reshapes it to
                         heads.add("grid")
                         continue
                     raise UnsupportedModelError(

@@ -34,9 +34,8 @@ REFUSED = {
     "VJEPA2RopeAttention": (
         "V-JEPA 2's attention derives each token's rotary position from its index in the sequence "
         "(VJEPA2RopeAttention.get_position_ids splits torch.arange(tokens) into frame, row and column), not from "
-        "a table the block receives, so merged tokens would silently rotate as the first tokens of the clip; it "
-        "would work if each block were handed the merged tokens' position ids through its position_mask argument, "
-        "which the rotary family does not do yet"),
+        "a table the block receives, so merged tokens would silently rotate as the first tokens of the clip; the "
+        "vjepa2 family (rewriters/vjepa2.py) hands each block the merged tokens' positions, other families cannot"),
 }
 
 

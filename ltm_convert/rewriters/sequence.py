@@ -56,6 +56,8 @@ def converted_blocks(model: nn.Module, plan: "ConversionPlan") -> list[Any]:
 class SequenceFamily:
     name = "sequence"
     priority = 50
+    follows: frozenset[str] = frozenset()  # position modules (merge/positions.py REFUSED) a subclass follows
+    full_sequence_out = False  # a subclass whose last block always hands the whole original sequence out
     examples = (
         ("timm", "vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128, num_classes=5)),
         ("timm", "vit_tiny_patch16_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=128, num_classes=5,
@@ -69,7 +71,8 @@ class SequenceFamily:
 
         if analysis.cut_refusal:
             return analysis.cut_refusal
-        if refused_positions(analysis.modules.values()):  # the rotary family gives the reason
+        if refused_positions(m for m in analysis.modules.values() if type(m).__name__ not in self.follows):
+            # the rotary family gives the reason
             return f"{analysis.model_class}'s rotary positions cannot follow merged tokens (see rotary)"
         if analysis.on_maps or len(analysis.token_counts) != 1:
             return (f"{analysis.model_class}'s blocks do not all work on one token sequence "
@@ -78,7 +81,8 @@ class SequenceFamily:
         prefix = prefix_tokens(analysis.facts, analysis.block_adds[0][0], tokens)
         names = [b.name for b in analysis.blocks]
         try:
-            heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix, grid=True)
+            heads, carry = classify_heads(analysis.facts, analysis.block_adds[-1][1], prefix, grid=True,
+                                          full=self.full_sequence_out)
         except UnsupportedModelError as exc:
             return str(exc)
         # block outputs the model's own code lays out on the 2-D patch grid (HF backbones' feature maps,
