@@ -125,3 +125,20 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.ltm_plan.family == "naflex"
     batch = _processed()
     torch.testing.assert_close(_out(loaded, batch), _out(merged, batch), rtol=1e-6, atol=1e-6)
+
+
+def test_onnx_export_at_a_static_batch_matches_and_a_dynamic_one_says_why_not(tmp_path):
+    """Fed images, no patch is padding: the converted model takes the plain merge (the padded path's
+    per-count loop and stable sort do not export). SigLIP2 sizes its position table per image in a
+    loop, so its ONNX graph runs only at the batch it was exported with (the original's too): the
+    check at another batch says to export with --static-batch."""
+    from ltm_convert.errors import LtmError
+    from ltm_convert.tools.export import export_onnx, verify_onnx
+
+    model = ltm_convert.convert(_model(), 0.7, input_size=SIZE)
+    path = export_onnx(model, tmp_path / "static.onnx", dynamic_batch=False, batch=2)
+    check = verify_onnx(model, path, batch=2)
+    assert check["ok"] and check["max_abs_diff"] < 1e-4
+    path = export_onnx(model, tmp_path / "dynamic.onnx")
+    with pytest.raises(LtmError, match="--static-batch"):
+        verify_onnx(model, path)

@@ -100,6 +100,9 @@ class PaddingMask:
         mask = values.get(self.param)
         if mask is None or (state is not None and state.valid is not None):
             return state
+        valid = valid_from_mask(mask)
+        if bool(valid.all()):  # nothing padded (HF SigLIP2 fed images, an export): the plain merge
+            return state
         x = values[block.ltm_split().a_inputs[0]]
         if mask.shape[-1] != x.shape[1]:
             raise LtmError(f"{block.ltm_name} received {x.shape[1]} merged tokens with an attention mask for "
@@ -107,7 +110,7 @@ class PaddingMask:
                            "in sequence")
         if state is None:
             state = TokenState(torch.ones(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device))
-        return state._replace(valid=valid_from_mask(mask))
+        return state._replace(valid=valid)
 
     def block_inputs(self, block: nn.Module, values: dict[str, Any], state: TokenState | None,
                      bias: torch.Tensor | None) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -116,6 +119,8 @@ class PaddingMask:
             return values, bias
         values = dict(values)
         values[self.param] = None  # the block was cut with no mask: it reaches the attention as the bias
+        if (state is None or state.valid is None) and bool(valid_from_mask(mask).all()):
+            return values, bias  # a mask that masks nothing (see arriving)
         if state is not None and state.valid is not None and state.valid.shape[1] != mask.shape[-1]:
             mask = mask_for(state.valid, mask)
         if bias is None:

@@ -255,6 +255,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor 
         refs = _Wrapped(model).eval().outputs(images.to(next(model.parameters()).device))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    session = None
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
@@ -264,7 +265,11 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor 
     except LtmError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors, one line
-        raise LtmError(f"onnxruntime cannot run {path}: {_first_line(exc)}; the file was written, "
+        declared = session.get_inputs()[0].shape[0] if session is not None else None  # "batch": dynamic
+        hint = (" (checked at another batch size than the export's: a model that sizes a table per image in a "
+                "loop, as HF SigLIP2 does, runs only at its own batch; export it with --static-batch)"
+                if isinstance(declared, str) else "")
+        raise LtmError(f"onnxruntime cannot run {path}: {_first_line(exc)}{hint}; the file was written, "
                        f"--no-verify skips this check") from exc
     per_output = {name: _compare(torch.from_numpy(out), refs[name].float().cpu(), name, atol=atol, rtol=rtol)
                   for name, out in zip(names, outs)}
