@@ -97,6 +97,8 @@ def _check_clip_size(model: nn.Module, size: tuple[int, int]) -> None:
     try:
         with torch.no_grad():
             run_model(counted, example_input(counted, size, device="meta"))
+    except LtmError:
+        raise  # ours, already one clear line (an image size that is not a multiple of the patch)
     except Exception as exc:  # noqa: BLE001 - the model's own refusal, quoted
         why = " ".join(str(exc).split())[:200] or type(exc).__name__
         if "meta" in why:  # a model that computes on values cannot run weightless: the trace will tell

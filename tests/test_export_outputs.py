@@ -215,3 +215,14 @@ def test_exporter_failure_in_python_leaves_torch_quiet(naflex_file, tmp_path, ca
     out, _ = capfd.readouterr()
     assert out == "" and not torch._C._jit_is_onnx_log_enabled()
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_static_batch_of_one(tmp_path):
+    """`--static-batch` fixed the file's batch at 2 with no way to choose it; `--batch 1` gives a
+    batch-1 file (what a latency deployment wants), verified at that batch."""
+    model = convert(_features_only(), 0.7).eval()
+    save(model, tmp_path / "fo.pt")
+    info = parse_json(run_cli("export", "fo.pt", "-o", "one.onnx", "--static-batch", "--batch", "1", "--json", cwd=tmp_path))
+    assert info["verify"]["ok"] and info["verify"]["batch"] == 1 and info["dynamic_batch"] is False
+    assert info["outputs"]["output_0"][0] == 1
+    assert [d.dim_value for d in onnx.load(str(tmp_path / "one.onnx")).graph.input[0].type.tensor_type.shape.dim][0] == 1

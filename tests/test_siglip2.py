@@ -117,6 +117,21 @@ def test_padded_batches_keep_padding_apart_and_out_of_the_output():
     torch.testing.assert_close(_out(merged, noisy), out.pooler_output, rtol=1e-5, atol=1e-5)
 
 
+def test_few_tokens_per_block_still_keep_an_image_independent_of_its_padding():
+    """With a 16-patch table an image of 12 real patches in block 3 (4 tokens in, 2 kept) had no slot
+    left for its padding and kept one real token instead of two (1.7e-2 from its output alone); the
+    batch now keeps one token more there."""
+    model = ltm_convert.convert(_model(), 0.6, input_size=SIZE)
+    g = np.random.default_rng(2)
+    images = [g.integers(0, 255, (64, 64, 3), dtype=np.uint8), g.integers(0, 255, (300, 100, 3), dtype=np.uint8)]
+    batch = dict(Siglip2ImageProcessor(patch_size=8, max_num_patches=16)(images=images, return_tensors="pt"))
+    n = int(batch["pixel_attention_mask"][1].sum())
+    assert n < 16
+    alone = {"pixel_values": batch["pixel_values"][1:, :n], "pixel_attention_mask": batch["pixel_attention_mask"][1:, :n],
+             "spatial_shapes": batch["spatial_shapes"][1:]}
+    assert (_out(model, batch)[1] - _out(model, alone)[0]).abs().max() < 1e-4
+
+
 def test_save_load_round_trip(tmp_path):
     merged = ltm_convert.convert(_model("Siglip2ForImageClassification"), 0.6, input_size=SIZE)
     path = tmp_path / "siglip2.pt"

@@ -99,3 +99,15 @@ def test_save_load_round_trip(tmp_path):
     x = clips_for(model)
     assert loaded.ltm_plan.family == "vjepa2"
     torch.testing.assert_close(_main(loaded, x), _main(model, x), rtol=1e-6, atol=1e-6)
+
+
+def test_half_precision_and_another_clip_size():
+    """bf16 runs (the merged positions follow the model's dtype); a clip size other than the config's
+    is refused at conversion (merged tokens are placed on the config's clip), not at the first call."""
+    from ltm_convert.errors import UnsupportedModelError
+
+    model = convert(video_model("VJEPA2Model"), 0.6).to(torch.bfloat16)
+    out = _main(model, clips_for(model).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    with pytest.raises(UnsupportedModelError, match=r"makes 128 tubelets.*config's clip \(2 x 4 x 4 = 32\).*--input-size"):
+        convert(video_model("VJEPA2Model"), 0.6, input_size=64)

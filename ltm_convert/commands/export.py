@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 16..20 (>= 16 for ScatterElements add).")] = 17,
         static_batch: Annotated[bool, typer.Option(
             "--static-batch", help="Fix the batch dimension (default: dynamic batch).")] = False,
+        batch: Annotated[int, typer.Option(
+            "--batch", min=1, max=4096, help="Batch the model is traced at: with --static-batch, the batch the file "
+                                             "takes (default 2).")] = 2,
         verify: Annotated[bool, typer.Option(
             "--verify/--no-verify", help="Run the file with onnxruntime and compare with PyTorch (default on).")] = True,
         no_pretrained: NoPretrainedOpt = False,
@@ -84,13 +87,13 @@ def register(app: typer.Typer) -> None:
             model = load_converted(target, ratio=ratio, method=method, no_pretrained=no_pretrained,
                                    checkpoint=checkpoint, input_size=input_size)
             say(f"exporting to {output} (opset {opset}) ...", json_out)
-            path = export_onnx(model, output, opset=opset, dynamic_batch=not static_batch)
+            path = export_onnx(model, output, opset=opset, dynamic_batch=not static_batch, batch=batch)
             info: dict[str, Any] = {"output": str(path), "opset": opset, "dynamic_batch": not static_batch,
                                     "method": model.ltm_config.method, "ratio": model.ltm_config.ratio,
                                     "input_size": list(model.ltm_config.input_size),
                                     "outputs": declared_outputs(path)}
             if verify:
-                check = verify_onnx(model, path, batch=2 if static_batch else None)
+                check = verify_onnx(model, path, batch=batch if static_batch else None)
                 info["verify"] = check
                 if not check["ok"]:
                     bad = ", ".join(name for name, c in check["outputs"].items() if not c["ok"])

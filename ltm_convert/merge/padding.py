@@ -11,7 +11,8 @@ image's tokens, and its output, do not depend on how much padding the batch adds
 image in a long batch would fit its tokens into the spare slots and merge less than alone); at most
 ``keep - 1`` when there is padding. The block's own merge method merges the real tokens into r; the
 remaining ``keep - r`` slots go to the padding (the first padding tokens keep a slot each, the rest
-share the last one). Images with equal ``v`` are merged together, one mask call per distinct count,
+share the last one). Where the planned count leaves a padded image no slot for its padding (a few
+tokens per block), the batch keeps one token more in that block than planned. Images with equal ``v`` are merged together, one mask call per distinct count,
 so a batch without padding costs one call, as without a mask. The merged sequence is laid out
 [prefix, real tokens, padding] with its validity, from which later blocks rebuild their attention
 mask (rewriters/naflex.py).
@@ -61,20 +62,25 @@ def merge_padded(mask: Any, z: torch.Tensor, sizes: torch.Tensor | None, valid: 
                        "in eval mode)")
     real = valid[:, prefix:]
     counts = real.sum(1)
-    if keep < 2 and bool((counts < M).any()):
-        raise LtmError(f"this block keeps {keep} token of {M}, which cannot hold the padding of a NaFlex batch apart "
-                       "from its real patches; convert at a higher ratio")
+    share = getattr(_SHARE, "fn", None)
+    values = counts.unique().tolist()
+
+    def real_slots(v: int, room: int) -> int:
+        return min(v, share(v)) if share is not None else min(v, room - (1 if v < M else 0))
+
+    # every padded image needs one slot beyond its real tokens: where the planned count leaves none (a
+    # few tokens per block), this batch keeps one more token here than planned
+    keep = max([keep] + [real_slots(v, keep) + 1 for v in values if v < M])
     out = z.new_empty(B, prefix + keep, C)
     out_sizes = sizes.new_empty(B, prefix + keep, dtype=torch.float32)
     dest = torch.empty(B, N, dtype=torch.long, device=z.device)
     new_valid = torch.zeros(B, prefix + keep, dtype=torch.bool, device=z.device)
     new_valid[:, :prefix] = True
     front = torch.arange(prefix, device=z.device)
-    share = getattr(_SHARE, "fn", None)
-    for v in counts.unique().tolist():
+    for v in values:
         rows = (counts == v).nonzero().squeeze(1)
         b, p = rows.numel(), M - v
-        r = min(v, keep - (1 if p else 0), share(v) if share is not None else v)
+        r = min(real_slots(v, keep), keep - (1 if p else 0))
         # real tokens first, each part in its original order
         order = torch.argsort((~real[rows]).to(torch.int8), dim=1, stable=True)
         real_idx, pad_idx = order[:, :v], order[:, v:]
@@ -88,7 +94,7 @@ def merge_padded(mask: Any, z: torch.Tensor, sizes: torch.Tensor | None, valid: 
                                "it cannot merge padded NaFlex batches")
         else:
             m_z, m_s, d = z_real, s_real, torch.arange(prefix + v, device=z.device).expand(b, prefix + v)
-        q = keep - r
+        q = keep - r  # padding slots (an unpadded image may get an empty one: size 0, never valid)
         slot = (torch.arange(p, device=z.device).clamp_max(q - 1) if p else
                 torch.empty(0, dtype=torch.long, device=z.device))
         ps = sb[:, prefix:].gather(1, pad_idx)

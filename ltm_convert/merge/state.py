@@ -262,10 +262,16 @@ def spread_rows(source: torch.Tensor, prefix: int, tokens: int) -> torch.Tensor:
     """(B, tokens) row of each merged token in its sequence spread over the grid (prefix tokens stay
     in front): the first original patch it holds (every merged token holds at least one)."""
     B, P0 = source.shape
+    ids = torch.arange(tokens, device=source.device)
+    if torch.onnx.is_in_onnx_export():
+        # the exporter's scatter_reduce declares a wrong output shape at batch 1 (onnxruntime then fails
+        # on a static-batch file): the first patch of each token as the first hit of a (B, tokens, P0) match
+        hits = (source.unsqueeze(1) == ids.view(1, tokens, 1)).to(torch.float32)
+        first = hits.argmax(-1) + prefix
+        return torch.where(ids.view(1, tokens) < prefix, ids.view(1, tokens), first)
     last = prefix + P0 - 1
     # prefix tokens keep their row; the others start past the grid and take their patches' minimum
-    # (include_self=True: the ONNX exporter refuses include_self=False)
-    start = torch.arange(tokens, device=source.device).masked_fill(torch.arange(tokens, device=source.device) >= prefix, last + 1)
+    start = ids.masked_fill(ids >= prefix, last + 1)
     patches = (torch.arange(P0, device=source.device) + prefix).expand(B, P0)
     rows = start.expand(B, tokens).contiguous().scatter_reduce(1, source, patches, reduce="amin", include_self=True)
     return rows.clamp_max(last)

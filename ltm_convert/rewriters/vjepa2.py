@@ -68,7 +68,8 @@ class MergedPositionsAttention:
 
     def get_position_ids(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
         if masks is not None and masks.is_floating_point() and masks.dim() == 3:  # merged tokens' positions
-            return tuple(masks[..., i].unsqueeze(1) for i in range(3))  # (B, 1, N): broadcast over heads
+            # (B, 1, N): broadcast over heads; in the model's dtype, as its integer ids are promoted
+            return tuple(masks[..., i].unsqueeze(1).to(x.dtype) for i in range(3))
         return type(self).ltm_original_class.get_position_ids(self, x, masks)
 
 
@@ -133,6 +134,14 @@ class VJEPA2Family(SequenceFamily):
         # the encoder's blocks merge; what runs after them on its output (the classifier's attentive
         # pooler) gets the full sequence back and stays as it is
         kept = [m for m in plan.blocks if type(analysis.modules[f"{m.name}.{m.attn_child}"]).__name__ == ATTENTION]
+        attn = analysis.modules[f"{kept[0].name}.{kept[0].attn_child}"]
+        placed = attn.grid_depth * attn.grid_size * attn.grid_size
+        if kept[0].tokens_with_prefix - plan.prefix_tokens != placed:
+            raise UnsupportedModelError(
+                f"not supported yet: {analysis.model_class} at {plan.input_size[0]}x{plan.input_size[1]} makes "
+                f"{kept[0].tokens_with_prefix - plan.prefix_tokens} tubelets, but merged tokens are placed on its "
+                f"config's clip ({attn.grid_depth} x {attn.grid_size} x {attn.grid_size} = {placed}); leave out "
+                "--input-size, or build the model with crop_size / frames_per_clip for the clips you run")
         plan.skipped += [(m.name, "runs on the V-JEPA 2 encoder's output, which gets its full sequence back")
                          for m in plan.blocks if m not in kept]
         plan.blocks = kept
