@@ -76,6 +76,9 @@ def _fit_resolution(model: nn.Module, size: tuple[int, int]) -> None:
     """A timm model built for one fixed resolution is resized to the requested one (timm's own
     ``set_input_size`` resamples the position embedding), as ``timm.create_model(img_size=...)``
     would; otherwise a converted model could not run at the size its schedule was solved for."""
+    if getattr(model, "patch_embed", None) is None and type(model).__module__.startswith("timm.") \
+            and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # timm's features_only wrapper (FeatureGetterNet): the ViT inside
     embed = getattr(model, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
     if img_size is None or not hasattr(model, "set_input_size") or not getattr(embed, "strict_img_size", False):

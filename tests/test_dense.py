@@ -316,3 +316,25 @@ def test_bench_unmerge_runs_and_reports_the_share(tmp_path):
     assert [r["maps"] for r in rows] == ["all blocks", "last 4 blocks"]
     for row in rows:
         assert row["gathers_s"] > 0 and len(row["unmerge_share"]) == 3 and abs(row["flops_ratio"] - 0.5) < 0.01
+
+
+def test_timm_features_only_converts_at_another_input_size():
+    """convert(features_only model, input_size=64) failed as "torch.export could not trace" (the ViT
+    inside the wrapper kept its 224 px table); it is resized as a plain timm ViT is, and saves."""
+    import tempfile
+
+    import timm
+
+    from ltm_convert.io import load, save
+
+    torch.manual_seed(0)
+    model = convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, features_only=True,
+                                      out_indices=(1, 2)), 0.7, input_size=64).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        maps = model(x)
+        assert [tuple(m.shape) for m in maps] == [(2, 192, 4, 4)] * 2
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, f"{tmp}/f.pt")
+            for a, b in zip(load(f"{tmp}/f.pt").eval()(x), maps):
+                assert torch.equal(a, b)
