@@ -285,9 +285,15 @@ _UsageError = _typer_exception("UsageError")
 
 
 def console(stderr: bool = False):
+    """A rich console; written to a file or pipe (a log, CI) it is wide, since rich would otherwise
+    assume 80 columns and cut table cells to "…" (a terminal's own width, or COLUMNS, still rules)."""
+    import os
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=200 if piped else None)
 
 
 def _fmt_flops(n: Optional[float]) -> str:

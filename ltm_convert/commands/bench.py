@@ -85,10 +85,11 @@ def load_models(target: str, *, ratios: Optional[List[float]], methods: Optional
 
 
 def render(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False, soft_wrap=False)
+    from ltm_convert.commands._common import console as make_console
+
+    console = make_console()
     console.print(f"{result['device']}, {result['dtype']}, torch {result['torch']}"
                   f"{', torch.compile' if result['compile'] else ''}, input {result['input_size'][0]}x"
                   f"{result['input_size'][1]}, median of {result['repeats']} paired repeats")
