@@ -59,7 +59,8 @@ def gather_seconds(model: torch.nn.Module, x: torch.Tensor, indices: Any, repeat
     names = [b.ltm_name for b in model.blocks]
     take = sorted(range(len(names)))[-indices:] if isinstance(indices, int) else list(indices)
     prefix = model.num_prefix_tokens
-    pairs = [(y, states[names[i]].source - prefix) for y, i in zip(tokens, take)]  # (timm drops the prefix tokens)
+    # (timm drops the prefix tokens; a dense model's last block hands its tokens out spread itself: no state)
+    pairs = [(y, states[names[i]].source - prefix) for y, i in zip(tokens, take) if states.get(names[i]) is not None]
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):

@@ -12,7 +12,7 @@ import torch
 from model_zoo import DENSE_HF, check_intermediates_hold_their_tokens, dense_model, images_for, timm_model
 from torch import nn
 
-from ltm_convert.api import convert, describe
+from ltm_convert.api import convert, describe, ltm_blocks
 from ltm_convert.config import REACH_TOLERANCE, LtmConfig
 
 
@@ -160,7 +160,7 @@ def test_timm_dense_token_outputs_hold_every_patch_at_its_token():
     x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(4))
     merged = check_intermediates_hold_their_tokens(
         model, lambda: model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True))
-    assert merged == 3  # every block merged
+    assert merged == 2  # every block merged; the last one hands its tokens out spread itself (dense)
     with torch.no_grad():
         tokens = model.get_intermediate_layers(x, n=3)
         maps = model.get_intermediate_layers(x, n=3, reshape=True)
@@ -168,6 +168,25 @@ def test_timm_dense_token_outputs_hold_every_patch_at_its_token():
     for t, m, r in zip(tokens, maps, ref):
         assert t.shape == r.shape == (2, 49, 384)
         assert torch.equal(m.flatten(2).transpose(1, 2), t)
+
+
+def test_dense_forward_features_has_the_original_shape():
+    """dense=True handed out full-grid maps but forward_features still returned the merged tokens
+    ((2, 5, 192) against (2, 17, 192)): user code that reshapes its patch tokens to the grid broke.
+    The last block now spreads its tokens too; the class token and the logits are unchanged in kind."""
+    original = timm_model("dinov2")
+    model = convert(copy.deepcopy(original), 0.5, dense=True).eval()
+    x = torch.randn(2, 3, 98, 98, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, ref = model.forward_features(x), original.forward_features(x)
+        final, _ = model.forward_intermediates(x, indices=1)
+        assert got.shape == ref.shape == final.shape
+        prefix = model.num_prefix_tokens
+        last = [b for _, b in ltm_blocks(model)][-1]
+        kept = describe(model)["blocks"][-1]["tokens_out"] - prefix
+        assert all(len(torch.unique(got[b, prefix:], dim=0)) == kept for b in range(2))  # every patch holds its token
+        assert last.ltm_full_grid_out
+        torch.testing.assert_close(model.forward_head(got), model(x))
 
 
 def test_timm_features_only_converts_dense():

@@ -113,7 +113,9 @@ class SequenceFamily:
         # next block takes its merged tokens back): such a model is dense whatever the config says
         grid_reads = set(plan.data.get("grid_reads", []))
         plan.data["dense"] = bool(config.dense or grid_reads)  # read by sites(): no last-block collapse
-        full_grid = pools_patches(plan) or "grid" in plan.heads
+        # dense (asked for): the last block hands its tokens out on the full grid too, so forward_features
+        # and every output keep the original's shape
+        full_grid = pools_patches(plan) or "grid" in plan.heads or bool(config.dense)
         without_bias: dict[str, str] = {}  # block -> why its attention cannot take the size bias
         for i, match in enumerate(plan.blocks):
             block = modules[match.name]
