@@ -64,5 +64,9 @@ def barrier() -> None:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group together: a rank that destroys its group while a peer still talks to
+    it can abort the peer at exit ("terminate called without an active exception", SIGABRT, seen
+    once in CI), which fails the user's torchrun job after the work is done."""
     if info.started_here and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
