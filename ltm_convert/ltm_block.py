@@ -143,12 +143,12 @@ class LtmBlockMixin(DropsGenerated):
             if key in accepts:
                 continue
             value = values.get(key, planned)
-            if type(value).__name__ == "BlockMask":  # HF switched to flex_attention after conversion
-                raise LtmError(
-                    f"{type(self).ltm_original_class.__name__} {self.ltm_name} received a flex_attention BlockMask; "
-                    "merged tokens need attention that takes the token-size bias: run the model with "
-                    "attn_implementation 'sdpa' or 'eager' (model.set_attn_implementation('sdpa'))")
             if isinstance(value, torch.Tensor) or (value is None) != (planned is None):
+                if type(value).__name__ == "BlockMask":  # HF switched to flex_attention after conversion
+                    raise LtmError(
+                        f"{type(self).ltm_original_class.__name__} {self.ltm_name} received a flex_attention "
+                        "BlockMask; merged tokens need attention that takes the token-size bias: run the model with "
+                        "attn_implementation 'sdpa' or 'eager' (model.set_attn_implementation('sdpa'))")
                 raise LtmError(
                     f"{type(self).ltm_original_class.__name__} {self.ltm_name} was converted for calls with "
                     f"{key}={planned!r} and got a different {key}; convert the model for this calling convention"

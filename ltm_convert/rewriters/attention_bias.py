@@ -115,6 +115,21 @@ class SizeBiasMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def forward_with_bias(module: nn.Module, bias: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """The module's own forward (``ltm_original_class``) with ``bias`` added to its one softmax over the
+    keys; refused in one line where that softmax did not run (e.g. flex_attention switched on after
+    conversion), never silently without the bias."""
+    original = type(module).ltm_original_class
+    mode = SizeBiasMode(bias)
+    with mode:
+        out = original.forward(module, *args, **kwargs)
+    if mode.seen != ["softmax"]:
+        raise LtmError(f"{original.__name__} computed its attention without the one softmax ltm_convert adds the "
+                       f"token-size bias to ({', '.join(mode.seen) or 'none'}{_backend(module)}); run it with "
+                       "attn_implementation 'sdpa' or 'eager': model.set_attn_implementation('sdpa')")
+    return out
+
+
 class BiasedAttention(GeneratedCode):
     """An attention module given an ``attn_mask``: added to its logits right before its softmax."""
 
@@ -122,15 +137,7 @@ class BiasedAttention(GeneratedCode):
         if attn_mask is None:
             return type(self).ltm_original_class.forward(self, *args, **kwargs)
         if self.__dict__.get("_ltm_by_mode"):
-            mode = SizeBiasMode(attn_mask)
-            with mode:
-                out = type(self).ltm_original_class.forward(self, *args, **kwargs)
-            if mode.seen != ["softmax"]:  # e.g. switched to flex_attention after conversion: never silently drop it
-                raise LtmError(f"{type(self).ltm_original_class.__name__} computed its attention without the one "
-                               f"softmax ltm_convert adds the token-size bias to ({', '.join(mode.seen) or 'none'}"
-                               f"{_backend(self)}); run it with attn_implementation 'sdpa' or 'eager': "
-                               "model.set_attn_implementation('sdpa')")
-            return out
+            return forward_with_bias(self, attn_mask, *args, **kwargs)
         fn, names, call = self._ltm_code()
         values = self._ltm_bind(names, call, args, kwargs)
         return fn(self, *[values[n] for n in call.tensor_names], attn_mask)

@@ -119,8 +119,8 @@ class PaddingMask:
             return values, bias
         values = dict(values)
         values[self.param] = None  # the block was cut with no mask: it reaches the attention as the bias
-        if (state is None or state.valid is None) and bool(valid_from_mask(mask).all()):
-            return values, bias  # a mask that masks nothing (see arriving)
+        if state is None or state.valid is None:  # arriving (called first) found no padding: nothing to mask
+            return values, bias
         if state is not None and state.valid is not None and state.valid.shape[1] != mask.shape[-1]:
             mask = mask_for(state.valid, mask)
         if bias is None:

@@ -29,7 +29,7 @@ from ltm_convert.errors import LtmError, UnsupportedModelError
 from ltm_convert.generated import generated_subclass, rebuild
 from ltm_convert.merge.positions import merged_coords
 from ltm_convert.merge.state import TokenState
-from ltm_convert.rewriters.attention_bias import SizeBiasMode
+from ltm_convert.rewriters.attention_bias import forward_with_bias
 from ltm_convert.rewriters.base import builtin_family
 from ltm_convert.rewriters.sequence import SequenceFamily, converted_blocks
 
@@ -57,14 +57,7 @@ class MergedPositionsAttention:
             position_mask = positions
         if bias is None:
             return original.forward(self, hidden_states, position_mask)
-        mode = SizeBiasMode(bias)
-        with mode:
-            out = original.forward(self, hidden_states, position_mask)
-        if mode.seen != ["softmax"]:
-            raise LtmError(f"{original.__name__} computed its attention without the one softmax ltm_convert adds the "
-                           f"token-size bias to ({', '.join(mode.seen) or 'none'}); run it with attn_implementation "
-                           "'sdpa' or 'eager': model.set_attn_implementation('sdpa')")
-        return out
+        return forward_with_bias(self, bias, hidden_states, position_mask)
 
     def get_position_ids(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
         if masks is not None and masks.is_floating_point() and masks.dim() == 3:  # merged tokens' positions
